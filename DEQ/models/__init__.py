@@ -1,0 +1,3 @@
+from .mdeq import MDEQClsNet, DEQOutput, TrainOutput, build_model
+
+__all__ = ["MDEQClsNet", "DEQOutput", "TrainOutput", "build_model"]

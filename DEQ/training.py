@@ -1,0 +1,292 @@
+"""Noise-augmented MDEQ training with Jacobian regularisation (the MDEQ recipe).
+
+Every training input gets Gaussian noise N(0, noise^2 I) in pixel space (labels
+unchanged), so the base classifier suits randomized smoothing at that sigma.
+The first PRETRAIN_STEPS optimiser steps unroll f NUM_LAYERS times; afterwards
+the forward pass solves for the fixed point and gradients use implicit
+differentiation (DEQ.GRAD=implicit) or a one-step phantom gradient.  On a random
+fraction JAC_LOSS_FREQ of steps a Hutchinson estimate of ||df/dz||_F^2 is added
+with weight JAC_LOSS_WEIGHT (until JAC_STOP_EPOCH), and the forward budget is
+jittered by RAND_F_THRES_DELTA, as in the MDEQ code.
+
+Resumability: a checkpoint is written atomically after every epoch with the
+model, optimiser, scheduler, AMP scaler and RNG states; the shuffle order of
+epoch e is seeded by (SEED, e), so ``--resume`` replays exactly the run it
+interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .data import dataset_info, get_dataset, make_loader
+from .errors import UserError
+from .models import build_model
+from .utils import get_rng_state, set_rng_state, set_seed
+
+log = logging.getLogger("deq.train")
+
+
+@dataclass
+class EvalStats:
+    clean_acc: float
+    noisy_acc: float
+    mean_steps: float
+    mean_residual: float
+    nfe: float
+
+
+def build_optimizer(cfg, model):
+    t = cfg.TRAIN
+    if t.OPTIMIZER == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=t.NESTEROV)
+    return torch.optim.Adam(model.parameters(), lr=t.LR, weight_decay=t.WD)
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int):
+    """Cosine: per optimiser step over the whole run (as MDEQ). Step: per epoch at LR_STEP."""
+    t = cfg.TRAIN
+    if t.LR_SCHEDULER == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(t.LR_STEP), t.LR_FACTOR)
+    total = max(1, steps_per_epoch * (t.END_EPOCH - t.BEGIN_EPOCH))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=1e-6)
+
+
+def jac_factor(cfg, train_step: int, epoch: int) -> float:
+    """The MDEQ schedule of the Jacobian-loss weight."""
+    deq_steps = train_step - cfg.TRAIN.PRETRAIN_STEPS
+    if deq_steps < 0:
+        return cfg.LOSS.PRETRAIN_JAC_LOSS_WEIGHT
+    if epoch >= cfg.LOSS.JAC_STOP_EPOCH:
+        return 0.0
+    return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
+
+
+def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, train_step: int, device):
+    """One optimiser step on a noisy batch; returns (loss, jac_loss or None, correct count)."""
+    noise = cfg.TRAIN.NOISE
+    if noise > 0:
+        x = x + torch.randn_like(x) * noise
+    factor = jac_factor(cfg, train_step, epoch)
+    compute_jac = factor > 0 and torch.rand(()).item() < cfg.LOSS.JAC_LOSS_FREQ
+    delta = cfg.DEQ.RAND_F_THRES_DELTA
+    f_thres = cfg.DEQ.F_THRES + (torch.randint(-delta, 2, ()).item() if (delta > 0 and compute_jac) else 0)
+    f_thres = max(1, f_thres)
+    amp = scaler is not None
+    with torch.autocast(device_type=device.type, enabled=amp):
+        out = model.forward_train(x, train_step=train_step, compute_jac_loss=compute_jac, f_thres=f_thres)
+        loss = F.cross_entropy(out.logits.float(), y)
+        total = loss + factor * out.jac_loss if compute_jac else loss
+    optimizer.zero_grad(set_to_none=True)
+    if amp:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if cfg.TRAIN.CLIP > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
+    if amp:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if cfg.TRAIN.LR_SCHEDULER != "step":
+        scheduler.step()
+    correct = (out.logits.argmax(1) == y).sum().item()
+    return loss.item(), (out.jac_loss.item() if compute_jac else None), correct
+
+
+@torch.no_grad()
+def evaluate(model, loader, noise: float, device, seed: int = 1234, solver=None, max_iter=None) -> EvalStats:
+    """Clean accuracy and accuracy under N(0, noise^2) with the standard solver from zeros.
+    The evaluation noise comes from its own seeded generator: figures are comparable across epochs."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = clean = noisy = 0
+    steps = resid = nfe = 0.0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model.solve(x, solver, max_iter)
+        clean += (out.logits.argmax(1) == y).sum().item()
+        steps += out.result.nsteps.float().sum().item()
+        resid += torch.nan_to_num(out.result.residual, nan=1e9).sum().item()
+        nfe += out.result.nfe * x.shape[0]
+        if noise > 0:
+            eps = torch.randn(x.shape, generator=gen, device=device) * noise
+            noisy += (model.solve(x + eps, solver, max_iter).logits.argmax(1) == y).sum().item()
+        else:
+            noisy = clean
+        n += x.shape[0]
+    return EvalStats(100.0 * clean / n, 100.0 * noisy / n, steps / n, resid / n, nfe / n)
+
+
+def run_name(cfg_path: Optional[str], noise: float) -> str:
+    stem = os.path.splitext(os.path.basename(cfg_path or "default"))[0]
+    return f"{stem}_noise{noise:g}"
+
+
+class Trainer:
+    """Owns the model, data, optimisation state and logs of one training run."""
+
+    def __init__(self, cfg, device, out_dir: str, data_dir: Optional[str] = None, show_progress: bool = True):
+        self.cfg, self.device, self.out_dir = cfg, device, out_dir
+        self.show_progress = show_progress
+        os.makedirs(out_dir, exist_ok=True)
+        set_seed(cfg.SEED)
+        ds = cfg.DATASET.DATASET
+        info = dataset_info(ds)
+        if cfg.MODEL.NUM_CLASSES != info.num_classes:
+            raise UserError(f"MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES} but {ds} has {info.num_classes} classes: fix the config")
+        data_dir = data_dir or cfg.DATA_DIR or cfg.DATASET.ROOT or None
+        if ds == "digits":
+            data_dir = None
+        self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT)
+        self.test_set = get_dataset(ds, "test", data_dir)
+        bs = cfg.TRAIN.BATCH_SIZE_PER_GPU
+        self.train_loader = make_loader(self.train_set, bs, cfg.TRAIN.SHUFFLE, cfg.WORKERS, device, cfg.SEED)
+        self.test_loader = make_loader(self.test_set, cfg.TEST.BATCH_SIZE_PER_GPU, False, cfg.WORKERS, device)
+        self.steps_per_epoch = math.ceil(len(self.train_set) * cfg.PERCENT / bs)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        amp = cfg.TRAIN.AMP and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.epoch = cfg.TRAIN.BEGIN_EPOCH
+        self.train_step = 0
+        self.best_acc = -1.0
+        self.writer = None
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def last_path(self):
+        return os.path.join(self.out_dir, "last.pth")
+
+    @property
+    def best_path(self):
+        return os.path.join(self.out_dir, "best.pth")
+
+    def state(self, stats: Optional[EvalStats] = None) -> dict:
+        return {
+            "state_dict": self.model.state_dict(),
+            "config": self.cfg.dump(),
+            "dataset": self.cfg.DATASET.DATASET,
+            "num_classes": self.cfg.MODEL.NUM_CLASSES,
+            "noise": float(self.cfg.TRAIN.NOISE),
+            "epoch": self.epoch,
+            "train_step": self.train_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": get_rng_state(),
+            "best_acc": self.best_acc,
+            "eval": vars(stats) if stats else None,
+        }
+
+    def resume(self, path: Optional[str] = None) -> None:
+        path = path or self.last_path
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint at {path}; start without --resume or pass the checkpoint path")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if float(ckpt.get("noise", -1)) != float(self.cfg.TRAIN.NOISE):
+            raise UserError(f"--resume: {path} was trained with noise {ckpt.get('noise')} but this run asks for "
+                            f"{self.cfg.TRAIN.NOISE}; use the same --noise")
+        load_state_dict(self.model, ckpt["state_dict"], source=f"checkpoint {path}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.train_step = ckpt["epoch"], ckpt["train_step"]
+        self.best_acc = ckpt.get("best_acc", -1.0)
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.train_step)
+
+    # --------------------------------------------------------------- the loop
+    def train_epoch(self) -> dict:
+        cfg, dev = self.cfg, self.device
+        self.model.train()
+        self.train_loader.generator.manual_seed(cfg.SEED * 100003 + self.epoch)  # replayable order
+        n = correct = 0
+        loss_sum = 0.0
+        jac_sum, jac_n = 0.0, 0
+        bar = tqdm(self.train_loader, total=self.steps_per_epoch, disable=not self.show_progress,
+                   desc=f"epoch {self.epoch + 1}/{cfg.TRAIN.END_EPOCH}", leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            if i >= self.steps_per_epoch:
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            loss, jac, c = train_step_fn(self.model, self.optimizer, self.scheduler, self.scaler, cfg, x, y,
+                                         self.epoch, self.train_step, dev)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"training diverged at step {self.train_step} (loss {loss}); lower TRAIN.LR or set TRAIN.CLIP")
+            n += x.shape[0]
+            correct += c
+            loss_sum += loss * x.shape[0]
+            if jac is not None:
+                jac_sum, jac_n = jac_sum + jac, jac_n + 1
+            if self.writer:
+                self.writer.add_scalar("train/loss", loss, self.train_step)
+                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.train_step)
+                if jac is not None:
+                    self.writer.add_scalar("train/jac_loss", jac, self.train_step)
+            self.train_step += 1
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100.0 * correct / n:.1f}",
+                            phase="pre" if self.train_step <= cfg.TRAIN.PRETRAIN_STEPS else "deq")
+        if cfg.TRAIN.LR_SCHEDULER == "step":
+            self.scheduler.step()
+        return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1),
+                "jac_loss": jac_sum / jac_n if jac_n else float("nan")}
+
+    def fit(self, end_epoch: Optional[int] = None) -> EvalStats:
+        """Train to END_EPOCH (or ``end_epoch``), evaluating and checkpointing every epoch."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        end = end_epoch if end_epoch is not None else self.cfg.TRAIN.END_EPOCH
+        self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"))
+        stats = None
+        try:
+            while self.epoch < end:
+                t0 = time.time()
+                tr = self.train_epoch()
+                stats = evaluate(self.model, self.test_loader, self.cfg.TRAIN.NOISE, self.device)
+                self.epoch += 1
+                for k, v in vars(stats).items():
+                    self.writer.add_scalar(f"test/{k}", v, self.epoch)
+                score = stats.noisy_acc if self.cfg.TRAIN.NOISE > 0 else stats.clean_acc
+                is_best = score > self.best_acc
+                self.best_acc = max(self.best_acc, score)
+                state = self.state(stats)
+                save_checkpoint(state, self.last_path)
+                if is_best:
+                    save_checkpoint(state, self.best_path)
+                log.info("epoch %d/%d  loss %.4f  train acc %.2f  jac %.4f | test clean %.2f  noisy(%.2f) %.2f  "
+                         "steps %.2f  residual %.2e  nfe %.1f | %.1fs%s",
+                         self.epoch, end, tr["loss"], tr["acc"], tr["jac_loss"], stats.clean_acc,
+                         self.cfg.TRAIN.NOISE, stats.noisy_acc, stats.mean_steps, stats.mean_residual, stats.nfe,
+                         time.time() - t0, "  *best" if is_best else "")
+        finally:
+            self.writer.close()
+        return stats
+
+
+def setup_logging(out_dir: str, quiet: bool = False) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger("deq")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    fh = logging.FileHandler(os.path.join(out_dir, "train.log"))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if not quiet:
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)

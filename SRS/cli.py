@@ -1,0 +1,196 @@
+"""Shared command-line plumbing of certify.py, predict.py and certify_qcrs.py.
+
+Flags keep the names of the SRS reference code (--batch --skip --max --split
+--N0 --N --alpha --f_solver --f_thresh --srs --warmup_solver --warmup_thresh
+--warmup_interval --conf_drop).  Which classifier is certified:
+
+* standard mode: the DEQ solved from zeros with --f_solver / --f_thresh
+  (default: the checkpoint config's DEQ.F_SOLVER / DEQ.F_THRES);
+* --srs: --f_solver / --f_thresh are the SRS step from the warm start; the
+  certified classifier is the standard model --std_solver / --std_thresh
+  (default: the checkpoint config's), used on the --conf_drop paired samples.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Tuple
+
+from DEQ.checkpoint import file_sha256, load_model
+from DEQ.data import DATASETS, dataset_info, get_dataset
+from DEQ.errors import UserError
+from DEQ.solvers import SOLVERS
+from DEQ.utils import pick_device, set_seed
+
+from .certification import ResultsFile, image_generator, run_metadata, run_over_images, select_indices
+from .core import ABSTAIN, DEQSolve, Smooth, SRSConfig
+
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "n_A", "n", "p_A_lower", "p_m_upper",
+                   "N_A_E", "K", "K_A", "M", "nfe", "residual", "status")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "nfe", "status")
+
+
+def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None:
+    p.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("base_classifier", help="checkpoint written by DEQ/tools/cls_train.py")
+    if with_sigma:
+        p.add_argument("sigma", type=float, help="noise level of the smoothed classifier (pixel units)")
+    p.add_argument("outfile", help="output TSV")
+    p.add_argument("--batch", type=int, default=1000, help="noisy samples per mini-batch (SRS chain width)")
+    p.add_argument("--skip", type=int, default=1, help="certify every skip-th image")
+    p.add_argument("--max", type=int, default=-1, help="stop after this many images (-1: all)")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    p.add_argument("--f_solver", default=None, help=f"solver ({', '.join(sorted(SOLVERS))}); standard model in standard mode, SRS step with --srs")
+    p.add_argument("--f_thresh", type=int, default=None, help="solver budget in evaluations of f")
+    p.add_argument("--srs", action="store_true", help="serialized randomized smoothing (warm-started chain)")
+    p.add_argument("--warmup_solver", default=None, help="solver of the warm-up batches (default: --f_solver)")
+    p.add_argument("--warmup_thresh", type=int, default=None, help="budget of the warm-up batches (default 10)")
+    p.add_argument("--warmup_interval", type=int, default=0, help="every k-th batch is a warm-up (0: only the first)")
+    p.add_argument("--conf_drop", type=int, default=None, help="K paired samples for the correlation-eliminated bound (default min(400, N))")
+    p.add_argument("--certificate", choices=["eliminated", "reference", "none"], default="eliminated",
+                   help="SRS certificate: eliminated (sound, default), reference (the reference code's weaker variant), none (no guarantee)")
+    p.add_argument("--std_solver", default=None, help="standard model's solver in SRS mode (default: checkpoint config)")
+    p.add_argument("--std_thresh", type=int, default=None, help="standard model's budget in SRS mode (default: checkpoint config)")
+    p.add_argument("--tol", type=float, default=None, help="solver residual tolerance (default: checkpoint config DEQ.F_TOL)")
+    p.add_argument("--no_chain_across_phases", action="store_true", help="restart the SRS chain for the estimation samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="local data root for cifar10 / imagenet")
+    p.add_argument("--cfg", default=None, help="yaml config, only for bare reference state_dicts that carry none")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted OUTFILE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTFILE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def validate_args(args, n_name: str = "N") -> None:
+    """Every argument error, one line each, before any work."""
+    if getattr(args, "sigma", 1.0) is not None and getattr(args, "sigma", 1.0) <= 0:
+        raise UserError(f"sigma must be > 0, got {args.sigma}")
+    dataset_info(args.dataset)
+    for name in ("N0", "N"):
+        if hasattr(args, name) and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.batch < 1 or args.skip < 1:
+        raise UserError(f"--batch and --skip must be >= 1, got {args.batch} and {args.skip}")
+    for flag in ("f_solver", "warmup_solver", "std_solver"):
+        name = getattr(args, flag)
+        if name is not None and name not in SOLVERS:
+            raise UserError(f"--{flag} {name!r} is not a solver; choose one of {', '.join(sorted(SOLVERS))}")
+    for flag in ("f_thresh", "warmup_thresh", "std_thresh"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UserError(f"--{flag} must be >= 1 evaluation, got {v}")
+    n = getattr(args, n_name)
+    if args.conf_drop is not None:
+        if args.conf_drop < 0:
+            raise UserError(f"--conf_drop must be >= 0, got {args.conf_drop}")
+        if args.conf_drop > n:
+            raise UserError(f"--conf_drop {args.conf_drop} is larger than --{n_name} {n}: the pairs are drawn from those samples; lower it")
+    if args.warmup_interval < 0:
+        raise UserError(f"--warmup_interval must be >= 0, got {args.warmup_interval}")
+
+
+def load_base(args) -> Tuple[object, object, dict, object]:
+    """Model, config, checkpoint and device, with a check that the checkpoint fits DATASET."""
+    device = pick_device(args.device)
+    model, cfg, ckpt = load_model(args.base_classifier, device, cfg_path=args.cfg)
+    trained_on = ckpt.get("dataset", cfg.DATASET.DATASET)
+    info = dataset_info(args.dataset)
+    if trained_on != args.dataset:
+        raise UserError(f"checkpoint {args.base_classifier} was trained on {trained_on}, not {args.dataset}: "
+                        f"pass the matching DATASET or checkpoint")
+    if cfg.MODEL.NUM_CLASSES != info.num_classes:
+        raise UserError(f"checkpoint {args.base_classifier} has {cfg.MODEL.NUM_CLASSES} classes but {args.dataset} has "
+                        f"{info.num_classes}: use a checkpoint for this data set")
+    return model, cfg, ckpt, device
+
+
+def build_smooth(args, model, cfg, n: int, sigma: float) -> Smooth:
+    tol = args.tol
+    default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, tol)
+    if not args.srs:
+        standard = DEQSolve(args.f_solver or default.solver, args.f_thresh or default.max_iter, tol)
+        return Smooth(model, cfg.MODEL.NUM_CLASSES, sigma, standard=standard)
+    standard = DEQSolve(args.std_solver or default.solver, args.std_thresh or default.max_iter, tol)
+    step = DEQSolve(args.f_solver or "anderson", args.f_thresh or 1, tol)
+    warm = DEQSolve(args.warmup_solver or step.solver, args.warmup_thresh or 10, tol)
+    K = min(400, n) if args.conf_drop is None else args.conf_drop
+    if args.certificate == "none":
+        K = 0
+    srs = SRSConfig(step=step, warmup=warm, warmup_interval=args.warmup_interval, conf_drop=K,
+                    certificate=args.certificate, chain_across_phases=not args.no_chain_across_phases)
+    return Smooth(model, cfg.MODEL.NUM_CLASSES, sigma, standard=standard, srs=srs)
+
+
+def smooth_settings(smooth: Smooth) -> Dict[str, object]:
+    s = smooth.srs
+    return {
+        "standard": f"{smooth.standard.solver}:{smooth.standard.max_iter}",
+        "srs": "off" if s is None else (f"step={s.step.solver}:{s.step.max_iter} warmup={s.warmup.solver}:{s.warmup.max_iter} "
+                                        f"interval={s.warmup_interval} conf_drop={s.conf_drop} certificate={s.certificate} "
+                                        f"chain_across_phases={s.chain_across_phases}"),
+    }
+
+
+def open_dataset(args):
+    return get_dataset(args.dataset, args.split, args.data_dir)
+
+
+def certify_main(args) -> Dict[str, float]:
+    validate_args(args)
+    if args.srs and args.certificate == "none":
+        print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
+    model, cfg, ckpt, device = load_base(args)
+    dataset = open_dataset(args)
+    set_seed(args.seed)
+    smooth = build_smooth(args, model, cfg, args.N, args.sigma)
+    meta = run_metadata(args, {
+        "mode": "certify", "dataset": args.dataset, "split": args.split, "sigma": args.sigma, "N0": args.N0, "N": args.N,
+        "alpha": args.alpha, "skip": args.skip, "batch": args.batch, "seed": args.seed, "max": args.max,
+        "checkpoint": args.base_classifier, "checkpoint_sha256": file_sha256(args.base_classifier),
+        "device": str(device), **smooth_settings(smooth)})
+    results = ResultsFile(args.outfile, CERTIFY_COLUMNS, meta).open(args.resume, args.overwrite)
+
+    def work(x, label, idx):
+        c = smooth.certify(x, args.N0, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
+        return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius),
+                "correct": int(c.prediction == label), "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower,
+                "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E, "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe,
+                "residual": c.residual, "status": c.status}
+
+    try:
+        summary = run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
+                                  "certify", not args.quiet)
+    finally:
+        results.close()
+    return summary
+
+
+def predict_main(args) -> Dict[str, float]:
+    validate_args(args)
+    model, cfg, ckpt, device = load_base(args)
+    dataset = open_dataset(args)
+    set_seed(args.seed)
+    smooth = build_smooth(args, model, cfg, args.N, args.sigma)
+    meta = run_metadata(args, {
+        "mode": "predict", "dataset": args.dataset, "split": args.split, "sigma": args.sigma, "N": args.N,
+        "alpha": args.alpha, "skip": args.skip, "batch": args.batch, "seed": args.seed, "max": args.max,
+        "checkpoint": args.base_classifier, "checkpoint_sha256": file_sha256(args.base_classifier),
+        "device": str(device), **smooth_settings(smooth)})
+    results = ResultsFile(args.outfile, PREDICT_COLUMNS, meta).open(args.resume, args.overwrite)
+
+    def work(x, label, idx):
+        p = smooth.predict(x, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
+        return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
+                "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "nfe": p.nfe, "status": p.status}
+
+    try:
+        return run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
+                               "predict", not args.quiet)
+    finally:
+        results.close()
+
+
+__all__ = ["ABSTAIN", "add_common_args", "validate_args", "build_smooth", "certify_main", "predict_main"]

@@ -1,0 +1,50 @@
+"""Summarise certification results: certified-accuracy table, curves, HP bounds, SRS radius differences.
+
+Example:
+    python SRS/code/analyze.py std.tsv:std srs.tsv:SRS --out results/analysis --hp-alpha 0.001
+"""
+import _paths  # noqa: F401
+
+import argparse
+import sys
+
+from DEQ.errors import UserError, cli_main
+from SRS import analysis
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", metavar="RESULT.tsv[:LABEL]",
+                   help="certification TSV files; LABEL defaults to the file stem")
+    p.add_argument("--radii", type=float, nargs="+", default=list(analysis.DEFAULT_RADII),
+                   help="radii for the certified-accuracy columns")
+    p.add_argument("--baseline", help="label to compute speedup and RRD against (default: the first file)")
+    p.add_argument("--out", metavar="DIR", help="write table.md/.tex/.csv, curves.png/.pdf and RRD outputs here")
+    p.add_argument("--hp-alpha", type=float, metavar="A",
+                   help="add one-sided Clopper-Pearson lower bounds on certified accuracy at level A")
+    p.add_argument("--compare-fixed", action="store_true",
+                   help="for QCRS files, add the fixed-sigma rows computed from the same images")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    if any(r < 0 for r in args.radii):
+        raise UserError("--radii: radii must be >= 0; e.g. --radii 0 0.25 0.5")
+    runs = analysis.load_runs(args.results)
+    baseline = args.baseline or next(iter(runs))
+    table = analysis.summary_table(runs, args.radii, baseline, args.hp_alpha, args.compare_fixed)
+    lines, warnings = analysis.rrd_report(runs, baseline, args.baseline is not None, args.out)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    print(analysis.to_markdown(table))
+    for line in lines:
+        print(line)
+    if args.out:
+        analysis.write_outputs(table, runs, args.out)
+        print(f"wrote tables, curves and RRD outputs to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Evaluate the smoothed classifier's prediction (PREDICT, with abstention) on a test set.
+
+    python SRS/code/predict.py digits CKPT 0.25 out/pred.tsv --N 1000 --skip 10 [--srs --f_thresh 1 ...]
+"""
+import argparse
+
+import _paths  # noqa: F401
+
+from DEQ.errors import cli_main
+from SRS.cli import add_common_args, predict_main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Predict with the smoothed classifier (abstains when unsure)")
+    add_common_args(p)
+    p.add_argument("--N", type=int, default=100000, help="number of noise samples")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    summary = predict_main(parse_args(argv))
+    print(f"predicted {summary['images']} images: accuracy {100 * summary['accuracy']:.1f}%, "
+          f"{summary['seconds_per_image']:.2f} s/image")
+
+
+if __name__ == "__main__":
+    main()
