@@ -8,7 +8,9 @@ Embedded default ("digits"): scikit-learn's handwritten digits, 1797 real 8x8
 grey images of 10 classes, pixel values 0..16 scaled to [0, 1].  Fixed split,
 the same on every machine and with no random state: image i (in scikit-learn's
 order) is a test image when i % 4 == 0 (450 images), a training image otherwise
-(1347 images).
+(1347 images).  ``image_size`` other than 8 resizes them bilinearly (the digits
+config uses 16x16 so that one application of f sees only part of the digit and
+the equilibrium has real work to do); noise and radii then live in that space.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def _check_split(split: str) -> bool:
     return split == "train"
 
 
-def digits_dataset(split: str) -> TensorDataset:
+def digits_dataset(split: str, image_size: Optional[int] = None) -> TensorDataset:
     """scikit-learn's digits with the fixed split documented above."""
     from sklearn.datasets import load_digits
 
@@ -65,6 +67,9 @@ def digits_dataset(split: str) -> TensorDataset:
     is_test = np.arange(len(images)) % 4 == 0
     keep = ~is_test if train else is_test
     x = torch.from_numpy(images[keep]).unsqueeze(1)
+    if image_size and image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        x = x.clamp_(0.0, 1.0)
     y = torch.from_numpy(data.target[keep].astype(np.int64))
     return TensorDataset(x, y)
 
@@ -117,13 +122,14 @@ def imagenet_dataset(split: str, root: Optional[str], augment: bool = False):
     return torchvision.datasets.ImageFolder(folder, tf)
 
 
-def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: bool = False) -> Dataset:
-    """Items are (image in [0,1], int label)."""
+def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: bool = False,
+                image_size: Optional[int] = None) -> Dataset:
+    """Items are (image in [0,1], int label).  ``image_size`` resizes the embedded digits only."""
     dataset_info(name)
     if data_dir and not os.path.isdir(data_dir) and name != "cifar10":
         raise UserError(f"data directory {data_dir!r} does not exist: check --data-dir")
     if name == "digits":
-        return digits_dataset(split)
+        return digits_dataset(split, image_size)
     if name == "cifar10":
         if data_dir and not os.path.isdir(data_dir):
             raise UserError(f"data directory {data_dir!r} does not exist: check --data-dir")

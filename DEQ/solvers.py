@@ -99,8 +99,15 @@ class _Tracker:
                             self.best_abs, self.best_rel, self.nfe, self.best_res < self.tol)
 
 
+def _work(z0: Tensor) -> Tensor:
+    """Flat (B, D) state; half precision (mixed-precision training) is solved in float32,
+    since the Anderson/Broyden linear algebra is unstable or unsupported in fp16."""
+    x = z0.reshape(z0.shape[0], -1)
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _flat(f: FixedPointFn, shape):
-    return lambda x: f(x.view(shape)).reshape(x.shape[0], -1)
+    return lambda x: f(x.view(shape)).reshape(x.shape[0], -1).to(x.dtype)
 
 
 def _check(max_iter: int, stop_mode: str):
@@ -115,7 +122,7 @@ def naive_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1
     """Plain fixed-point iteration z <- f(z)."""
     _check(max_iter, stop_mode)
     shape, g = z0.shape, _flat(f, z0.shape)
-    x = z0.reshape(z0.shape[0], -1)
+    x = _work(z0)
     track = _Tracker(x, stop_mode, tol, max_iter)
     for _ in range(max_iter):
         fx = g(x)
@@ -131,7 +138,7 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
     """Anderson acceleration with memory m and ridge lam (one evaluation per step)."""
     _check(max_iter, stop_mode)
     shape, g = z0.shape, _flat(f, z0.shape)
-    x = z0.reshape(z0.shape[0], -1)
+    x = _work(z0)
     bsz, dim = x.shape
     X = torch.zeros(bsz, m, dim, dtype=x.dtype, device=x.device)
     F = torch.zeros_like(X)
@@ -160,7 +167,7 @@ def broyden_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float =
     """Broyden's method on g(z) = f(z) - z; inverse Jacobian -I + U V^T (rank <= max_iter)."""
     _check(max_iter, stop_mode)
     shape, fn = z0.shape, _flat(f, z0.shape)
-    x = z0.reshape(z0.shape[0], -1)
+    x = _work(z0)
     bsz, dim = x.shape
     Us = torch.zeros(bsz, dim, max_iter, dtype=x.dtype, device=x.device)
     VTs = torch.zeros(bsz, max_iter, dim, dtype=x.dtype, device=x.device)

@@ -149,8 +149,9 @@ class Trainer:
         data_dir = data_dir or cfg.DATA_DIR or cfg.DATASET.ROOT or None
         if ds == "digits":
             data_dir = None
-        self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT)
-        self.test_set = get_dataset(ds, "test", data_dir)
+        size = cfg.MODEL.IMAGE_SIZE[0]
+        self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT, image_size=size)
+        self.test_set = get_dataset(ds, "test", data_dir, image_size=size)
         bs = cfg.TRAIN.BATCH_SIZE_PER_GPU
         self.train_loader = make_loader(self.train_set, bs, cfg.TRAIN.SHUFFLE, cfg.WORKERS, device, cfg.SEED)
         self.test_loader = make_loader(self.test_set, cfg.TEST.BATCH_SIZE_PER_GPU, False, cfg.WORKERS, device)

@@ -82,8 +82,8 @@ def read_results(path) -> pd.DataFrame:
     """Read a certification TSV (either dialect) into a DataFrame.
 
     ``time`` becomes float seconds, integer columns become int64, ``attrs['meta']`` holds the parsed
-    ``# key: value`` comments and ``attrs['path']`` the file name.  Unknown extra columns are kept as text
-    unless they are QCRS fixed-sigma columns, which are made numeric.
+    ``# key: value`` comments and ``attrs['path']`` the file name.  Extra columns that are entirely numeric
+    (n_A, nfe, p_A_lower, ...) become numbers; others (status) stay text.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,6 +125,11 @@ def read_results(path) -> pd.DataFrame:
     for column in ("correct",) + (("fixed_correct",) if "fixed_correct" in header else ()):
         if not df[column].isin([0, 1]).all():
             raise UserError(f"{path}: column '{column}' must be 0 or 1; fix the file (is it a certification result?)")
+    for column in header:
+        if column not in REQUIRED_COLUMNS and df[column].dtype == object or str(df[column].dtype) == "str":
+            converted = pd.to_numeric(df[column], errors="coerce")
+            if converted.notna().sum() == (df[column].str.lower() != "nan").sum():
+                df[column] = converted
     dup = df["idx"][df["idx"].duplicated()]
     if len(dup):
         raise UserError(f"{path}: idx {int(dup.iloc[0])} appears more than once; "

@@ -66,11 +66,11 @@ class ResultsFile:
     def _load_existing(self):
         with open(self.path, "rb") as fh:
             raw = fh.read()
-        if not raw.endswith(b"\n"):  # torn last row from a crash: drop it, it will be recomputed
-            cut = raw.rfind(b"\n") + 1
-            with open(self.path, "r+b") as fh:
-                fh.truncate(cut)
-            raw = raw[:cut]
+        # torn last row from a crash: drop it, it will be recomputed.  The file itself is only cut
+        # below, after the columns and settings checks pass: a refused --resume leaves it untouched.
+        cut = len(raw) if raw.endswith(b"\n") else raw.rfind(b"\n") + 1
+        torn = cut < len(raw)
+        raw = raw[:cut]
         old_meta, header, rows = {}, None, []
         for line in raw.decode().splitlines():
             if line.startswith("# "):
@@ -88,6 +88,9 @@ class ResultsFile:
             if key in old_meta and old_meta[key] != new:
                 raise UserError(f"--resume: {self.path} was made with {key}={old_meta[key]} but this run has {key}={new}; "
                                 f"rerun with the same settings or use a new OUTFILE")
+        if torn:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(cut)
         self.done = {int(r[0]) for r in rows}
 
     def write(self, row: Dict[str, object]):

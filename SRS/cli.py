@@ -62,10 +62,28 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def certify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certify.py", description="Certify many examples (randomized smoothing / SRS)")
+    add_common_args(p)
+    p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
+    p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict.py", description="Predict with the smoothed classifier (abstains when unsure)")
+    add_common_args(p)
+    p.add_argument("--N", type=int, default=100000, help="number of noise samples")
+    return p
+
+
 def validate_args(args, n_name: str = "N") -> None:
     """Every argument error, one line each, before any work."""
-    if getattr(args, "sigma", 1.0) is not None and getattr(args, "sigma", 1.0) <= 0:
-        raise UserError(f"sigma must be > 0, got {args.sigma}")
+    # `not (sigma > 0)` rather than `sigma <= 0`: also refuses nan (float("nan") <= 0 is False), which
+    # otherwise ran the whole certification and wrote radius nan; inf would make every noisy input nan.
+    sigma = getattr(args, "sigma", 1.0)
+    if sigma is not None and not (0 < sigma < float("inf")):
+        raise UserError(f"sigma must be > 0 and finite, got {args.sigma}")
     dataset_info(args.dataset)
     for name in ("N0", "N"):
         if hasattr(args, name) and getattr(args, name) < 1:
@@ -134,8 +152,8 @@ def smooth_settings(smooth: Smooth) -> Dict[str, object]:
     }
 
 
-def open_dataset(args):
-    return get_dataset(args.dataset, args.split, args.data_dir)
+def open_dataset(args, cfg):
+    return get_dataset(args.dataset, args.split, args.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
 
 
 def certify_main(args) -> Dict[str, float]:
@@ -143,7 +161,7 @@ def certify_main(args) -> Dict[str, float]:
     if args.srs and args.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
     model, cfg, ckpt, device = load_base(args)
-    dataset = open_dataset(args)
+    dataset = open_dataset(args, cfg)
     set_seed(args.seed)
     smooth = build_smooth(args, model, cfg, args.N, args.sigma)
     meta = run_metadata(args, {
@@ -171,7 +189,7 @@ def certify_main(args) -> Dict[str, float]:
 def predict_main(args) -> Dict[str, float]:
     validate_args(args)
     model, cfg, ckpt, device = load_base(args)
-    dataset = open_dataset(args)
+    dataset = open_dataset(args, cfg)
     set_seed(args.seed)
     smooth = build_smooth(args, model, cfg, args.N, args.sigma)
     meta = run_metadata(args, {

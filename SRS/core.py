@@ -209,7 +209,8 @@ class Smooth:
         uniform subsample, so w.p. >= 1 - alpha_1 at least N_A_E of the n i.i.d.
         draws of f_D(x + e) are c_A); p_A_lower = lower bound of N_A_E / n at
         alpha_2.  Union bound: the guarantee holds w.p. >= 1 - alpha.
-        Abstain (ABSTAIN, 0.0) when p_A_lower < 1/2 or a solve produced non-finite logits.
+        Abstain (ABSTAIN, 0.0) when p_A_lower < 1/2, or when any solve diverged (no finite iterate)
+        or produced non-finite logits (status ``nonfinite_logits(k)``, k samples).
         """
         sigma = self.sigma if sigma is None else sigma
         self.base_classifier.eval()
@@ -313,7 +314,7 @@ class Smooth:
         s = self.standard
         out = self.base_classifier.solve(noisy, s.solver, s.max_iter, None, s.tol)
         stats.add(noisy.shape[0], out.result.nfe, out.result.residual, paired)
-        return out.logits
+        return _mark_diverged(out)
 
     def _classify(self, noisy, stats: SampleStats, chain: "_Chain") -> torch.Tensor:
         if self.srs is None:
@@ -325,7 +326,7 @@ class Smooth:
         out = self.base_classifier.solve(noisy, step.solver, step.max_iter, z0, step.tol)
         stats.add(noisy.shape[0], out.result.nfe, out.result.residual)
         chain.advance(out.z)
-        return out.logits
+        return _mark_diverged(out)
 
 
 class _Chain:
@@ -355,6 +356,13 @@ class _Chain:
         if not self._srs:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return torch.cat(self._srs).cpu().numpy(), torch.cat(self._std).cpu().numpy()
+
+
+def _mark_diverged(out) -> torch.Tensor:
+    """Logits, with NaN rows for samples whose solve never produced a finite iterate (the solvers then
+    return the initial state with an infinite residual): such samples make the image abstain."""
+    ok = torch.isfinite(out.result.residual)
+    return torch.where(ok[:, None], out.logits, torch.full_like(out.logits, float("nan")))
 
 
 def _safe_argmax(logits: torch.Tensor) -> torch.Tensor:

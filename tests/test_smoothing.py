@@ -213,3 +213,21 @@ def test_seed_reproducibility():
     a = s.certify(x, 20, 200, 0.01, 40, generator=torch.Generator().manual_seed(9))
     b = s.certify(x, 20, 200, 0.01, 40, generator=torch.Generator().manual_seed(9))
     assert np.array_equal(a.counts, b.counts) and a.radius == b.radius and a.M == b.M
+
+
+def test_a_diverging_solve_makes_the_image_abstain():
+    model, x, _, _ = _deq_setup()
+
+    class Diverging(LinearDEQ):
+        def solve(self, x, solver="naive", max_iter=50, z0=None, tol=None):
+            xf = x.flatten(1)
+            z0 = torch.zeros_like(xf) if z0 is None else z0
+            blow = torch.zeros(xf.shape[0], 1, dtype=xf.dtype)
+            blow[::5] = float("inf")  # every 5th sample's map explodes to inf/NaN at once
+            res = solve(solver, lambda z: self.a * z + xf + blow * (z + 1), z0, max_iter, tol=1e-12)
+            s = res.z @ self.w + self.b
+            return _Out(torch.stack([-s, s], 1), res.z, res)
+    bad = Diverging(model.w, model.b, model.a)
+    for srs in (None, SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0), conf_drop=10)):
+        c = Smooth(bad, 2, 0.5, standard=DEQSolve("naive", 5), srs=srs).certify(x, 10, 50, 0.01, 25)
+        assert c.prediction == ABSTAIN and c.status.startswith("nonfinite")

@@ -107,3 +107,11 @@ def test_torchdeq_solvers_agree_with_ours(name):
     res = SOLVERS[name](lambda z: f(z.double()).to(z.dtype), z0.float(), max_iter=80, tol=1e-6, stop_mode="abs")
     assert torch.allclose(res.z.double(), z_star, atol=1e-4)
     assert res.nfe >= 1
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_half_precision_states_are_solved_in_float32(name):
+    """Under mixed precision f returns half tensors; the solvers keep their state in float32."""
+    f, z0 = contractive_map()
+    res = solve(name, lambda z: f(z.double()).to(torch.bfloat16), z0.to(torch.bfloat16), max_iter=20, tol=1e-2)
+    assert res.z.dtype == torch.float32 and torch.isfinite(res.z).all()

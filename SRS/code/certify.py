@@ -4,20 +4,14 @@
     python SRS/code/certify.py cifar10 CKPT 0.5 out/srs.tsv --srs --f_solver anderson --f_thresh 3 \
         --warmup_solver anderson --warmup_thresh 10 --conf_drop 400 --batch 400 --N 10000 --skip 20
 """
-import argparse
-
 import _paths  # noqa: F401
 
 from DEQ.errors import cli_main
-from SRS.cli import add_common_args, certify_main
+from SRS.cli import certify_main, certify_parser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Certify many examples (randomized smoothing / SRS)")
-    add_common_args(p)
-    p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
-    p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
-    return p.parse_args(argv)
+    return certify_parser().parse_args(argv)
 
 
 @cli_main

@@ -2,19 +2,14 @@
 
     python SRS/code/predict.py digits CKPT 0.25 out/pred.tsv --N 1000 --skip 10 [--srs --f_thresh 1 ...]
 """
-import argparse
-
 import _paths  # noqa: F401
 
 from DEQ.errors import cli_main
-from SRS.cli import add_common_args, predict_main
+from SRS.cli import predict_main, predict_parser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Predict with the smoothed classifier (abstains when unsure)")
-    add_common_args(p)
-    p.add_argument("--N", type=int, default=100000, help="number of noise samples")
-    return p.parse_args(argv)
+    return predict_parser().parse_args(argv)
 
 
 @cli_main

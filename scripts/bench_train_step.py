@@ -1,0 +1,66 @@
+"""Seconds per training step of a config on this machine (forward solve, implicit backward, optimiser).
+
+    python scripts/bench_train_step.py --cfg experiments/cifar/cls_mdeq_SMALL.yaml --batch 96 --steps 3
+
+Runs random 32x32 (or the config's size) inputs, so no data set is needed.  Reports
+the pretraining (unrolled) step and the DEQ step separately, with and without the
+Jacobian term.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from DEQ.config import load_config  # noqa: E402
+from DEQ.models import build_model  # noqa: E402
+from DEQ.training import build_optimizer  # noqa: E402
+from DEQ.utils import pick_device  # noqa: E402
+
+
+def time_steps(model, opt, x, y, steps, train_step, jac):
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and kernels
+        t0 = time.perf_counter()
+        out = model.forward_train(x, train_step=train_step, compute_jac_loss=jac)
+        loss = F.cross_entropy(out.logits, y) + (0.5 * out.jac_loss if jac else 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cfg", default="experiments/cifar/cls_mdeq_SMALL.yaml")
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    cfg = load_config(args.cfg)
+    dev = pick_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(dev).train()
+    opt = build_optimizer(cfg, model)
+    size = cfg.MODEL.IMAGE_SIZE[0]
+    x = torch.rand(args.batch, model.in_channels, size, size, device=dev)
+    y = torch.randint(0, cfg.MODEL.NUM_CLASSES, (args.batch,), device=dev)
+    print(f"{args.cfg}: {sum(p.numel() for p in model.parameters())} parameters, batch {args.batch}, "
+          f"{size}x{size}, device {dev}, {torch.get_num_threads()} threads")
+    pre = time_steps(model, opt, x, y, args.steps, 0, False)
+    deq = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, False)
+    jac = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, True)
+    print(f"pretraining step (f unrolled {cfg.MODEL.NUM_LAYERS}x): {pre:.2f} s")
+    print(f"DEQ step ({cfg.DEQ.F_SOLVER} {cfg.DEQ.F_THRES} fwd / {cfg.DEQ.B_SOLVER} {cfg.DEQ.B_THRES} bwd): {deq:.2f} s")
+    print(f"DEQ step with Jacobian term: {jac:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
