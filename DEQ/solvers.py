@@ -91,8 +91,9 @@ class _Tracker:
         self.best_rel = torch.where(better, rel_diff, self.best_rel)
         newly = (res < self.tol) & (self.nsteps == self.max_iter)
         self.nsteps = torch.where(newly, torch.full_like(self.nsteps, self.nfe), self.nsteps)
-        # One host sync per step; the solvers' loops are short (a few to tens of steps).
-        return bool((self.best_res < self.tol).all())
+        if self.tol <= 0:  # exact budget: no early stop, so no host-device sync in the loop
+            return False
+        return bool((self.best_res < self.tol).all())  # one sync per step buys early stopping
 
     def result(self, shape) -> SolverResult:
         return SolverResult(self.best.view(shape), self.nsteps, self.best_res,
@@ -140,6 +141,7 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
     shape, g = z0.shape, _flat(f, z0.shape)
     x = _work(z0)
     bsz, dim = x.shape
+    m = max(1, min(m, max_iter - 1))  # a k-step solve never mixes more than k-1 pairs: smaller buffers for SRS
     X = torch.zeros(bsz, m, dim, dtype=x.dtype, device=x.device)
     F = torch.zeros_like(X)
     H = torch.zeros(bsz, m + 1, m + 1, dtype=x.dtype, device=x.device)

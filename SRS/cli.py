@@ -156,6 +156,14 @@ def open_dataset(args, cfg):
     return get_dataset(args.dataset, args.split, args.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
 
 
+def certificate_row(c, idx: int, label: int) -> Dict[str, object]:
+    """The CERTIFY_COLUMNS of one image (time is added by the runner)."""
+    return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius),
+            "correct": int(c.prediction == label), "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower,
+            "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E, "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe,
+            "residual": c.residual, "status": c.status}
+
+
 def certify_main(args) -> Dict[str, float]:
     validate_args(args)
     if args.srs and args.certificate == "none":
@@ -173,10 +181,7 @@ def certify_main(args) -> Dict[str, float]:
 
     def work(x, label, idx):
         c = smooth.certify(x, args.N0, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
-        return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius),
-                "correct": int(c.prediction == label), "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower,
-                "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E, "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe,
-                "residual": c.residual, "status": c.status}
+        return certificate_row(c, idx, label)
 
     try:
         summary = run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,

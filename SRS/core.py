@@ -80,14 +80,15 @@ class SRSConfig:
     chain_across_phases: bool = True  # carry the chain from selection into estimation
 
 
-@dataclass
 class SampleStats:
-    """What sampling an image cost and how the solves went."""
-    samples: int = 0
-    nfe: float = 0.0                # evaluations of f summed over samples
-    residual_sum: float = 0.0
-    residual_n: int = 0
-    nonfinite: int = 0
+    """What sampling an image cost and how the solves went.  Residual sums stay on the device
+    (no host sync per batch) until the image is done."""
+
+    def __init__(self):
+        self.samples = 0
+        self.nfe = 0.0                  # evaluations of f summed over samples
+        self._res_sum = None
+        self._res_n = None
 
     def add(self, rows: int, nfe: int, residual: Optional[torch.Tensor], paired: bool = False):
         """Paired standard solves add cost but are not samples of their own."""
@@ -97,8 +98,9 @@ class SampleStats:
         self.samples += rows
         if residual is not None:
             finite = torch.isfinite(residual)
-            self.residual_sum += float(residual[finite].sum())
-            self.residual_n += int(finite.sum())
+            s, n = torch.where(finite, residual, torch.zeros_like(residual)).sum(), finite.sum()
+            self._res_sum = s if self._res_sum is None else self._res_sum + s
+            self._res_n = n if self._res_n is None else self._res_n + n
 
     @property
     def nfe_per_sample(self) -> float:
@@ -106,7 +108,9 @@ class SampleStats:
 
     @property
     def mean_residual(self) -> float:
-        return self.residual_sum / self.residual_n if self.residual_n else float("nan")
+        if self._res_n is None or int(self._res_n) == 0:
+            return float("nan")
+        return float(self._res_sum) / int(self._res_n)
 
 
 @dataclass

@@ -333,7 +333,7 @@ def certify_qcrs_main(args) -> Dict[str, float]:
     from DEQ.checkpoint import file_sha256
     from DEQ.utils import set_seed
 
-    from .cli import CERTIFY_COLUMNS, build_smooth, load_base, open_dataset, smooth_settings, validate_args
+    from .cli import CERTIFY_COLUMNS, build_smooth, certificate_row, load_base, open_dataset, smooth_settings, validate_args
 
     if args.left is None:
         args.left = DEFAULT_LEFT_RATIO * args.sigma
@@ -370,10 +370,7 @@ def certify_qcrs_main(args) -> Dict[str, float]:
         totals["acr"] += c.radius * correct
         totals["fixed_acr"] += f.radius * fixed_correct
         totals["moved"] += int(s.best_sigma != args.sigma)
-        return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius), "correct": correct,
-                "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower, "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E,
-                "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe, "residual": c.residual, "status": c.status,
-                "best_sigma": float(s.best_sigma), "search_samples": s.samples_used, "search_evals": s.evaluations,
+        return {**certificate_row(c, idx, label), "best_sigma": float(s.best_sigma), "search_samples": s.samples_used, "search_evals": s.evaluations,
                 "search_nfe": float(s.nfe), "search_time": s.seconds, "fixed_predict": f.prediction,
                 "fixed_radius": float(f.radius), "fixed_correct": fixed_correct, "fixed_p_A_lower": f.p_A_lower,
                 "fixed_samples": r.fixed_samples, "fixed_time": r.fixed_seconds}
