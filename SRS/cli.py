@@ -164,19 +164,29 @@ def certificate_row(c, idx: int, label: int) -> Dict[str, object]:
             "residual": c.residual, "status": c.status}
 
 
-def certify_main(args) -> Dict[str, float]:
+def prepare_run(args):
+    """Everything before the first image: validate, load checkpoint and data, build the smoothed classifier."""
     validate_args(args)
     if args.srs and args.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
     model, cfg, ckpt, device = load_base(args)
     dataset = open_dataset(args, cfg)
     set_seed(args.seed)
-    smooth = build_smooth(args, model, cfg, args.N, args.sigma)
-    meta = run_metadata(args, {
-        "mode": "certify", "dataset": args.dataset, "split": args.split, "sigma": args.sigma, "N0": args.N0, "N": args.N,
-        "alpha": args.alpha, "skip": args.skip, "batch": args.batch, "seed": args.seed, "max": args.max,
+    return build_smooth(args, model, cfg, args.N, args.sigma), dataset, device
+
+
+def run_settings(args, mode: str, smooth: Smooth, device, **extra) -> Dict[str, object]:
+    """The '#' header of a results file; RESUME_KEYS among them must match on --resume."""
+    sampling = {k: getattr(args, k) for k in ("sigma", "N0", "N", "alpha", "skip", "batch", "seed", "max") if hasattr(args, k)}
+    return run_metadata(args, {
+        "mode": mode, "dataset": args.dataset, "split": args.split, **sampling, **extra,
         "checkpoint": args.base_classifier, "checkpoint_sha256": file_sha256(args.base_classifier),
         "device": str(device), **smooth_settings(smooth)})
+
+
+def certify_main(args) -> Dict[str, float]:
+    smooth, dataset, device = prepare_run(args)
+    meta = run_settings(args, "certify", smooth, device)
     results = ResultsFile(args.outfile, CERTIFY_COLUMNS, meta).open(args.resume, args.overwrite)
 
     def work(x, label, idx):
@@ -192,16 +202,8 @@ def certify_main(args) -> Dict[str, float]:
 
 
 def predict_main(args) -> Dict[str, float]:
-    validate_args(args)
-    model, cfg, ckpt, device = load_base(args)
-    dataset = open_dataset(args, cfg)
-    set_seed(args.seed)
-    smooth = build_smooth(args, model, cfg, args.N, args.sigma)
-    meta = run_metadata(args, {
-        "mode": "predict", "dataset": args.dataset, "split": args.split, "sigma": args.sigma, "N": args.N,
-        "alpha": args.alpha, "skip": args.skip, "batch": args.batch, "seed": args.seed, "max": args.max,
-        "checkpoint": args.base_classifier, "checkpoint_sha256": file_sha256(args.base_classifier),
-        "device": str(device), **smooth_settings(smooth)})
+    smooth, dataset, device = prepare_run(args)
+    meta = run_settings(args, "predict", smooth, device)
     results = ResultsFile(args.outfile, PREDICT_COLUMNS, meta).open(args.resume, args.overwrite)
 
     def work(x, label, idx):

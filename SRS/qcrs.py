@@ -330,32 +330,21 @@ class QCRSResultsFile(ResultsFile):
 
 def certify_qcrs_main(args) -> Dict[str, float]:
     """certify.py with a per-input sigma: validate, load, search + certify every image, write one row each."""
-    from DEQ.checkpoint import file_sha256
-    from DEQ.utils import set_seed
-
-    from .cli import CERTIFY_COLUMNS, build_smooth, certificate_row, load_base, open_dataset, smooth_settings, validate_args
+    from .cli import CERTIFY_COLUMNS, certificate_row, prepare_run, run_settings, validate_args
 
     if args.left is None:
         args.left = DEFAULT_LEFT_RATIO * args.sigma
     if args.right is None:
         args.right = DEFAULT_RIGHT_RATIO * args.sigma
-    validate_args(args)
+    validate_args(args)  # sigma, N, alpha, ... first: the search settings derive from sigma
     check_search_settings(args.sigma, args.left, args.right, args.epsilon, args.epsilon_step, args.gradient_n)
-    if args.srs and args.certificate == "none":
-        print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
-    model, cfg, ckpt, device = load_base(args)
-    dataset = open_dataset(args, cfg)
-    set_seed(args.seed)
-    smooth = build_smooth(args, model, cfg, args.N, args.sigma)
+    smooth, dataset, device = prepare_run(args)
     qcrs = QCRS(smooth)
-    meta = run_metadata(args, {
-        "mode": "certify_qcrs", "dataset": args.dataset, "split": args.split, "sigma": args.sigma, "N0": args.N0,
-        "N": args.N, "alpha": args.alpha, "skip": args.skip, "batch": args.batch, "seed": args.seed, "max": args.max,
-        "left": args.left, "right": args.right, "epsilon": args.epsilon, "epsilon_step": args.epsilon_step,
-        "gradient_n": args.gradient_n, "checkpoint": args.base_classifier,
-        "checkpoint_sha256": file_sha256(args.base_classifier), "device": str(device), **smooth_settings(smooth),
-        "guarantee": "predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
-                     "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}"})
+    meta = run_settings(
+        args, "certify_qcrs", smooth, device, left=args.left, right=args.right, epsilon=args.epsilon,
+        epsilon_step=args.epsilon_step, gradient_n=args.gradient_n,
+        guarantee="predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
+                  "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}")
     results = QCRSResultsFile(args.outfile, CERTIFY_COLUMNS + QCRS_EXTRA_COLUMNS, meta).open(args.resume,
                                                                                              args.overwrite)
     totals = {"search_samples": 0, "acr": 0.0, "fixed_acr": 0.0, "moved": 0, "rows": 0}
