@@ -163,7 +163,7 @@ def validate(cfg: CN) -> None:
         if len(fs[key]) != nb:
             raise UserError(f"MODEL.EXTRA.FULL_STAGE.{key} has {len(fs[key])} entries but NUM_BRANCHES is {nb}: make them agree")
     for c in fs.NUM_CHANNELS:
-        if c % cfg.MODEL.NUM_GROUPS or (c % max(cfg.MODEL.NUM_GROUPS // 2, 1)):
+        if c % cfg.MODEL.NUM_GROUPS:  # GroupNorm over c (and E*c, and c with NUM_GROUPS // 2 groups)
             raise UserError(f"channel count {c} is not divisible by MODEL.NUM_GROUPS={cfg.MODEL.NUM_GROUPS}: change one of them")
     if cfg.TRAIN.NOISE < 0:
         raise UserError(f"TRAIN.NOISE must be >= 0, got {cfg.TRAIN.NOISE}")

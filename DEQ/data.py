@@ -126,13 +126,11 @@ def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: 
                 image_size: Optional[int] = None) -> Dataset:
     """Items are (image in [0,1], int label).  ``image_size`` resizes the embedded digits only."""
     dataset_info(name)
-    if data_dir and not os.path.isdir(data_dir) and name != "cifar10":
-        raise UserError(f"data directory {data_dir!r} does not exist: check --data-dir")
-    if name == "digits":
+    if name == "digits":  # embedded: --data-dir does not apply
         return digits_dataset(split, image_size)
+    if data_dir and not os.path.isdir(data_dir):
+        raise UserError(f"data directory {data_dir!r} does not exist: check --data-dir")
     if name == "cifar10":
-        if data_dir and not os.path.isdir(data_dir):
-            raise UserError(f"data directory {data_dir!r} does not exist: check --data-dir")
         return _LabelAsInt(cifar10_dataset(split, data_dir, augment))
     return _LabelAsInt(imagenet_dataset(split, data_dir, augment))
 
