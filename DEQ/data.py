@@ -8,9 +8,9 @@ Embedded default ("digits"): scikit-learn's handwritten digits, 1797 real 8x8
 grey images of 10 classes, pixel values 0..16 scaled to [0, 1].  Fixed split,
 the same on every machine and with no random state: image i (in scikit-learn's
 order) is a test image when i % 4 == 0 (450 images), a training image otherwise
-(1347 images).  ``image_size`` other than 8 resizes them bilinearly (the digits
-config uses 16x16 so that one application of f sees only part of the digit and
-the equilibrium has real work to do); noise and radii then live in that space.
+(1347 images).  ``image_size`` (the config's MODEL.IMAGE_SIZE; 8 in the shipped
+digits config) other than 8 resizes them bilinearly; noise and radii then live
+in that resized pixel space.
 """
 from __future__ import annotations
 

@@ -159,10 +159,11 @@ class _Counts:
         self.bad = torch.zeros((), dtype=torch.long, device=device)
 
     def add(self, logits: torch.Tensor) -> torch.Tensor:
-        ok = torch.isfinite(logits).all(1)
-        preds = torch.where(ok, logits.argmax(1), torch.full_like(ok, ABSTAIN, dtype=torch.long))
-        self.counts += torch.bincount(preds[ok], minlength=self.num_classes)
-        self.bad += (~ok).sum()
+        preds = _safe_argmax(logits)
+        # shift by one so ABSTAIN (-1) lands in bin 0: no boolean indexing, hence no device sync
+        binned = torch.bincount(preds + 1, minlength=self.num_classes + 1)
+        self.counts += binned[1:]
+        self.bad += binned[0]
         return preds
 
     def numpy(self):
@@ -370,6 +371,7 @@ def _mark_diverged(out) -> torch.Tensor:
 
 
 def _safe_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted class per row; ABSTAIN for rows with non-finite logits."""
     ok = torch.isfinite(logits).all(1)
     return torch.where(ok, logits.argmax(1), torch.full_like(ok, ABSTAIN, dtype=torch.long))
 
