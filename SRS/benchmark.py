@@ -8,11 +8,15 @@ serialized model with k Anderson / naive evaluations from the warm start.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
 
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
 from .cli import certify_main, certify_parser
@@ -30,16 +34,24 @@ def standard(k: int, solver: str = "anderson") -> Method:
     return Method(f"MDEQ-{k}{_LETTER[solver]}", ("--f_solver", solver, "--f_thresh", str(k)))
 
 
-def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: int = 200,
-        warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated") -> Method:
+def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
+        warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
+        step_tol: Optional[float] = None) -> Method:
+    """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
+    step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>')."""
     suffix = "" if certificate == "eliminated" else f" ({certificate})"
-    return Method(f"SRS-MDEQ-{k}{_LETTER[solver]}{suffix}",
-                  ("--srs", "--f_solver", solver, "--f_thresh", str(k), "--warmup_solver", warmup[0],
-                   "--warmup_thresh", str(warmup[1]), "--std_solver", std[0], "--std_thresh", str(std[1]),
-                   "--conf_drop", str(conf_drop), "--certificate", certificate))
+    if conf_drop != "auto" and certificate != "none":
+        suffix = f" K={conf_drop}" + suffix
+    budget = f"{k}{_LETTER[solver]}" if step_tol is None else f"tol{step_tol:g}-{k}{_LETTER[solver]}"
+    flags = ("--srs", "--f_solver", solver, "--f_thresh", str(k), "--warmup_solver", warmup[0],
+             "--warmup_thresh", str(warmup[1]), "--std_solver", std[0], "--std_thresh", str(std[1]),
+             "--conf_drop", str(conf_drop), "--certificate", certificate)
+    if step_tol is not None:
+        flags += ("--step_tol", str(step_tol))
+    return Method(f"SRS-MDEQ-{budget}{suffix}", flags)
 
 
-def paper_methods(conf_drop: int, std: Tuple[str, int] = ("anderson", 30)) -> List[Method]:
+def paper_methods(conf_drop: Union[int, str] = "auto", std: Tuple[str, int] = ("anderson", 30)) -> List[Method]:
     """The six rows of the paper's CIFAR-10 table."""
     return [standard(1), standard(5), standard(std[1], std[0]), srs(1, "naive", std, conf_drop),
             srs(1, "anderson", std, conf_drop), srs(3, "anderson", std, conf_drop)]
@@ -87,5 +99,130 @@ def mean_column(df, column: str) -> float:
     return float(df[column].astype(float).mean()) if column in df.columns else float("nan")
 
 
+def _col(df, column: str, default: float = 0.0) -> np.ndarray:
+    return df[column].astype(float).to_numpy() if column in df.columns else np.full(len(df), default)
+
+
+def sound_speed_limit(base, run, samples: int, alpha: float) -> Tuple[float, float]:
+    """The speed limit of sound SRS at equal certified accuracy, from the standard run of the same images.
+
+    Per image i with standard time t_i and standard p_i = p_A_lower: matching the standard radius
+    sigma PhiInv(p_i) with the eliminated certificate needs at least about ln(2/alpha) / (1 - p_i)
+    paired standard solves (no misaligned pair: p_m_upper = 1 - (alpha/2)^(1/K_A) must stay below
+    1 - p_i), on top of the SRS pass; the standard model outright costs t_i.  So the cheapest sound
+    cost is min(pass_i + ln(2/alpha) / (1 - p_i) * t_i / samples, t_i), and the limit is
+    sum(t_i) / sum(that).  The SRS pass time per sample is measured from ``run`` itself: its rows that
+    took the SRS route, less their standard solves (costed at the standard run's time per sample).
+
+    Args:
+        base, run: result frames (standard and SRS) over the same images, in the same order.
+        samples: N0 + N, the noisy samples per image of both runs.
+
+    Returns:
+        (limit, pass_seconds_per_sample).
+    """
+    t_std = base["time"].to_numpy(dtype=float)
+    per_sample = t_std / samples
+    route = run["route"].astype(str).to_numpy() if "route" in run.columns else np.full(len(run), "srs")
+    on_srs = route == "srs"
+    if not on_srs.any():
+        return float("nan"), float("nan")
+    pass_time = (run["time"].to_numpy(dtype=float) - _col(run, "std_rows") * per_sample)[on_srs] / samples
+    pass_per_sample = float(max(np.mean(pass_time), 0.0))
+    p = np.clip(base["p_A_lower"].to_numpy(dtype=float) if "p_A_lower" in base.columns else np.full(len(base), 0.5),
+                0.5, 1 - 1e-12)
+    pairs = math.log(2 / alpha) / (1 - p)
+    cheapest = np.minimum(samples * pass_per_sample + pairs * per_sample, t_std)
+    return float(t_std.sum() / cheapest.sum()), pass_per_sample
+
+
+def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequence[float], samples: int,
+                   alpha: float) -> "pd.DataFrame":
+    """Per method: s/image, speedup over the baseline, largest certified-accuracy gap over the radii,
+    mean K and K_A, misalignment rate sum(M) / sum(K_A), standard-solve calls per image, fallbacks, and
+    for SRS methods the sound speed limit (``sound_speed_limit``) and the fraction of it reached."""
+    base = runs[baseline].sort_values("idx").reset_index(drop=True)
+    rows = []
+    for label, df in runs.items():
+        df = df.sort_values("idx").reset_index(drop=True)
+        if list(df["idx"]) != list(base["idx"]):
+            raise ValueError(f"{label} and {baseline} cover different images; compare runs over the same images")
+        gap, at = max_gap({label: df, baseline: base}, label, baseline, radii)
+        speedup = base["time"].sum() / df["time"].sum()
+        K_A = _col(df, "K_A")
+        is_srs = "route" in df.columns and (df["route"].astype(str) != "standard").any()
+        limit = sound_speed_limit(base, df, samples, alpha)[0] if is_srs else float("nan")
+        rows.append({"method": label, "s/image": df["time"].mean(), "speedup": speedup,
+                     "largest gap (points)": gap, "at radius": at, "mean K": _col(df, "K").mean(),
+                     "mean K_A": K_A.mean(), "misaligned": _col(df, "M").sum() / K_A.sum() if K_A.sum() else float("nan"),
+                     "std calls/image": _col(df, "std_calls", float("nan")).mean(),
+                     "fallbacks": int((df["route"].astype(str) == "fallback").sum()) if "route" in df.columns else 0,
+                     "speed limit": limit, "of limit": speedup / limit if limit == limit else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(table: "pd.DataFrame") -> str:
+    """The method summary as a markdown table."""
+    fmt = {"s/image": "{:.2f}", "speedup": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
+           "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
+           "fallbacks": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
+    head = "| " + " | ".join(table.columns) + " |\n|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
+    lines = [head]
+    for _, r in table.iterrows():
+        cells = [str(r["method"])]
+        for c in table.columns[1:]:
+            v = r[c]
+            cells.append("-" if isinstance(v, float) and v != v else fmt[c].format(int(v) if c == "fallbacks" else v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 __all__ = ["Method", "standard", "srs", "paper_methods", "run_methods", "comparison", "max_gap", "mean_column",
-           "to_markdown"]
+           "to_markdown", "sound_speed_limit", "method_summary", "summary_markdown"]
+
+
+def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int, device, seed: int = 0,
+                       conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print) -> "pd.DataFrame":
+    """Seconds per image of MDEQ-30A and SRS-1A/-3A/-1N on a seeded random-init model built from a config
+    (e.g. experiments/cifar/cls_mdeq_LARGE.yaml), on seeded uniform-noise images of the config's size.
+
+    A speed measurement only: the weights and images are not trained or real, so certificates and
+    accuracies mean nothing here and are not reported.  Budgets are exact (tol 0), as in the paper's
+    notation; the first image of every method is a warm-up (allocator, cuDNN autotuning) and not timed.
+    """
+    import torch
+    from DEQ.config import load_config
+    from DEQ.models.mdeq import build_model
+    from .core import DEQSolve, Smooth, SRSConfig
+    cfg = load_config(cfg_path)
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device).eval()
+    size = cfg.MODEL.IMAGE_SIZE
+    channels = 1 if cfg.DATASET.DATASET == "digits" else 3
+    images = torch.rand((n_images + 1, channels, size[0], size[1]), generator=torch.Generator().manual_seed(seed))
+    std = DEQSolve("anderson", 30, 0.0)
+    warm = DEQSolve("anderson", 10, 0.0)
+    K = None if conf_drop == "auto" else int(conf_drop)
+    methods = {"MDEQ-30A": None}
+    for k, solver in ((1, "anderson"), (3, "anderson"), (1, "naive")):
+        methods[f"SRS-MDEQ-{k}{_LETTER[solver]}"] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
+    rows = []
+    for label, srs_cfg in methods.items():
+        smooth = Smooth(model, cfg.MODEL.NUM_CLASSES, 0.5, standard=std, srs=srs_cfg)
+        times, calls = [], []
+        for i in range(n_images + 1):
+            x = images[i].to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.time()
+            c = smooth.certify(x, N0, N, 0.001, batch, generator=torch.Generator(device=device).manual_seed(seed + i))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.time() - t0)
+                calls.append(c.std_calls)
+        rows.append({"method": label, "s/image": float(np.mean(times)), "std calls/image": float(np.mean(calls))})
+        log(f"{label}: {rows[-1]['s/image']:.3f} s/image")
+    df = pd.DataFrame(rows)
+    df["speedup"] = df["s/image"].iloc[0] / df["s/image"]
+    return df

@@ -25,8 +25,10 @@ from .certification import ResultsFile, image_generator, run_metadata, run_over_
 from .core import ABSTAIN, DEQSolve, Smooth, SRSConfig
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "n_A", "n", "p_A_lower", "p_m_upper",
-                   "N_A_E", "K", "K_A", "M", "nfe", "residual", "status")
-PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "nfe", "status")
+                   "N_A_E", "K", "K_A", "M", "nfe", "residual", "status", "route", "std_calls", "std_rows")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "K", "K_A", "M",
+                   "nfe", "std_calls", "status")
+
 
 
 def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None:
@@ -46,7 +48,18 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--warmup_solver", default=None, help="solver of the warm-up batches (default: --f_solver)")
     p.add_argument("--warmup_thresh", type=int, default=None, help="budget of the warm-up batches (default 10)")
     p.add_argument("--warmup_interval", type=int, default=0, help="every k-th batch is a warm-up (0: only the first)")
-    p.add_argument("--conf_drop", type=int, default=None, help="K paired samples for the correlation-eliminated bound (default min(400, N))")
+    p.add_argument("--conf_drop", default="auto",
+                   help="paired standard solves of the correlation-eliminated bound: 'auto' (default: adaptive, "
+                        "chosen per image from the SRS counts) or a fixed K of the N samples (reference: 400)")
+    p.add_argument("--radius_slack", type=float, default=0.05,
+                   help="adaptive pairing: aim within this many sigma of the radius the SRS counts alone give (0.05)")
+    p.add_argument("--max_pairs", type=int, default=None, help="adaptive pairing: most paired standard solves per image (default N)")
+    p.add_argument("--no_fallback", action="store_true",
+                   help="adaptive pairing: never certify an image with the standard model outright, even where SRS "
+                        "plus its pairs would cost more")
+    p.add_argument("--step_tol", type=float, default=None,
+                   help="with --srs: tolerance of the SRS step from the warm start (default --tol); with a tolerance "
+                        "--f_thresh is a cap and the step stops once every sample's residual is below it")
     p.add_argument("--certificate", choices=["eliminated", "reference", "none"], default="eliminated",
                    help="SRS certificate: eliminated (sound, default), reference (the reference code's weaker variant), none (no guarantee)")
     p.add_argument("--std_solver", default=None, help="standard model's solver in SRS mode (default: checkpoint config)")
@@ -101,13 +114,28 @@ def validate_args(args, n_name: str = "N") -> None:
         if v is not None and v < 1:
             raise UserError(f"--{flag} must be >= 1 evaluation, got {v}")
     n = getattr(args, n_name)
-    if args.conf_drop is not None:
+    if args.conf_drop != "auto":
+        try:
+            args.conf_drop = int(args.conf_drop)
+        except (TypeError, ValueError):
+            raise UserError(f"--conf_drop must be 'auto' (adaptive pairing) or a whole number K, got {args.conf_drop!r}") from None
         if args.conf_drop < 0:
             raise UserError(f"--conf_drop must be >= 0, got {args.conf_drop}")
         if args.conf_drop > n:
             raise UserError(f"--conf_drop {args.conf_drop} is larger than --{n_name} {n}: the pairs are drawn from those samples; lower it")
     if args.warmup_interval < 0:
         raise UserError(f"--warmup_interval must be >= 0, got {args.warmup_interval}")
+    if not 0 <= args.radius_slack < float("inf"):
+        raise UserError(f"--radius_slack must be a finite number >= 0 (in units of sigma), got {args.radius_slack}")
+    if args.max_pairs is not None and not 1 <= args.max_pairs <= n:
+        raise UserError(f"--max_pairs must be between 1 and --{n_name} {n} (pairs are drawn from those samples), "
+                        f"got {args.max_pairs}")
+    if args.step_tol is not None and not 0 <= args.step_tol < float("inf"):
+        raise UserError(f"--step_tol must be a finite number >= 0, got {args.step_tol}")
+    adaptive_only = [f for f, on in (("--radius_slack", args.radius_slack != 0.05), ("--max_pairs", args.max_pairs is not None),
+                                     ("--no_fallback", args.no_fallback)) if on]
+    if adaptive_only and (not args.srs or args.conf_drop != "auto"):
+        raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
 
 
 def load_base(args) -> Tuple[object, object, dict, object]:
@@ -132,13 +160,14 @@ def build_smooth(args, model, cfg, n: int, sigma: float) -> Smooth:
         standard = DEQSolve(args.f_solver or default.solver, args.f_thresh or default.max_iter, tol)
         return Smooth(model, cfg.MODEL.NUM_CLASSES, sigma, standard=standard)
     standard = DEQSolve(args.std_solver or default.solver, args.std_thresh or default.max_iter, tol)
-    step = DEQSolve(args.f_solver or "anderson", args.f_thresh or 1, tol)
+    step = DEQSolve(args.f_solver or "anderson", args.f_thresh or 1, tol if args.step_tol is None else args.step_tol)
     warm = DEQSolve(args.warmup_solver or step.solver, args.warmup_thresh or 10, tol)
-    K = min(400, n) if args.conf_drop is None else args.conf_drop
+    K = None if args.conf_drop == "auto" else args.conf_drop
     if args.certificate == "none":
         K = 0
     srs = SRSConfig(step=step, warmup=warm, warmup_interval=args.warmup_interval, conf_drop=K,
-                    certificate=args.certificate, chain_across_phases=not args.no_chain_across_phases)
+                    certificate=args.certificate, chain_across_phases=not args.no_chain_across_phases,
+                    radius_slack=args.radius_slack, max_pairs=args.max_pairs, fallback=not args.no_fallback)
     return Smooth(model, cfg.MODEL.NUM_CLASSES, sigma, standard=standard, srs=srs)
 
 
@@ -146,9 +175,12 @@ def smooth_settings(smooth: Smooth) -> Dict[str, object]:
     s = smooth.srs
     return {
         "standard": f"{smooth.standard.solver}:{smooth.standard.max_iter}",
-        "srs": "off" if s is None else (f"step={s.step.solver}:{s.step.max_iter} warmup={s.warmup.solver}:{s.warmup.max_iter} "
-                                        f"interval={s.warmup_interval} conf_drop={s.conf_drop} certificate={s.certificate} "
-                                        f"chain_across_phases={s.chain_across_phases}"),
+        "srs": "off" if s is None else (f"step={s.step.solver}:{s.step.max_iter} step_tol={s.step.tol} "
+                                        f"warmup={s.warmup.solver}:{s.warmup.max_iter} "
+                                        f"interval={s.warmup_interval} conf_drop={'auto' if s.adaptive else s.conf_drop} "
+                                        f"certificate={s.certificate} chain_across_phases={s.chain_across_phases}"
+                                        + (f" radius_slack={s.radius_slack} max_pairs={s.max_pairs} fallback={s.fallback}"
+                                           if s.adaptive and s.pairs else "")),
     }
 
 
@@ -161,7 +193,8 @@ def certificate_row(c, idx: int, label: int) -> Dict[str, object]:
     return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius),
             "correct": int(c.prediction == label), "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower,
             "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E, "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe,
-            "residual": c.residual, "status": c.status}
+            "residual": c.residual, "status": c.status, "route": c.route, "std_calls": c.std_calls,
+            "std_rows": c.std_rows}
 
 
 def prepare_run(args):
@@ -209,7 +242,8 @@ def predict_main(args) -> Dict[str, float]:
     def work(x, label, idx):
         p = smooth.predict(x, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
         return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
-                "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "nfe": p.nfe, "status": p.status}
+                "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "K": p.K, "K_A": p.K_A, "M": p.M,
+                "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status}
 
     try:
         return run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,

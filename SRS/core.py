@@ -14,40 +14,28 @@ images to logits.  With a DEQ it can sample in two ways:
   run warmup_thresh steps of warmup_solver from zeros.  SRS predictions are not
   independent draws of f_D(x + e), so they are certified with the
   correlation-eliminated certificate of Gao et al. (2024), see
-  :meth:`Smooth.certify`.
+  :meth:`Smooth.certify`.  The paired standard solves run after the SRS pass, in
+  full mini-batches, on noise regenerated from the recorded generator states;
+  which samples are paired, how many (adaptive by default) and when an image is
+  better certified by the standard model outright is decided in
+  :mod:`SRS.pairing`, whose docstring holds the soundness argument.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm
-from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import binomtest
+
+from .bounds import (eliminated_count, eliminated_p_lower, lower_confidence_bound, radius_from_p,
+                     upper_confidence_bound)
+from .pairing import (PairPlan, RouteCosts, adaptive_pair_count, choose_route, first_in_A, fixed_pairs,
+                      pair_permutation)
 
 ABSTAIN = -1
-
-
-# ----------------------------------------------------------------- bounds
-def lower_confidence_bound(k: float, n: float, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion k/n."""
-    if n <= 0:
-        return 0.0
-    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[0])
-
-
-def upper_confidence_bound(k: float, n: float, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion k/n (1 if n = 0)."""
-    if n <= 0:
-        return 1.0
-    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[1])
-
-
-def radius_from_p(p_lower: float, sigma: float) -> float:
-    """R = sigma * PhiInv(p_A_lower)."""
-    return float(sigma * norm.ppf(p_lower))
 
 
 # ----------------------------------------------------------------- configs
@@ -66,18 +54,43 @@ class DEQSolve:
 class SRSConfig:
     """Serialized randomized smoothing settings (names as the reference flags).
 
-    certificate: 'eliminated' (default; steps 1-5 of the SRS paper as specified:
-    N_A_E = N_A * (1 - p_m_upper), then the Clopper-Pearson bound of N_A_E / n);
-    'reference' (the reference code's variant, weaker: bound of
-    (N_A r)/(n r), r = 1 - p_m_upper, which keeps N_A/n and only shrinks n);
-    'none' (no correction: certifies the SRS chain as if it were f_D, NOT a
-    guarantee; for ablations only)."""
+    Attributes:
+        step: the SRS solve from the warm start (``--f_solver/--f_thresh``; its tol lets it stop
+            early, the budget acting as a cap).
+        warmup, warmup_interval: warm-up batches from zeros (the first; and every k-th if k > 0).
+        conf_drop: K, the paired samples of the correlation-eliminated bound; None = adaptive
+            (``--conf_drop auto``, the default): K_A = ``SRS.pairing.pairs_needed`` per image.
+        certificate: 'eliminated' (default; steps 1-5 of the SRS paper as specified:
+            N_A_E = N_A (1 - p_m_upper), then the Clopper-Pearson bound of N_A_E / n);
+            'reference' (the reference code's variant, weaker: bound of (N_A r)/(n r),
+            r = 1 - p_m_upper, which keeps N_A/n and only shrinks n); 'none' (no correction:
+            certifies the SRS chain as if it were f_D, NOT a guarantee; for ablations only).
+        chain_across_phases: carry the chain from selection into estimation.
+        radius_slack: adaptive K aims within this many sigma of the radius the SRS counts alone give.
+        max_pairs: most paired standard solves per image (None: N).
+        fallback: adaptive mode only: certify with the standard model outright when the selection
+            samples predict that SRS plus its pairs would cost more (see ``SRS.pairing.choose_route``).
+        overhead: stem, head and noise of one sample in evaluations of f (cost model of the fallback).
+    """
     step: DEQSolve = DEQSolve("anderson", 1)
     warmup: DEQSolve = DEQSolve("anderson", 10)
-    warmup_interval: int = 0        # 0: only the first batch is a warm-up
-    conf_drop: int = 400            # K, paired samples for the misalignment bound
+    warmup_interval: int = 0
+    conf_drop: Optional[int] = None
     certificate: str = "eliminated"
-    chain_across_phases: bool = True  # carry the chain from selection into estimation
+    chain_across_phases: bool = True
+    radius_slack: float = 0.05
+    max_pairs: Optional[int] = None
+    fallback: bool = True
+    overhead: float = 1.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.conf_drop is None
+
+    @property
+    def pairs(self) -> bool:
+        """Whether this certificate pairs at all ('none' does not)."""
+        return self.certificate != "none" and (self.adaptive or self.conf_drop > 0)
 
 
 class SampleStats:
@@ -87,12 +100,18 @@ class SampleStats:
     def __init__(self):
         self.samples = 0
         self.nfe = 0.0                  # evaluations of f summed over samples
+        self.std_calls = 0              # solver calls of the standard model (any phase)
+        self.std_rows = 0               # ... and the samples they solved
         self._res_sum = None
         self._res_n = None
 
-    def add(self, rows: int, nfe: int, residual: Optional[torch.Tensor], paired: bool = False):
+    def add(self, rows: int, nfe: int, residual: Optional[torch.Tensor], paired: bool = False,
+            standard: bool = False):
         """Paired standard solves add cost but are not samples of their own."""
         self.nfe += float(nfe) * rows
+        if standard:
+            self.std_calls += 1
+            self.std_rows += rows
         if paired:
             return
         self.samples += rows
@@ -123,12 +142,15 @@ class Certificate:
     p_A_lower: float = 0.0
     p_m_upper: float = float("nan")  # SRS: upper bound on the misalignment rate
     N_A_E: float = float("nan")      # SRS: conservative count of f_D predicting c_A
-    K: int = 0                       # paired samples
-    K_A: int = 0                     # pairs whose SRS prediction is c_A
+    K: int = 0                       # positions of the uniform pairing order scanned
+    K_A: int = 0                     # pairs whose SRS prediction is c_A (each solved by f_D)
     M: int = 0                       # ... of which f_D disagrees
     nfe: float = 0.0                 # evaluations of f per noisy sample (all phases, pairs included)
     residual: float = float("nan")   # mean final solver residual
     status: str = "ok"
+    route: str = "standard"          # standard | srs | fallback (SRS selection, standard estimation)
+    std_calls: int = 0               # solver calls of the standard model (pairs, fallback, standard mode)
+    std_rows: int = 0                # samples solved by the standard model
     counts: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator:
@@ -144,6 +166,10 @@ class Prediction:
     p_m_upper: float = float("nan")
     nfe: float = 0.0
     status: str = "ok"
+    K: int = 0
+    K_A: int = 0
+    M: int = 0
+    std_calls: int = 0
 
     def __int__(self):
         return self.prediction
@@ -170,6 +196,24 @@ class _Counts:
         return self.counts.cpu().numpy(), int(self.bad)
 
 
+class _PhaseLog:
+    """What a sampling phase needs to be paired afterwards: the generator state before each
+    mini-batch's noise (to regenerate the noisy inputs at any positions) and every prediction."""
+
+    def __init__(self):
+        self.batches: List[Tuple[int, int, torch.Tensor]] = []   # (start, rows, generator state)
+        self._preds: List[torch.Tensor] = []
+
+    def record(self, start: int, rows: int, generator: torch.Generator):
+        self.batches.append((start, rows, generator.get_state()))
+
+    def add_preds(self, preds: torch.Tensor):
+        self._preds.append(preds)
+
+    def preds(self) -> torch.Tensor:
+        return torch.cat(self._preds)
+
+
 class Smooth:
     """A smoothed classifier g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I).
 
@@ -179,8 +223,9 @@ class Smooth:
     ||d||_2 < R, where g is the smoothed version of the *standard* base
     classifier: ``base_classifier`` itself for plain modules, and for a DEQ the
     model solved from zeros with ``standard`` (solver, budget).  This holds in
-    SRS mode too: the correlation-eliminated certificate only ever claims a
-    radius for the standard model's smoothed classifier.
+    SRS mode too, with fixed or adaptive pairing and with the standard
+    fallback: the correlation-eliminated certificate only ever claims a radius
+    for the standard model's smoothed classifier (argument in ``SRS.pairing``).
 
     ``predict`` returns g(x) or ABSTAIN; it returns a wrong class (not g(x))
     with probability at most alpha.
@@ -206,48 +251,41 @@ class Smooth:
         p_A_lower = Clopper-Pearson lower bound of n_A / n at level alpha.
 
         SRS mode (correlation eliminated): N_A = count of c_A among the n SRS
-        predictions; K = conf_drop of the n estimation samples, chosen uniformly at
-        random, also get the standard prediction on the same noise; among the K_A
-        pairs whose SRS prediction is c_A, M disagree with f_D.  With alpha_1 =
-        alpha_2 = alpha / 2: p_m_upper = upper bound of M / K_A at alpha_1 (1 if
-        K_A = 0); N_A_E = floor(N_A (1 - p_m_upper)) (the paired samples are a
-        uniform subsample, so w.p. >= 1 - alpha_1 at least N_A_E of the n i.i.d.
-        draws of f_D(x + e) are c_A); p_A_lower = lower bound of N_A_E / n at
-        alpha_2.  Union bound: the guarantee holds w.p. >= 1 - alpha.
+        predictions; K_A of those N_A samples, a uniform subsample (``SRS.pairing``),
+        also get the standard prediction on the same noise, and M of them disagree
+        with c_A.  With alpha_1 = alpha_2 = alpha / 2: p_m_upper = upper bound of
+        M / K_A at alpha_1 (1 if K_A = 0); N_A_E = floor(N_A (1 - p_m_upper)) (w.p.
+        >= 1 - alpha_1 at least N_A_E of the n i.i.d. draws of f_D(x + e) are c_A);
+        p_A_lower = lower bound of N_A_E / n at alpha_2.  Union bound: level alpha.
+        Adaptive pairing (``conf_drop=None``) picks K_A from N_A alone; with
+        ``fallback`` the selection counts may route the image to the standard
+        model on fresh noise (``route='fallback'``), which is ordinary CERTIFY.
         Abstain (ABSTAIN, 0.0) when p_A_lower < 1/2, or when any solve diverged (no finite iterate)
         or produced non-finite logits (status ``nonfinite_logits(k)``, k samples).
         """
         sigma = self.sigma if sigma is None else sigma
         self.base_classifier.eval()
         x = x.unsqueeze(0) if x.dim() == 3 else x
-        stats = SampleStats()
-        chain = _Chain()
+        generator = _ensure_generator(generator, x.device)
+        stats, chain = SampleStats(), _Chain()
         sel, bad0 = self._sample(x, n0, batch_size, sigma, generator, stats, chain).numpy()
         c_hat = int(sel.argmax())
         if not (self.srs and self.srs.chain_across_phases):
             chain = _Chain()
-        K = self.srs.conf_drop if (self.srs and self.srs.certificate != "none") else 0
-        pair_pos = _pair_positions(n, K, generator)
-        counts_obj = self._sample(x, n, batch_size, sigma, generator, stats, chain, pair_pos)
-        counts, bad1 = counts_obj.numpy()
+        warm = 0 if self.srs is None else self._warm_rows(n, batch_size, chain.batches)
+        route = "standard" if self.srs is None else self._route(int(sel[c_hat]), n0, n, alpha, warm)
+        log = _PhaseLog() if route == "srs" and self.srs.pairs else None
+        counts, bad1 = self._sample(x, n, batch_size, sigma, generator, stats, chain, log=log,
+                                    standard=route != "srs").numpy()
         n_A = int(counts[c_hat])
-        cert = Certificate(ABSTAIN, 0.0, n_A=n_A, n=n, counts=counts)
+        cert = Certificate(ABSTAIN, 0.0, n_A=n_A, n=n, counts=counts, route=route)
         if bad0 or bad1:
             cert.status = f"nonfinite_logits({bad0 + bad1})"
-        elif K:
-            srs_p, std_p = chain.paired()
-            cert.K = len(srs_p)
-            is_a = srs_p == c_hat
-            cert.K_A = int(is_a.sum())
-            cert.M = int((is_a & (std_p != c_hat)).sum())
-            cert.p_m_upper = upper_confidence_bound(cert.M, cert.K_A, alpha / 2)
-            r = 1.0 - cert.p_m_upper
-            if self.srs.certificate == "reference":
-                cert.N_A_E = n_A * r
-                cert.p_A_lower = lower_confidence_bound(n_A * r, n * r, alpha / 2) if r > 0 else 0.0
-            else:
-                cert.N_A_E = float(math.floor(n_A * r))
-                cert.p_A_lower = lower_confidence_bound(cert.N_A_E, n, alpha / 2)
+        elif log is not None:
+            cap = self._pair_cap(n, warm)
+            plan = self._plan(log, c_hat, n, n_A, alpha, generator, cap)
+            M = self._misaligned(x, sigma, log, plan, c_hat, batch_size, stats)
+            self._eliminate(cert, plan, M, alpha)
         else:
             cert.p_A_lower = lower_confidence_bound(n_A, n, alpha)
         if cert.status == "ok" and cert.p_A_lower >= 0.5:
@@ -255,6 +293,7 @@ class Smooth:
         elif cert.status == "ok":
             cert.status = "abstain_pA_below_half"
         cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
+        cert.std_calls, cert.std_rows = stats.std_calls, stats.std_rows
         return cert
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
@@ -263,24 +302,27 @@ class Smooth:
 
         SRS mode: the top count is corrected as in certify (n1_E = floor(n1 (1 -
         p_m_upper)), the discarded n1 - n1_E counted for the runner-up) and the test
-        runs at alpha / 2, the misalignment bound taking the other alpha / 2."""
+        runs at alpha / 2, the misalignment bound taking the other alpha / 2.  The
+        pairs are a uniform subsample of the samples predicting the top class;
+        adaptive pairing sizes them with the certify rule applied to n1 (no fallback)."""
         sigma = self.sigma if sigma is None else sigma
         self.base_classifier.eval()
         x = x.unsqueeze(0) if x.dim() == 3 else x
+        generator = _ensure_generator(generator, x.device)
         stats, chain = SampleStats(), _Chain()
-        K = self.srs.conf_drop if (self.srs and self.srs.certificate != "none") else 0
-        counts, bad = self._sample(x, n, batch_size, sigma, generator, stats, chain,
-                                   _pair_positions(n, K, generator)).numpy()
+        log = _PhaseLog() if self.srs is not None and self.srs.pairs else None
+        counts, bad = self._sample(x, n, batch_size, sigma, generator, stats, chain, log=log).numpy()
         top2 = counts.argsort()[::-1][:2]
         n1, n2 = int(counts[top2[0]]), int(counts[top2[1]])
-        out = Prediction(ABSTAIN, n1, n2, nfe=stats.nfe_per_sample)
+        out = Prediction(ABSTAIN, n1, n2)
         level = alpha
-        if K:
-            srs_p, std_p = chain.paired()
-            is_a = srs_p == top2[0]
-            out.p_m_upper = upper_confidence_bound(int((is_a & (std_p != top2[0])).sum()), int(is_a.sum()), alpha / 2)
-            n1_e = math.floor(n1 * (1 - out.p_m_upper))
+        if log is not None and not bad:
+            plan = self._plan(log, int(top2[0]), n, n1, alpha, generator, self._pair_cap(n, 0, use_budget=False))
+            out.K, out.K_A = plan.K, plan.K_A
+            out.M = self._misaligned(x, sigma, log, plan, int(top2[0]), batch_size, stats)
+            out.p_m_upper, n1_e = eliminated_count(n1, plan.K_A, out.M, alpha / 2)
             n1, n2, level = n1_e, n2 + (out.n1 - n1_e), alpha / 2
+        out.nfe, out.std_calls = stats.nfe_per_sample, stats.std_calls
         if bad:
             out.status = f"nonfinite_logits({bad})"
             return out
@@ -291,24 +333,93 @@ class Smooth:
             out.status = "abstain_test"
         return out
 
+    # ------------------------------------------------------------- pairing
+    def _costs(self) -> RouteCosts:
+        cfg, o = self.srs, self.srs.overhead
+        return RouteCosts(self.standard.max_iter + o, cfg.step.max_iter + o, cfg.warmup.max_iter + o)
+
+    def _warm_rows(self, n: int, batch_size: int, first_batch: int) -> int:
+        """Samples of an n-sample phase that are warm-up batches (first_batch: chain batches so far)."""
+        cfg, rows = self.srs, 0
+        for t in range(math.ceil(n / batch_size)):
+            b = first_batch + t
+            if b == 0 or (cfg.warmup_interval > 0 and b % cfg.warmup_interval == 0):
+                rows += min(batch_size, n - t * batch_size)
+        return rows
+
+    def _route(self, k0: int, n0: int, n: int, alpha: float, warm: int) -> str:
+        """'srs', or 'fallback' (standard model for the estimation samples) when adaptive pairing
+        predicts, from the selection count k0 alone, that SRS would cost more (warm: warm-up rows)."""
+        cfg = self.srs
+        if not (cfg.adaptive and cfg.fallback and cfg.pairs):
+            return "srs"
+        route = choose_route(k0, n0, n, alpha, cfg.radius_slack, self._costs(), warm, cfg.max_pairs or n)
+        return "srs" if route == "srs" else "fallback"
+
+    def _pair_cap(self, n: int, warm: int, use_budget: bool = True) -> int:
+        """Most pairs an image may spend: --max_pairs, and in adaptive mode with the fallback on, no
+        more than keeps the SRS route cheaper than the standard model (warm: warm-up rows)."""
+        cfg = self.srs
+        cap = min(cfg.max_pairs or n, n)
+        if cfg.adaptive and cfg.fallback and use_budget:
+            cap = min(cap, max(self._costs().pair_budget(n, warm), 1))
+        return cap
+
+    def _plan(self, log: _PhaseLog, c_hat: int, n: int, n_A: int, alpha: float,
+              generator: torch.Generator, cap: int) -> PairPlan:
+        """Choose the paired positions: fixed K, or adaptive K_A from n_A alone (``SRS.pairing``)."""
+        in_A = (log.preds() == c_hat).cpu()
+        perm = pair_permutation(n, generator)
+        cfg = self.srs
+        if not cfg.adaptive:
+            return fixed_pairs(perm, in_A, cfg.conf_drop)
+        return first_in_A(perm, in_A, adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap))
+
+    def _misaligned(self, x, sigma, log: _PhaseLog, plan: PairPlan, c_hat: int, batch_size: int,
+                    stats: SampleStats) -> int:
+        """M: paired positions whose standard prediction is not c_hat (all paired positions are in A).
+
+        The paired noisy inputs are regenerated from the recorded generator states and solved by the
+        standard model in full mini-batches of ``batch_size`` rows: ceil(K_A / batch_size) calls."""
+        if plan.K_A == 0:
+            return 0
+        misaligned = torch.zeros((), dtype=torch.long, device=x.device)
+        for chunk in _regenerate(x, sigma, log, plan.positions, batch_size):
+            std = _safe_argmax(self._standard(chunk, stats, paired=True))
+            misaligned += (std != c_hat).sum()
+        return int(misaligned)
+
+    def _eliminate(self, cert: Certificate, plan: PairPlan, M: int, alpha: float):
+        cert.K, cert.K_A, cert.M = plan.K, plan.K_A, M
+        if self.srs.certificate == "reference":
+            cert.p_m_upper = upper_confidence_bound(M, plan.K_A, alpha / 2)
+            r = 1.0 - cert.p_m_upper
+            cert.N_A_E = cert.n_A * r
+            cert.p_A_lower = lower_confidence_bound(cert.n_A * r, cert.n * r, alpha / 2) if r > 0 else 0.0
+        else:
+            cert.p_m_upper, n_a_e, cert.p_A_lower = eliminated_p_lower(cert.n_A, cert.n, plan.K_A, M, alpha)
+            cert.N_A_E = float(n_a_e)
+
     # ------------------------------------------------------------- sampling
     def _sample(self, x, num, batch_size, sigma, generator, stats: SampleStats, chain: "_Chain",
-                pair_pos: Optional[torch.Tensor] = None) -> _Counts:
+                log: Optional[_PhaseLog] = None, standard: bool = False) -> _Counts:
+        """Draw ``num`` noisy copies of x in mini-batches and count the predictions.
+
+        ``standard``: solve with the standard model even in SRS mode (the fallback route).
+        ``log``: record the generator state before each batch and every prediction, for pairing."""
         counts = _Counts(self.num_classes, x.device)
         done = 0
         with torch.no_grad():
             while done < num:
                 b = min(batch_size, num - done)
-                noisy = x.repeat(b, 1, 1, 1)
-                noisy = noisy + torch.randn(noisy.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma
-                logits = self._classify(noisy, stats, chain)
+                if log is not None:
+                    log.record(done, b, generator)
+                noisy = _noisy_batch(x, b, sigma, generator)
+                logits = self._standard(noisy, stats) if (standard or self.srs is None) else \
+                    self._classify(noisy, stats, chain)
                 preds = counts.add(logits)
-                if pair_pos is not None and len(pair_pos):
-                    rows = pair_pos[(pair_pos >= done) & (pair_pos < done + b)] - done
-                    if len(rows):
-                        rows_d = rows.to(x.device)
-                        std_logits = self._standard(noisy.index_select(0, rows_d), stats, paired=True)
-                        chain.add_pairs(preds.index_select(0, rows_d), _safe_argmax(std_logits))
+                if log is not None:
+                    log.add_preds(preds)
                 done += b
         return counts
 
@@ -318,12 +429,10 @@ class Smooth:
             return self.base_classifier(noisy)
         s = self.standard
         out = self.base_classifier.solve(noisy, s.solver, s.max_iter, None, s.tol)
-        stats.add(noisy.shape[0], out.result.nfe, out.result.residual, paired)
+        stats.add(noisy.shape[0], out.result.nfe, out.result.residual, paired, standard=True)
         return _mark_diverged(out)
 
     def _classify(self, noisy, stats: SampleStats, chain: "_Chain") -> torch.Tensor:
-        if self.srs is None:
-            return self._standard(noisy, stats)
         cfg = self.srs
         warm = chain.z is None or (cfg.warmup_interval > 0 and chain.batches % cfg.warmup_interval == 0)
         step = cfg.warmup if warm else cfg.step
@@ -335,13 +444,11 @@ class Smooth:
 
 
 class _Chain:
-    """SRS chain state: the previous batch's solutions, and the paired predictions."""
+    """SRS chain state: the previous batch's solutions."""
 
     def __init__(self):
         self.z: Optional[torch.Tensor] = None
         self.batches = 0
-        self._srs: List[torch.Tensor] = []
-        self._std: List[torch.Tensor] = []
 
     def start(self, rows: int) -> torch.Tensor:
         if rows > self.z.shape[0]:  # batch larger than the previous one: extra rows restart from the first rows
@@ -353,14 +460,41 @@ class _Chain:
         self.z = z
         self.batches += 1
 
-    def add_pairs(self, srs_preds: torch.Tensor, std_preds: torch.Tensor):
-        self._srs.append(srs_preds)
-        self._std.append(std_preds)
 
-    def paired(self):
-        if not self._srs:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return torch.cat(self._srs).cpu().numpy(), torch.cat(self._std).cpu().numpy()
+def _ensure_generator(generator: Optional[torch.Generator], device) -> torch.Generator:
+    """Pairing regenerates noise from recorded generator states, so sampling always uses an explicit
+    generator; without one, a fresh one is seeded from the global RNG."""
+    if generator is not None:
+        return generator
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, ())))
+
+
+def _noisy_batch(x: torch.Tensor, rows: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    noisy = x.repeat(rows, 1, 1, 1)
+    return noisy + torch.randn(noisy.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma
+
+
+def _regenerate(x, sigma, log: _PhaseLog, positions: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """The noisy inputs at ``positions`` (sorted), bit-identical to those of the logged phase, in
+    chunks of exactly ``batch_size`` rows (the last one shorter)."""
+    pending: List[torch.Tensor] = []
+    held = 0
+    replay = torch.Generator(device=x.device)
+    for start, rows, state in log.batches:
+        lo = int(torch.searchsorted(positions, start))
+        hi = int(torch.searchsorted(positions, start + rows))
+        if hi == lo:
+            continue
+        replay.set_state(state)
+        noisy = _noisy_batch(x, rows, sigma, replay)
+        pending.append(noisy.index_select(0, (positions[lo:hi] - start).to(x.device)))
+        held += hi - lo
+        while held >= batch_size:
+            block = torch.cat(pending)
+            yield block[:batch_size]
+            pending, held = [block[batch_size:]], held - batch_size
+    if held:
+        yield torch.cat(pending)
 
 
 def _mark_diverged(out) -> torch.Tensor:
@@ -376,13 +510,5 @@ def _safe_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, logits.argmax(1), torch.full_like(ok, ABSTAIN, dtype=torch.long))
 
 
-def _pair_positions(n: int, K: int, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
-    """K of the n estimation positions, uniformly at random, sorted.
-
-    Drawn on the CPU from a stream derived from the noise generator's seed, so the
-    noise itself is the same with and without pairing (standard and SRS runs with
-    one seed see the same noise), and no device sync is needed."""
-    if not K:
-        return None
-    seed = (generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))) ^ 0x5EED5EED
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:K].sort().values
+__all__ = ["ABSTAIN", "DEQSolve", "SRSConfig", "SampleStats", "Certificate", "Prediction", "Smooth",
+           "lower_confidence_bound", "upper_confidence_bound", "radius_from_p"]

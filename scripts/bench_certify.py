@@ -1,22 +1,26 @@
-"""Certification speed benchmark: standard MDEQ-30A vs SRS-MDEQ-1A / -3A on the same images, same n.
+"""Certification speed benchmark: standard MDEQ-30A vs sound SRS on the same images, same N, one table.
 
     python scripts/bench_certify.py --ckpt output/digits/cls_mdeq_digits_noise0.25/last.pth --sigma 0.25
+    python scripts/bench_certify.py --ckpt output/digits/cls_mdeq_digits_noise0.5/last.pth --sigma 0.5
+    python scripts/bench_certify.py --random-init experiments/cifar/cls_mdeq_LARGE.yaml --images 5   # GPU timing
 
-Prints the wall-clock ratio of MDEQ-30A to each SRS run, certified accuracy side by side, the largest
-certified-accuracy gap over the radii, and evaluations of f per noisy sample (pairs and warm-ups
-included).  Every run uses --tol 0 so that "kA" means exactly k Anderson evaluations (the paper's
-notation); --tol T lets the standard model stop early instead.
+Runs MDEQ-30A, SRS-MDEQ-1A, -3A and -1N with the default adaptive pairing (``--conf_drop auto``) and
+SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's own code path, and
+prints per method: seconds per image, speedup over MDEQ-30A, the largest certified-accuracy gap over
+the radii (default sigma * 0, 0.5, ..., 3), mean K and K_A, the misalignment rate sum(M) / sum(K_A),
+standard-solve calls per image, fallbacks to the standard model, and the sound speed limit computed
+from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) with the fraction of it
+reached.  ``--step_tol T`` adds SRS-MDEQ-tolT-30A (the SRS step runs to tolerance T from the warm start,
+30 evaluations as a cap), the low-misalignment option.  Every budget is exact (--tol 0), so "kA" means
+k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running resumes finished files.
+
+``--random-init CFG`` times seeded random-init weights of a config on seeded synthetic images instead
+(speed only: no accuracy is reported for such a model).
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from DEQ.errors import cli_main  # noqa: E402
-from SRS.benchmark import comparison, max_gap, mean_column, run_methods, srs, standard, to_markdown  # noqa: E402
-
-RADII = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+from DEQ.errors import UserError, cli_main
+from DEQ.utils import pick_device
 
 
 @cli_main
@@ -27,31 +31,57 @@ def main():
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--N0", type=int, default=100)
     p.add_argument("--N", type=int, default=10000)
-    p.add_argument("--conf_drop", type=int, default=400)
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--fixed_K", type=int, default=400, help="K of the fixed-K SRS-1A row (0: leave the row out)")
+    p.add_argument("--step_tol", type=float, default=None, help="also run SRS with the step run to this tolerance")
     p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--skip", type=int, default=15)
+    p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
-    p.add_argument("--tol", type=float, default=0.0)
-    p.add_argument("--reference", action="store_true", help="also run SRS-1A with the reference code's weaker certificate")
-    p.add_argument("--out", default="output/bench_certify")
-    p.add_argument("--radii", type=float, nargs="+", default=RADII)
+    p.add_argument("--methods", nargs="+", default=None, help="subset of method labels to run")
+    p.add_argument("--out", default=None, help="TSV folder (default output/bench_certify/sigma<S>)")
+    p.add_argument("--radii", type=float, nargs="+", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--random-init", dest="random_init", default=None, metavar="CFG")
+    p.add_argument("--images", type=int, default=3, help="--random-init: timed images per method")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a shared 2-core machine more threads oversubscribe and make "
+                        "timings noisy and up to 50x slower)")
     args = p.parse_args()
-    common = ["--N0", str(args.N0), "--N", str(args.N), "--batch", str(args.batch), "--skip", str(args.skip),
-              "--max", str(args.max), "--tol", str(args.tol), "--quiet"]
-    methods = [standard(30), srs(1, conf_drop=args.conf_drop), srs(3, conf_drop=args.conf_drop)]
-    if args.reference:
-        methods.append(srs(1, conf_drop=args.conf_drop, certificate="reference"))
-    paths = run_methods(args.dataset, args.ckpt, args.sigma, methods, args.out, common)
-    table, runs = comparison(paths, args.radii, baseline="MDEQ-30A")
+    import torch
+    torch.set_num_threads(max(args.threads, 1))
+    from SRS.benchmark import (method_summary, random_init_timing, run_methods, srs, standard, summary_markdown,
+                               to_markdown, comparison)
+    if args.random_init:
+        device = pick_device(args.device)
+        table = random_init_timing(args.random_init, args.images, args.N0, args.N, args.batch, device,
+                                   conf_drop=args.fixed_K or "auto")
+        print(f"\n{args.random_init}, random init, device {device}, N0={args.N0}, N={args.N}, batch={args.batch}, "
+              f"K={args.fixed_K or 'auto'}, {args.images} images")
+        print("| method | s/image | speedup | std calls/image |\n|---|---:|---:|---:|")
+        for _, r in table.iterrows():
+            print(f"| {r['method']} | {r['s/image']:.3f} | {r['speedup']:.2f}x | {r['std calls/image']:.1f} |")
+        return
+    common = ["--N0", str(args.N0), "--N", str(args.N), "--alpha", str(args.alpha), "--batch", str(args.batch),
+              "--skip", str(args.skip), "--max", str(args.max), "--tol", "0", "--quiet", "--device", args.device]
+    methods = [standard(30), srs(1), srs(3), srs(1, "naive")]
+    if args.fixed_K:
+        methods.append(srs(1, conf_drop=args.fixed_K))
+    if args.step_tol is not None:
+        methods.append(srs(30, step_tol=args.step_tol))
+    if args.methods:
+        unknown = set(args.methods) - {m.label for m in methods}
+        if unknown:
+            raise UserError(f"unknown --methods {sorted(unknown)}; choose from {[m.label for m in methods]}")
+        methods = [m for m in methods if m.label in args.methods or m.label == "MDEQ-30A"]
+    radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
+    out = args.out or f"output/bench_certify/sigma{args.sigma:g}"
+    paths = run_methods(args.dataset, args.ckpt, args.sigma, methods, out, common)
+    table, runs = comparison(paths, radii, baseline="MDEQ-30A")
     print()
     print(to_markdown(table))
-    base = runs["MDEQ-30A"]
-    print(f"\nimages: {len(base)}, N0={args.N0}, N={args.N}, K={args.conf_drop}, sigma={args.sigma}, tol={args.tol}")
-    for label, df in runs.items():
-        gap, at = max_gap(runs, label, "MDEQ-30A", args.radii)
-        ratio = base["time"].mean() / df["time"].mean()
-        print(f"{label:32s} time ratio (MDEQ-30A / this) {ratio:5.2f}x | f evaluations per sample "
-              f"{mean_column(df, 'nfe'):6.2f} | largest gap to MDEQ-30A {gap:4.1f} points (at r={at:g})")
+    print(f"\nimages: {len(runs['MDEQ-30A'])}, N0={args.N0}, N={args.N}, alpha={args.alpha}, sigma={args.sigma}, "
+          f"batch={args.batch}, tol=0, device={pick_device(args.device)}\n")
+    print(summary_markdown(method_summary(runs, "MDEQ-30A", radii, args.N0 + args.N, args.alpha)))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ from DEQ.solvers import solve as fp_solve  # noqa: E402
 from SRS.core import ABSTAIN, DEQSolve, Smooth, SRSConfig  # noqa: E402
 
 CERTIFY_HEADER = ["idx", "label", "predict", "radius", "correct", "time", "n_A", "n", "p_A_lower", "p_m_upper",
-                  "N_A_E", "K", "K_A", "M", "nfe", "residual", "status"]
-PREDICT_HEADER = ["idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "nfe", "status"]
+                  "N_A_E", "K", "K_A", "M", "nfe", "residual", "status", "route", "std_calls", "std_rows"]
+PREDICT_HEADER = ["idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "K", "K_A", "M", "nfe",
+                  "std_calls", "status"]
 ALPHA = 0.001
 SIGMA = 0.25
 SMALL = ["--N0", "10", "--N", "60", "--batch", "30", "--f_thresh", "4", "--quiet"]
@@ -411,6 +412,16 @@ BAD_CERTIFY = [
     ("f_solver", {"extra": ["--f_solver", "newton"]}, ["'newton' is not a solver", "anderson"]),
     ("std_solver", {"extra": ["--srs", "--std_solver", "newton"]}, ["--std_solver 'newton' is not a solver"]),
     ("f_thresh_zero", {"extra": ["--f_thresh", "0"]}, ["--f_thresh must be >= 1"]),
+    ("conf_drop_word", {"extra": ["--srs", "--conf_drop", "many"]}, ["--conf_drop must be 'auto'", "'many'"]),
+    ("conf_drop_negative", {"extra": ["--srs", "--conf_drop", "-3"]}, ["--conf_drop must be >= 0"]),
+    ("radius_slack_negative", {"extra": ["--srs", "--radius_slack", "-0.1"]}, ["--radius_slack must be a finite number >= 0"]),
+    ("radius_slack_nan", {"extra": ["--srs", "--radius_slack", "nan"]}, ["--radius_slack must be a finite number >= 0"]),
+    ("max_pairs_zero", {"extra": ["--srs", "--max_pairs", "0"]}, ["--max_pairs must be between 1 and --N 60"]),
+    ("max_pairs_gt_N", {"extra": ["--srs", "--max_pairs", "61"]}, ["--max_pairs must be between 1 and --N 60"]),
+    ("step_tol_negative", {"extra": ["--srs", "--step_tol", "-1"]}, ["--step_tol must be a finite number >= 0"]),
+    ("adaptive_flag_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--max_pairs", "5"]},
+     ["--max_pairs sets adaptive pairing", "--conf_drop auto"]),
+    ("adaptive_flag_no_srs", {"extra": ["--no_fallback"]}, ["--no_fallback sets adaptive pairing", "needs --srs"]),
     ("unwritable", {"out": "under_file"}, ["cannot create the output folder", "writable OUTFILE"]),
 ]
 

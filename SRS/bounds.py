@@ -1,0 +1,63 @@
+"""Confidence bounds and the certificate arithmetic shared by CERTIFY, PREDICT and the pairing plan.
+
+Every function here is pure (numbers in, numbers out), so the guarantee of each certificate can be
+read and tested without a model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+from scipy.stats import norm
+from statsmodels.stats.proportion import proportion_confint
+
+
+def lower_confidence_bound(k: float, n: float, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion k/n (0 if n = 0)."""
+    if n <= 0:
+        return 0.0
+    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[0])
+
+
+def upper_confidence_bound(k: float, n: float, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion k/n (1 if n = 0)."""
+    if n <= 0:
+        return 1.0
+    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[1])
+
+
+def radius_from_p(p_lower: float, sigma: float) -> float:
+    """R = sigma * PhiInv(p_A_lower)."""
+    return float(sigma * norm.ppf(p_lower))
+
+
+def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float) -> Tuple[float, int]:
+    """Steps 3-4 of the correlation-eliminated certificate.
+
+    Args:
+        n_A: estimation samples whose SRS prediction is c_A.
+        K_A: paired samples among them (a uniform subsample of those n_A, see ``SRS.pairing``).
+        M: pairs among the K_A whose standard prediction is not c_A.
+        alpha_1: failure probability spent on the misalignment bound.
+
+    Returns:
+        (p_m_upper, N_A_E): the one-sided (1 - alpha_1) Clopper-Pearson upper bound on the misaligned
+        fraction M / K_A (1 when K_A = 0), and N_A_E = floor(n_A (1 - p_m_upper)), a count that with
+        probability >= 1 - alpha_1 is at most the number of the n i.i.d. standard predictions equal to c_A.
+    """
+    p_m_upper = upper_confidence_bound(M, K_A, alpha_1)
+    return p_m_upper, int(math.floor(n_A * (1.0 - p_m_upper)))
+
+
+def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float) -> Tuple[float, int, float]:
+    """The whole eliminated certificate with the reference split alpha_1 = alpha_2 = alpha / 2.
+
+    Returns:
+        (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha/2) lower bound of N_A_E / n.
+    """
+    p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2)
+    return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2)
+
+
+__all__ = ["lower_confidence_bound", "upper_confidence_bound", "radius_from_p", "eliminated_count",
+           "eliminated_p_lower"]

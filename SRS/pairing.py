@@ -1,0 +1,188 @@
+"""Which SRS samples get a paired standard solve, how many, and when SRS is not worth it.
+
+The correlation-eliminated certificate (``SRS.bounds.eliminated_p_lower``) needs, among the n_A
+estimation samples whose SRS prediction is c_A, a *uniform* subsample of K_A on which the standard
+model f_D is also evaluated (same noise).  This module decides that subsample.
+
+Why the choices below keep the guarantee
+----------------------------------------
+Fix the image and condition on all the noise e_1..e_n and hence on every SRS prediction S_i and every
+standard prediction Y_i = f_D(x + e_i) (both are functions of the noise and of the chain, which is
+itself a function of the noise).  Let A = {i : S_i = c_A} (|A| = n_A) and B = {i in A : Y_i != c_A}.
+The only remaining randomness is the permutation pi of the n positions, drawn from a stream seeded
+independently of the noise (``pair_permutation``).  Scanning pi in order, the *ranks* at which members
+of A appear and the *order* in which the members of A appear are independent, and that order is a
+uniform random ordering of A.  We pair the first K_A members of A in pi-order, where K_A is a function
+of n_A, n, alpha, the budgets, and at most of the ranks (never of any Y_i):
+
+* fixed K (``--conf_drop K``): K_A = |A among pi[:K]|, a function of the ranks;
+* adaptive (``--conf_drop auto``): K_A = ``pairs_needed(n_A, n, ...)``, a function of n_A alone.
+
+So given K_A the paired set is a uniform K_A-subset of A, M = |paired set cut B| is hypergeometric,
+and the one-sided Clopper-Pearson upper bound of M / K_A (valid for sampling without replacement, which
+is more concentrated than binomial sampling) bounds |B| / n_A with probability >= 1 - alpha_1.  Steps
+4-5 of the certificate then hold as for a fixed K, at total level alpha_1 + alpha_2 = alpha.  Pairs
+outside A never enter the certificate, so they are not solved at all.
+
+The standard fallback (``choose_route``) is decided from the *selection* samples only (the n0 SRS
+predictions used to pick c_A), which are independent of the estimation noise.  Conditionally on the
+decision, the SRS branch is the certificate above and the fallback branch is ordinary CERTIFY on n
+fresh draws of f_D: each fails with probability <= alpha given the decision, so the reported
+certificate fails with probability <= alpha overall.  (Deciding from the estimation counts instead
+would let a failure of the discarded branch's data steer the choice: the error could reach
+alpha (1 + P(fallback)).)  Adaptive K with the fallback is tested on closed-form models in
+``tests/test_pairing.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from scipy.stats import norm
+
+from .bounds import eliminated_p_lower, lower_confidence_bound
+
+PAIR_SEED_SALT = 0x5EED5EED
+
+
+def pair_permutation(n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The order in which the n estimation positions are offered for pairing.
+
+    Drawn on the CPU from a stream derived from the noise generator's seed (never from the noise
+    itself), so the noise is the same with and without pairing and standard and SRS runs with one
+    seed see the same noise."""
+    seed = (generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))) ^ PAIR_SEED_SALT
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _z(p: float) -> float:
+    return float(norm.ppf(p)) if p >= 0.5 else -math.inf
+
+
+def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0) -> float:
+    """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains)."""
+    return _z(eliminated_p_lower(n_A, n, K_A, M, alpha)[2])
+
+
+def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
+                 z_goal: Optional[float] = None) -> Optional[int]:
+    """Fewest pairs K_A with which, if none is misaligned, the eliminated certificate comes within
+    ``slack`` (in units of sigma) of the radius the SRS counts alone would give at level alpha.
+
+    Args:
+        n_A: SRS estimation samples predicting c_A; n: estimation samples; alpha: failure probability.
+        slack: allowed radius loss in units of sigma (``--radius_slack``).
+        cap: most pairs allowed (``--max_pairs`` and the cost budget); at most n_A are usable.
+        z_goal: aim within ``slack`` of this radius / sigma instead of the SRS counts' own.
+
+    Returns:
+        0 when the SRS counts alone abstain (so would the eliminated certificate: no pairs needed);
+        K_A in [1, min(cap, n_A)] otherwise; None when even min(cap, n_A) pairs fall short.
+    """
+    z_target = _z(lower_confidence_bound(n_A, n, alpha)) if z_goal is None else z_goal
+    if z_target == -math.inf:
+        return 0
+    z_target = max(z_target - slack, 0.0)     # at least certify radius 0 (not abstain)
+    hi = min(cap, n_A)
+    if hi < 1 or eliminated_z(n_A, n, hi, alpha) < z_target:
+        return None
+    lo = 1                                     # eliminated_z is non-decreasing in K_A (M = 0)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if eliminated_z(n_A, n, mid, alpha) >= z_target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: float, cap: int) -> int:
+    """K_A of adaptive pairing: ``pairs_needed``; where the cap makes that target unreachable, the
+    fewest pairs within ``slack`` of what the cap itself would give (the radius saturates in K_A, so
+    the last pairs before the cap buy almost nothing).  A function of n_A alone (see above)."""
+    need = pairs_needed(n_A, n, alpha, slack, cap)
+    if need is not None:
+        return need
+    top = min(cap, n_A)
+    if top < 1:
+        return 0
+    z_top = eliminated_z(n_A, n, top, alpha)
+    if z_top == -math.inf:
+        return 0                               # abstains even with every pair allowed
+    return pairs_needed(n_A, n, alpha, slack, cap, z_goal=z_top) or top
+
+
+@dataclass
+class PairPlan:
+    """The paired positions of one phase.
+
+    Attributes:
+        positions: sorted positions (0..n-1) that get a standard solve, all in A.
+        K: positions of the permutation scanned (the size of the uniform subsample they come from).
+        K_A: len(positions).
+    """
+    positions: torch.Tensor
+    K: int
+    K_A: int
+
+
+def fixed_pairs(perm: torch.Tensor, in_A: torch.Tensor, K: int) -> PairPlan:
+    """``--conf_drop K``: the first K positions of the permutation; those in A get solved."""
+    first = perm[:K]
+    chosen = first[in_A[first]].sort().values
+    return PairPlan(chosen, int(first.numel()), int(chosen.numel()))
+
+
+def first_in_A(perm: torch.Tensor, in_A: torch.Tensor, K_A: int) -> PairPlan:
+    """Adaptive pairing: the first K_A members of A in permutation order (K_A <= |A|)."""
+    hits = in_A[perm]
+    order = torch.nonzero(hits).flatten()[:K_A]
+    chosen = perm[order].sort().values
+    K = int(order[-1]) + 1 if K_A > 0 else 0
+    return PairPlan(chosen, K, int(chosen.numel()))
+
+
+@dataclass(frozen=True)
+class RouteCosts:
+    """Cost model in evaluations of f, per noisy sample: a standard sample costs D + overhead, an SRS
+    sample S + overhead (warm-up samples W + overhead); overhead is the stem, head and noise of one
+    sample expressed in evaluations of f (``SRSConfig.overhead``)."""
+    standard: float
+    srs: float
+    warmup: float
+
+    def srs_route(self, n: int, warm_rows: int, K_A: float) -> float:
+        return (n - warm_rows) * self.srs + warm_rows * self.warmup + K_A * self.standard
+
+    def standard_route(self, n: int) -> float:
+        return n * self.standard
+
+    def pair_budget(self, n: int, warm_rows: int) -> int:
+        """Most pairs for which the SRS route is still cheaper than the standard route."""
+        spare = self.standard_route(n) - self.srs_route(n, warm_rows, 0)
+        return max(int(math.floor(spare / self.standard)), 0)
+
+
+def predicted_n_A(k0: int, n0: int, n: int) -> int:
+    """Point prediction of n_A from the selection count k0 of n0 (add-half smoothing, so that
+    k0 = n0 does not predict a certainty)."""
+    return int(math.floor(n * (k0 + 0.5) / (n0 + 1)))
+
+
+def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: RouteCosts, warm_rows: int,
+                 max_pairs: int) -> str:
+    """'srs' or 'standard', from the selection count alone (see the module docstring for why).
+
+    SRS is chosen when its predicted cost (the SRS pass plus the pairs ``pairs_needed`` predicts for
+    n_A = ``predicted_n_A``) is below the cost of n standard samples and the pairs fit ``max_pairs``."""
+    n_A = predicted_n_A(k0, n0, n)
+    need = pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A))
+    if need is None:
+        return "standard"
+    return "srs" if costs.srs_route(n, warm_rows, need) < costs.standard_route(n) else "standard"
+
+
+__all__ = ["pair_permutation", "eliminated_z", "pairs_needed", "adaptive_pair_count", "PairPlan", "fixed_pairs", "first_in_A",
+           "RouteCosts", "predicted_n_A", "choose_route"]

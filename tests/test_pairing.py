@@ -1,0 +1,188 @@
+"""Batched and adaptive pairing, the standard fallback, and their soundness on closed-form models.
+
+The closed-form models are those of test_smoothing.py: a contractive linear DEQ z = a z + x with a
+linear head, whose smoothed classifier and exact certified radius are known.  A certificate is
+*violated* when it returns the wrong class or a radius above the true one; soundness means violations
+happen with probability <= alpha.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from SRS.bounds import eliminated_p_lower, lower_confidence_bound
+from SRS.core import ABSTAIN, DEQSolve, Smooth, SRSConfig, _safe_argmax
+from SRS.pairing import (RouteCosts, adaptive_pair_count, choose_route, eliminated_z, first_in_A, fixed_pairs, pair_permutation,
+                         pairs_needed, predicted_n_A)
+from test_smoothing import _deq_setup, binomial_slack, violation_rate
+
+
+class CountingDEQ(torch.nn.Module):
+    """Wraps a DEQ and records (max_iter, z0 given, rows) of every solve."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def solve(self, x, solver="naive", max_iter=50, z0=None, tol=None):
+        self.calls.append((max_iter, z0 is not None, x.shape[0]))
+        return self.inner.solve(x, solver, max_iter, z0, tol)
+
+
+STD = DEQSolve("anderson", 30, 0.0)
+
+
+def _srs(**kw):
+    base = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0))
+    base.update(kw)
+    return SRSConfig(**base)
+
+
+# ------------------------------------------------------------ batched pairing
+def test_paired_solves_run_in_full_batches():
+    """K = 200 of n = 1000 pairs with batch 100: today's code solved ~20 rows inside each of the 10
+    batches; now every pair is solved after the pass, ceil(K_A / batch) calls of full batches."""
+    model, x, _, _ = _deq_setup(a=0.5)
+    counting = CountingDEQ(model)
+    s = Smooth(counting, 2, 0.5, standard=STD, srs=_srs(conf_drop=200))
+    c = s.certify(x, 50, 1000, 0.01, 100, generator=torch.Generator().manual_seed(0))
+    std_calls = [rows for it, warm, rows in counting.calls if it == 30]
+    assert c.K == 200 and 0 < c.K_A <= 200
+    assert len(std_calls) == math.ceil(c.K_A / 100) == c.std_calls
+    assert all(r == 100 for r in std_calls[:-1]) and sum(std_calls) == c.K_A == c.std_rows
+
+
+class RecordingDEQ(CountingDEQ):
+    """Also keeps every input batch the SRS chain saw (warm starts and warm-ups, not the pairs)."""
+
+    def __init__(self, inner, budget):
+        super().__init__(inner)
+        self.seen, self.budget = [], budget
+
+    def solve(self, x, solver="naive", max_iter=50, z0=None, tol=None):
+        out = super().solve(x, solver, max_iter, z0, tol)
+        if max_iter != self.budget:
+            self.seen.append(x.clone())
+            prev = getattr(self, "srs_logits", None)
+            self.srs_logits = out.logits if prev is None else torch.cat([prev, out.logits])
+        return out
+
+
+def test_batched_pairs_equal_pairs_solved_one_by_one():
+    """The regenerated paired inputs are bit-identical to the noisy inputs the chain saw at those
+    positions, and M equals the count obtained by solving each pair on its own."""
+    model, x, _, _ = _deq_setup(a=0.95)
+    rec = RecordingDEQ(model, STD.max_iter)
+    s = Smooth(rec, 2, 0.5, standard=STD, srs=_srs(conf_drop=150))
+    n, n0, batch, seed = 400, 20, 40, 7
+    c = s.certify(x, n0, n, 0.05, batch, generator=torch.Generator().manual_seed(seed))
+    est = torch.cat(rec.seen)[n0:]                    # the estimation samples, in position order
+    assert est.shape[0] == n
+    # SRS predictions of the run at every position, from the recorded chain (replayed on the inputs)
+    perm = pair_permutation(n, torch.Generator().manual_seed(seed))[:150].sort().values
+    c_hat = int(np.argmax(c.counts)) if c.prediction == ABSTAIN else c.prediction
+    # solve the standard model row by row at the paired positions that are in A
+    srs_pred = torch.cat([_safe_argmax(_replay_srs_logits(model, rec, n0, i)) for i in perm.tolist()])
+    in_A = perm[srs_pred == c_hat]
+    std_one = torch.stack([_safe_argmax(model.solve(est[i:i + 1], STD.solver, STD.max_iter, None, STD.tol).logits)[0]
+                           for i in in_A.tolist()])
+    assert c.K == 150 and c.K_A == len(in_A)
+    assert c.M == int((std_one != c_hat).sum())
+
+
+def _replay_srs_logits(model, rec, n0, pos):
+    """SRS logits at estimation position pos: re-run the recorded chain step that produced it."""
+    return rec.srs_logits[n0 + pos: n0 + pos + 1]
+
+
+def test_fixed_and_adaptive_positions_are_uniform_orders_of_A():
+    perm = pair_permutation(50, torch.Generator().manual_seed(3))
+    in_A = torch.zeros(50, dtype=torch.bool)
+    in_A[::3] = True
+    plan = fixed_pairs(perm, in_A, 20)
+    assert plan.K == 20 and plan.K_A == int(in_A[perm[:20]].sum()) and in_A[plan.positions].all()
+    ad = first_in_A(perm, in_A, 5)
+    assert ad.K_A == 5 and in_A[ad.positions].all() and int(in_A[perm[:ad.K]].sum()) == 5 and in_A[perm[ad.K - 1]]
+
+
+# ------------------------------------------------------------ the plan
+def test_pairs_needed_reaches_the_target_and_is_minimal():
+    n, alpha, slack = 10000, 0.001, 0.05
+    for n_A in (6000, 9000, 9900):
+        k = pairs_needed(n_A, n, alpha, slack, n_A)
+        z_none = float(__import__("scipy.stats").stats.norm.ppf(lower_confidence_bound(n_A, n, alpha)))
+        assert k is not None and eliminated_z(n_A, n, k, alpha) >= z_none - slack
+        assert k == 1 or eliminated_z(n_A, n, k - 1, alpha) < z_none - slack
+    assert pairs_needed(4000, n, alpha, slack, 4000) == 0            # SRS alone abstains: no pairs
+    assert pairs_needed(n, n, alpha, slack, n) is None                 # at the radius cap: unreachable
+    assert pairs_needed(9000, n, alpha, slack, 10) is None             # cap too small
+
+
+def test_adaptive_count_stops_where_the_cap_saturates():
+    n, alpha, slack = 10000, 0.001, 0.05
+    assert adaptive_pair_count(9000, n, alpha, slack, 10000) == pairs_needed(9000, n, alpha, slack, 10000)
+    k = adaptive_pair_count(9990, n, alpha, slack, 9000)              # unreachable: near the cap
+    assert 0 < k < 9000
+    assert eliminated_z(9990, n, k, alpha) >= eliminated_z(9990, n, 9000, alpha) - slack
+    assert adaptive_pair_count(3000, n, alpha, slack, 100) == 0        # abstains anyway
+
+
+def test_route_prefers_the_standard_model_near_the_radius_cap():
+    costs = RouteCosts(standard=31, srs=2, warmup=11)
+    assert choose_route(100, 100, 10000, 0.001, 0.05, costs, 0, 10000) == "standard"
+    assert choose_route(90, 100, 10000, 0.001, 0.05, costs, 0, 10000) == "srs"
+    assert choose_route(90, 100, 10000, 0.001, 0.05, costs, 0, 50) == "standard"   # pairs do not fit max_pairs
+    assert predicted_n_A(100, 100, 10000) < 10000
+
+
+def test_eliminated_arithmetic_matches_the_spec():
+    p_m, n_a_e, p = eliminated_p_lower(900, 1000, 300, 2, 0.001)
+    assert n_a_e == math.floor(900 * (1 - p_m)) and p == lower_confidence_bound(n_a_e, 1000, 0.0005)
+
+
+# ------------------------------------------------------------ soundness
+def test_adaptive_pairing_is_sound_on_a_linear_deq():
+    model, x, r, c = _deq_setup(a=0.5)
+    s = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None, fallback=False))
+    rate = violation_rate(s, x, r, c, reps=150, n0=20, n=300, alpha=0.1, batch=50)
+    assert rate <= binomial_slack(0.1, 150)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_adaptive_pairing_catches_a_misaligned_chain(fallback):
+    """a = 0.95, one naive step from the warm start: the chain is far more confident than f_D.  Its
+    counts alone overclaim most of the time; adaptive K (and the fallback) stays at or below alpha."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
+    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
+    sound = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10),
+                   srs=SRSConfig(**kw, conf_drop=None, fallback=fallback))
+    assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
+    assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+
+
+def test_fallback_mixes_both_routes_and_stays_sound():
+    """An input near the decision boundary of the route: some images go to the standard model, some
+    to SRS; violations over both stay at or below alpha."""
+    model, x, r, c = _deq_setup(a=0.5)   # true radius 0.3 at sigma 0.5: about 1 image in 6 takes the SRS route
+    s = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None, overhead=1.0))
+    routes, bad = [], 0
+    for rep in range(150):
+        cert = s.certify(x, 10, 300, 0.1, 50, generator=torch.Generator().manual_seed(20_000 + rep))
+        routes.append(cert.route)
+        bad += cert.prediction != ABSTAIN and (cert.prediction != c or cert.radius > r)
+    assert {"srs", "fallback"} <= set(routes)
+    assert bad / 150 <= binomial_slack(0.1, 150)
+
+
+def test_fallback_route_is_ordinary_certify_on_the_standard_model():
+    model, x, r, c = _deq_setup(a=0.5)
+    x = x * 5
+    counting = CountingDEQ(model)
+    s = Smooth(counting, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None))
+    cert = s.certify(x, 100, 1000, 0.001, 250, generator=torch.Generator().manual_seed(1))
+    assert cert.route == "fallback" and cert.K == cert.K_A == 0 and cert.std_rows == 1000
+    assert cert.p_A_lower == lower_confidence_bound(cert.n_A, 1000, 0.001)
+    # selection by the SRS chain (warm-up from zeros, then warm starts), estimation by f_D from zeros
+    assert [w for it, w, rows in counting.calls if it == 100] == [False] * 4
