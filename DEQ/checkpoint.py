@@ -20,21 +20,34 @@ from typing import Optional, Tuple
 
 import torch
 
+from .checks import check_input_file
 from .errors import UserError
 
 FORMAT = "deq-certify/1"
 
 
+TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pth"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+    """Write atomically: a crash mid-write leaves the previous file intact (and at worst a
+    ``.tmp-*.pth`` file, removed by :func:`remove_stale_temporaries` at the next start).
+    The file gets the mode of an ordinary new file (0666 minus the umask), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save({**state, "format": FORMAT}, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,10 +55,21 @@ def save_checkpoint(state: dict, path: str) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the ``.tmp-*.pth`` files a kill during :func:`save_checkpoint` left in ``folder``; return their names."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and os.path.isfile(full):
+                os.remove(full)
+                removed.append(name)
+    return removed
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a checkpoint file with a one-line error for missing or unreadable files."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path} (train one with DEQ/tools/cls_train.py or check the path)")
+    check_input_file(path, "checkpoint", "train one with DEQ/tools/cls_train.py or check the path", inside="last.pth")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

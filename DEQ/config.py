@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
+from .checks import check_count, check_input_file, check_number
 from .errors import UserError
 
 _C = CN()
@@ -119,8 +120,7 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
     """Defaults <- yaml at ``path`` <- ``opts`` (``KEY VALUE`` pairs) <- ``noise``; frozen."""
     cfg = get_default_config()
     if path:
-        if not os.path.isfile(path):
-            raise UserError(f"config file not found: {path} (pass an existing yaml, e.g. experiments/digits/cls_mdeq_digits.yaml)")
+        check_input_file(path, "config file", "pass an existing yaml, e.g. experiments/digits/cls_mdeq_digits.yaml")
         try:
             with open(path) as fh:
                 loaded = yaml.safe_load(fh)
@@ -137,8 +137,7 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
     if opts:
         _merge(cfg, lambda c: c.merge_from_list(opts), "command-line override")
     if noise is not None:
-        if noise < 0:
-            raise UserError(f"--noise must be >= 0 (the Gaussian noise std in pixel units), got {noise}")
+        check_number("--noise", noise, 0, hint=" (the std of the Gaussian training noise, in [0,1] pixel units)")
         cfg.TRAIN.NOISE = float(noise)
     validate(cfg)
     cfg.freeze()
@@ -156,6 +155,26 @@ def _merge(cfg: CN, fn, where: str) -> None:
         raise UserError(f"{where}: {msg}") from None
 
 
+# Values that must be positive (or in a range): one line naming the key instead of a traceback later
+# (TRAIN.BATCH_SIZE_PER_GPU 0 crashed the DataLoader; TRAIN.NOISE nan trained a useless model).
+_COUNTS = (("TRAIN.BATCH_SIZE_PER_GPU", 1), ("TEST.BATCH_SIZE_PER_GPU", 1), ("TRAIN.BEGIN_EPOCH", 0),
+           ("TRAIN.END_EPOCH", 0), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("MODEL.NUM_CLASSES", 1),
+           ("MODEL.NUM_GROUPS", 1), ("MODEL.NUM_LAYERS", 1), ("MODEL.EXPANSION_FACTOR", 1),
+           ("MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", 1), ("MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", 1),
+           ("DEQ.F_THRES", 1), ("DEQ.B_THRES", 1), ("DEQ.RAND_F_THRES_DELTA", 0), ("LOSS.JAC_INCREMENTAL", 1))
+_NUMBERS = (("TRAIN.NOISE", 0, False, None), ("TRAIN.LR", 0, True, None), ("TRAIN.WD", 0, False, None),
+            ("TRAIN.MOMENTUM", 0, False, None), ("TRAIN.LR_FACTOR", 0, True, None), ("PERCENT", 0, True, 1),
+            ("DEQ.F_TOL", 0, False, None), ("DEQ.B_TOL", 0, False, None), ("MODEL.DROPOUT", 0, False, 1),
+            ("LOSS.JAC_LOSS_FREQ", 0, False, 1), ("LOSS.JAC_LOSS_WEIGHT", 0, False, None),
+            ("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0, False, None))
+
+
+def _get(cfg: CN, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def validate(cfg: CN) -> None:
     fs = cfg.MODEL.EXTRA.FULL_STAGE
     nb = fs.NUM_BRANCHES
@@ -165,8 +184,14 @@ def validate(cfg: CN) -> None:
     for c in fs.NUM_CHANNELS:
         if c % cfg.MODEL.NUM_GROUPS:  # GroupNorm over c (and E*c, and c with NUM_GROUPS // 2 groups)
             raise UserError(f"channel count {c} is not divisible by MODEL.NUM_GROUPS={cfg.MODEL.NUM_GROUPS}: change one of them")
-    if cfg.TRAIN.NOISE < 0:
-        raise UserError(f"TRAIN.NOISE must be >= 0, got {cfg.TRAIN.NOISE}")
+    for key, minimum in _COUNTS:
+        check_count(key, _get(cfg, key), minimum)
+    for key, minimum, strict, maximum in _NUMBERS:
+        check_number(key, _get(cfg, key), minimum, strict, maximum)
+    for key in ("MODEL.IMAGE_SIZE", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS",
+                "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS"):
+        for v in _get(cfg, key):
+            check_count(f"every entry of {key}", v, 1)
     from .solvers import SOLVERS
     for key in ("F_SOLVER", "B_SOLVER"):
         if cfg.DEQ[key] not in SOLVERS:

@@ -93,7 +93,11 @@ def cifar10_dataset(split: str, root: Optional[str], augment: bool = False, down
     from torchvision import transforms
 
     train = _check_split(split)
-    root = root or os.path.join("data", "cifar10")
+    if not root:  # never create (and download into) ./data/cifar10 in whatever folder the user happens to be in
+        root = os.path.join("data", "cifar10")
+        if not os.path.isdir(root):
+            raise UserError("CIFAR-10 needs --data-dir: the folder holding cifar-10-batches-py (or an existing folder "
+                            "to download it into); the default ./data/cifar10 does not exist here")
     tfs = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if (train and augment) else []
     tf = transforms.Compose(tfs + [transforms.ToTensor()])
     present = os.path.isdir(os.path.join(root, "cifar-10-batches-py"))

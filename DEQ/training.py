@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from .checkpoint import load_checkpoint, load_state_dict, remove_stale_temporaries, save_checkpoint
+from .checks import check_input_file, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
 from .errors import UserError
 from .models import build_model
-from .utils import get_rng_state, set_rng_state, set_seed
+from .utils import get_rng_state, is_out_of_memory, pick_device, set_rng_state, set_seed, set_threads
 
 log = logging.getLogger("deq.train")
 
@@ -140,15 +142,18 @@ class Trainer:
     def __init__(self, cfg, device, out_dir: str, data_dir: Optional[str] = None, show_progress: bool = True):
         self.cfg, self.device, self.out_dir = cfg, device, out_dir
         self.show_progress = show_progress
-        os.makedirs(out_dir, exist_ok=True)
         set_seed(cfg.SEED)
         ds = cfg.DATASET.DATASET
         info = dataset_info(ds)
         if cfg.MODEL.NUM_CLASSES != info.num_classes:
             raise UserError(f"MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES} but {ds} has {info.num_classes} classes: fix the config")
-        data_dir = data_dir or cfg.DATA_DIR or cfg.DATASET.ROOT or None
         if ds == "digits":
             data_dir = None
+        elif not data_dir:
+            key = "DATA_DIR" if cfg.DATA_DIR else "DATASET.ROOT"
+            data_dir = cfg.DATA_DIR or cfg.DATASET.ROOT or None
+            if data_dir and not os.path.isdir(data_dir):
+                raise UserError(f"{ds} needs --data-dir: the config's {key} {data_dir!r} does not exist here")
         size = cfg.MODEL.IMAGE_SIZE[0]
         self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT, image_size=size)
         self.test_set = get_dataset(ds, "test", data_dir, image_size=size)
@@ -165,6 +170,7 @@ class Trainer:
         self.train_step = 0
         self.best_acc = -1.0
         self.writer = None
+        os.makedirs(out_dir, exist_ok=True)  # only once the data and model are there: a failed start writes nothing
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -193,21 +199,36 @@ class Trainer:
         }
 
     def resume(self, path: Optional[str] = None) -> None:
+        """Continue from ``path`` (default: the run folder's last.pth); one-line errors for anything
+        that is not a training checkpoint of this run (missing, a folder, garbage, a bare state_dict)."""
+        flag = "--resume" if path is None else "--resume-from"
         path = path or self.last_path
-        if not os.path.isfile(path):
-            raise UserError(f"--resume: no checkpoint at {path}; start without --resume or pass the checkpoint path")
+        if not os.path.exists(path):
+            raise UserError(f"{flag}: no checkpoint at {path}; start without {flag} or pass --resume-from CKPT")
         ckpt = load_checkpoint(path, map_location=self.device)
-        if float(ckpt.get("noise", -1)) != float(self.cfg.TRAIN.NOISE):
-            raise UserError(f"--resume: {path} was trained with noise {ckpt.get('noise')} but this run asks for "
+        missing = [k for k in ("state_dict", "optimizer", "scheduler", "epoch", "train_step", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(f"{flag}: {path} is not a training checkpoint of DEQ/tools/cls_train.py (no {missing[0]} "
+                            f"entry); resume from a last.pth or best.pth it wrote")
+        try:
+            noise = float(ckpt.get("noise", -1))
+        except (TypeError, ValueError):
+            noise = float("nan")
+        if noise != float(self.cfg.TRAIN.NOISE):
+            raise UserError(f"{flag}: {path} was trained with noise {ckpt.get('noise')} but this run asks for "
                             f"{self.cfg.TRAIN.NOISE}; use the same --noise")
         load_state_dict(self.model, ckpt["state_dict"], source=f"checkpoint {path}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.train_step = ckpt["epoch"], ckpt["train_step"]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.train_step = int(ckpt["epoch"]), int(ckpt["train_step"])
+            set_rng_state(ckpt["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise UserError(f"{flag}: the optimiser/scheduler state in {path} does not fit this run "
+                            f"({type(exc).__name__}); use the config it was trained with") from None
         self.best_acc = ckpt.get("best_acc", -1.0)
-        set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.train_step)
 
     # --------------------------------------------------------------- the loop
@@ -279,6 +300,8 @@ class Trainer:
 
 
 def setup_logging(out_dir: str, quiet: bool = False) -> None:
+    """Log to ``out_dir/train.log`` (appended) and, unless quiet, the console.  Called once the run
+    can start (data and model built), so a refused or failed start leaves no log behind."""
     os.makedirs(out_dir, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("deq")
@@ -291,3 +314,111 @@ def setup_logging(out_dir: str, quiet: bool = False) -> None:
         sh = logging.StreamHandler()
         sh.setFormatter(fmt)
         root.addHandler(sh)
+
+
+def close_logging() -> None:
+    root = logging.getLogger("deq")
+    for h in list(root.handlers):
+        h.close()
+        root.removeHandler(h)
+
+
+# --------------------------------------------------------------------------- the training command
+RUN_FILES = ("last.pth", "best.pth")
+
+
+def check_run_folder(out: str, resume: bool, resume_from: Optional[str], overwrite: bool) -> None:
+    """Refuse, before any work, a run that would destroy or mix up the checkpoints already in ``out``."""
+    if resume and resume_from:
+        raise UserError("give --resume (continue the run folder's last.pth) or --resume-from CKPT, not both")
+    if overwrite and resume:
+        raise UserError("--overwrite deletes the run folder's checkpoints and --resume continues them: give one of them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a run folder; choose another --out")
+    check_writable_dir(out, "--out")
+    held = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    if resume and "last.pth" not in held:
+        raise UserError(f"--resume: no checkpoint at {os.path.join(out, 'last.pth')}; start without --resume "
+                        f"or pass --resume-from CKPT")
+    if resume_from:
+        check_input_file(resume_from, "--resume-from checkpoint", "pass a last.pth or best.pth of DEQ/tools/cls_train.py",
+                         inside="last.pth")
+    if not held or resume or overwrite:
+        return
+    if resume_from and any(os.path.samefile(resume_from, os.path.join(out, f)) for f in held
+                           if os.path.exists(resume_from)):
+        return  # continuing this folder's own checkpoint
+    raise UserError(f"run folder {out} already holds {' and '.join(held)}: pass --resume to continue it, "
+                    f"--overwrite to replace it, or choose another --out")
+
+
+def _snapshot(out: str):
+    """(topmost folder this run will create or None, the entries ``out`` holds now)."""
+    top, probe = None, os.path.abspath(out)
+    while not os.path.exists(probe):
+        top, probe = probe, os.path.dirname(probe)
+    return top, (set(os.listdir(out)) if os.path.isdir(out) else set())
+
+
+def _undo_failed_start(out: str, top: Optional[str], before: set) -> None:
+    """After a failure with no checkpoint written: remove what this run created (log, tb/, the folders)."""
+    if not os.path.isdir(out) or any(os.path.isfile(os.path.join(out, f)) for f in RUN_FILES):
+        return
+    close_logging()
+    for name in set(os.listdir(out)) - before:
+        full = os.path.join(out, name)
+        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+    if top is not None:
+        folder = os.path.abspath(out)
+        while True:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+            if folder == top:
+                break
+            folder = os.path.dirname(folder)
+
+
+def train_main(args) -> Optional[EvalStats]:
+    """The whole of ``DEQ/tools/cls_train.py``: check everything, then train (or continue) one run."""
+    from .config import load_config
+
+    threads = set_threads(args.threads)
+    cfg = load_config(args.cfg, args.opts, noise=args.noise)
+    device = pick_device(args.device)
+    out = args.out or os.path.join(cfg.OUTPUT_DIR, cfg.DATASET.DATASET, run_name(args.cfg, cfg.TRAIN.NOISE))
+    check_run_folder(out, args.resume, args.resume_from, args.overwrite)
+    top, before = _snapshot(out)
+    try:
+        trainer = Trainer(cfg, device, out, data_dir=args.data_dir, show_progress=not args.quiet)
+        setup_logging(out, quiet=args.quiet)
+        stale = remove_stale_temporaries(out)
+        if stale:
+            log.info("removed %d unfinished checkpoint write(s) of an interrupted run: %s", len(stale), ", ".join(stale))
+        if args.resume or args.resume_from:
+            trainer.resume(args.resume_from)
+        if args.overwrite:
+            for name in RUN_FILES:
+                if os.path.isfile(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+                    log.info("--overwrite: deleted the previous run's %s", name)
+        log.info("run folder %s | device %s | %d CPU threads | noise %.3g | %d parameters", out, device, threads,
+                 cfg.TRAIN.NOISE, sum(p.numel() for p in trainer.model.parameters()))
+        try:
+            stats = trainer.fit()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise UserError(f"out of memory on {device} with batches of {cfg.TRAIN.BATCH_SIZE_PER_GPU}: lower "
+                                f"TRAIN.BATCH_SIZE_PER_GPU (checkpoints so far are kept; continue with --resume)") from None
+            raise
+    except BaseException:
+        _undo_failed_start(out, top, before)
+        raise
+    if stats is not None:
+        log.info("done: clean %.2f%%  noisy %.2f%%  last checkpoint %s  best %s",
+                 stats.clean_acc, stats.noisy_acc, trainer.last_path, trainer.best_path)
+    else:
+        log.info("nothing to do: the run already reached TRAIN.END_EPOCH=%d (%s)", cfg.TRAIN.END_EPOCH, trainer.last_path)
+    close_logging()
+    return stats

@@ -86,6 +86,8 @@ def read_results(path) -> pd.DataFrame:
     (n_A, nfe, p_A_lower, ...) become numbers; others (status) stay text.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a results file; pass the TSV file inside it")
     if not path.is_file():
         raise UserError(f"{path}: file not found; check the path (give FILE or FILE:LABEL)")
     try:
@@ -451,16 +453,29 @@ def larger_radius_images(rrd: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(table: pd.DataFrame, runs: dict, out_dir) -> list[Path]:
-    """Write table.md/.tex/.csv and curves.png/.pdf into ``out_dir``; return the paths written."""
+def write_outputs(table: pd.DataFrame, runs: dict, out_dir, notes: list[str] = ()) -> list[Path]:
+    """Write table.md/.tex/.csv and curves.png/.pdf into ``out_dir``; return the paths written.
+    ``notes`` (e.g. that the runs cover different images) follow the table in table.md."""
     out = make_out_dir(out_dir)
     paths = [out / name for name in ("table.md", "table.tex", "table.csv", "curves.png", "curves.pdf")]
-    paths[0].write_text(to_markdown(table))
+    paths[0].write_text(to_markdown(table) + "".join(f"\n{n}\n" for n in notes))
     paths[1].write_text(to_latex(table))
     table.to_csv(paths[2])
     plot_curves(runs, paths[3])
     plot_curves(runs, paths[4])
     return paths
+
+
+def check_out_dir(out_dir) -> None:
+    """Refuse an --out that cannot be written, before anything is computed or printed (creates nothing)."""
+    from DEQ.checks import writable_dir_problem
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory; pass a directory path")
+    problem = writable_dir_problem(str(out))
+    if problem:
+        raise UserError(f"--out {out}: {problem}; pass a writable directory")
 
 
 def make_out_dir(out_dir) -> Path:
@@ -484,28 +499,74 @@ def write_rrd_outputs(rrd: pd.DataFrame, label: str, baseline: str, out_dir) -> 
     return [hist, larger]
 
 
-def rrd_report(runs: dict, baseline: str, explicit_baseline: bool, out_dir=None) -> tuple[list[str], list[str]]:
-    """RRD of every non-baseline run against the baseline.
-
-    Returns (report lines for stdout, warning lines for stderr).  Pairs over different image sets get a
-    one-line 'image sets differ' note instead of numbers, plus a warning when the baseline was chosen
-    explicitly.
-    """
-    lines, warnings = [], []
+def different_images(runs: dict, baseline: str) -> list[tuple[str, int]]:
+    """(label, number of idx in only one of the two) for every run whose images differ from the baseline's."""
     base = runs[baseline]
-    for label, df in runs.items():
+    return [(label, n) for label, df in runs.items() if label != baseline and (n := idx_difference(base, df))]
+
+
+def check_same_images(runs: dict, baseline: str, allow: bool) -> list[str]:
+    """Refuse (one line) runs over different image sets, unless ``allow``: then return the note to print."""
+    differ = different_images(runs, baseline)
+    if not differ:
+        return []
+    label, n = differ[0]
+    where = f"{runs[baseline].attrs.get('path', baseline)} and {runs[label].attrs.get('path', label)}"
+    if not allow:
+        raise UserError(f"{where} cover different images ({n} idx in only one): the table would compare different "
+                        f"test samples; rerun over the same images (same --skip/--max) or pass --allow-different-images")
+    return [f"note: these runs cover different images ({', '.join(f'{lb}: {k} idx' for lb, k in differ)} not shared "
+            f"with {baseline}); accuracy, ACR and speedup compare different test samples"]
+
+
+def run_kind(df: pd.DataFrame, label: str) -> tuple[str | None, float | None]:
+    """('standard' | 'srs' | None, sigma or None) of a run, for RRD.
+
+    From the header when it has one (``mode`` must be certify, ``srs`` off or not, ``sigma``);
+    a headerless file (the reference code's) counts as SRS only when its label says SRS, else as
+    a standard run of unknown sigma.  QCRS and predict files give None: RRD does not apply."""
+    meta = df.attrs.get("meta", {})
+    mode = meta.get("mode")
+    if mode is not None and mode != "certify":
+        return None, None
+    try:
+        sigma = float(meta["sigma"]) if "sigma" in meta else None
+    except ValueError:
+        sigma = None
+    if "srs" in meta:
+        return ("standard" if meta["srs"] == "off" else "srs"), sigma
+    return ("srs" if "srs" in label.lower() else "standard"), sigma
+
+
+def rrd_pair(runs: dict, a: str, b: str) -> tuple[str, str] | None:
+    """(standard label, SRS label) when one of a, b is a standard run and the other an SRS run of the
+    same sigma (where both headers give it), else None: RRD means nothing for other pairs."""
+    (ka, sa), (kb, sb) = run_kind(runs[a], a), run_kind(runs[b], b)
+    if {ka, kb} != {"standard", "srs"}:
+        return None
+    if sa is not None and sb is not None and not math.isclose(sa, sb):
+        return None
+    return (a, b) if ka == "standard" else (b, a)
+
+
+def rrd_report(runs: dict, baseline: str, out_dir=None) -> list[str]:
+    """RRD lines for every standard/SRS pair of the same sigma formed by the baseline and another run
+    (and, with ``out_dir``, their histogram and larger-radius CSV).  A pair over different image sets
+    (possible only with --allow-different-images) gets an 'image sets differ' line instead of numbers."""
+    lines = []
+    for label in runs:
         if label == baseline:
             continue
-        n_diff = idx_difference(base, df)
-        if n_diff:
-            lines.append(f"RRD {label} vs {baseline}: skipped, image sets differ ({n_diff} idx in only one file)")
-            if explicit_baseline:
-                warnings.append(f"warning: {df.attrs.get('path', label)} and {base.attrs.get('path', baseline)} "
-                                f"cover different images ({n_diff} idx in only one); "
-                                "the table compares different test samples, rerun over the same images")
+        pair = rrd_pair(runs, baseline, label)
+        if pair is None:
             continue
-        rrd = relative_radius_difference(base, df)
-        lines.append(format_rrd_summary(label, baseline, rrd_summary(rrd)))
+        std, srs = pair
+        n_diff = idx_difference(runs[std], runs[srs])
+        if n_diff:
+            lines.append(f"RRD {srs} vs {std}: skipped, image sets differ ({n_diff} idx in only one file)")
+            continue
+        rrd = relative_radius_difference(runs[std], runs[srs])
+        lines.append(format_rrd_summary(srs, std, rrd_summary(rrd)))
         if out_dir is not None:
-            write_rrd_outputs(rrd, label, baseline, out_dir)
-    return lines, warnings
+            write_rrd_outputs(rrd, srs, std, out_dir)
+    return lines

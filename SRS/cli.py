@@ -13,13 +13,15 @@ Flags keep the names of the SRS reference code (--batch --skip --max --split
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Dict, Tuple
 
 from DEQ.checkpoint import file_sha256, load_model
+from DEQ.checks import check_count, check_number
 from DEQ.data import DATASETS, dataset_info, get_dataset
 from DEQ.errors import UserError
 from DEQ.solvers import SOLVERS
-from DEQ.utils import pick_device, set_seed
+from DEQ.utils import pick_device, set_seed, set_threads
 
 from .certification import ResultsFile, image_generator, run_metadata, run_over_images, select_indices
 from .core import ABSTAIN, DEQSolve, Smooth, SRSConfig
@@ -73,6 +75,9 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--resume", action="store_true", help="continue an interrupted OUTFILE")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTFILE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local "
+                        "processes); lower it on a busy machine")
 
 
 def certify_parser() -> argparse.ArgumentParser:
@@ -105,6 +110,9 @@ def validate_args(args, n_name: str = "N") -> None:
         raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.batch < 1 or args.skip < 1:
         raise UserError(f"--batch and --skip must be >= 1, got {args.batch} and {args.skip}")
+    check_count("--max", args.max, 1, allow=-1, hint=" (-1: all images)")
+    check_number("--tol", args.tol, 0, hint=" (0: always run the whole budget)")
+    check_count("--threads", args.threads, 1)
     for flag in ("f_solver", "warmup_solver", "std_solver"):
         name = getattr(args, flag)
         if name is not None and name not in SOLVERS:
@@ -154,7 +162,7 @@ def load_base(args) -> Tuple[object, object, dict, object]:
 
 
 def build_smooth(args, model, cfg, n: int, sigma: float) -> Smooth:
-    tol = args.tol
+    tol = cfg.DEQ.F_TOL if args.tol is None else args.tol  # explicit, so the header records the tolerance used
     default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, tol)
     if not args.srs:
         standard = DEQSolve(args.f_solver or default.solver, args.f_thresh or default.max_iter, tol)
@@ -175,6 +183,7 @@ def smooth_settings(smooth: Smooth) -> Dict[str, object]:
     s = smooth.srs
     return {
         "standard": f"{smooth.standard.solver}:{smooth.standard.max_iter}",
+        "tol": smooth.standard.tol,
         "srs": "off" if s is None else (f"step={s.step.solver}:{s.step.max_iter} step_tol={s.step.tol} "
                                         f"warmup={s.warmup.solver}:{s.warmup.max_iter} "
                                         f"interval={s.warmup_interval} conf_drop={'auto' if s.adaptive else s.conf_drop} "
@@ -200,6 +209,7 @@ def certificate_row(c, idx: int, label: int) -> Dict[str, object]:
 def prepare_run(args):
     """Everything before the first image: validate, load checkpoint and data, build the smoothed classifier."""
     validate_args(args)
+    args.threads = set_threads(args.threads)
     if args.srs and args.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
     model, cfg, ckpt, device = load_base(args)
@@ -209,12 +219,18 @@ def prepare_run(args):
 
 
 def run_settings(args, mode: str, smooth: Smooth, device, **extra) -> Dict[str, object]:
-    """The '#' header of a results file; RESUME_KEYS among them must match on --resume."""
+    """The '#' header of a results file: every setting that changes a row, plus provenance.
+
+    On --resume every entry must match except those in SRS.certification.RESUME_IGNORED_KEYS
+    (command, versions, date, max, device, checkpoint path, threads, ...), so a setting added
+    here (or in smooth_settings) is checked without further work."""
     sampling = {k: getattr(args, k) for k in ("sigma", "N0", "N", "alpha", "skip", "batch", "seed", "max") if hasattr(args, k)}
     return run_metadata(args, {
         "mode": mode, "dataset": args.dataset, "split": args.split, **sampling, **extra,
         "checkpoint": args.base_classifier, "checkpoint_sha256": file_sha256(args.base_classifier),
-        "device": str(device), **smooth_settings(smooth)})
+        "cfg_sha256": file_sha256(args.cfg) if args.cfg else None,
+        "data_dir": os.path.abspath(args.data_dir) if args.data_dir and args.dataset != "digits" else None,
+        "device": str(device), "threads": args.threads, **smooth_settings(smooth)})
 
 
 def certify_main(args) -> Dict[str, float]:
@@ -228,7 +244,7 @@ def certify_main(args) -> Dict[str, float]:
 
     try:
         summary = run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
-                                  "certify", not args.quiet)
+                                  "certify", not args.quiet, f"lower --batch (now {args.batch})")
     finally:
         results.close()
     return summary
@@ -247,7 +263,7 @@ def predict_main(args) -> Dict[str, float]:
 
     try:
         return run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
-                               "predict", not args.quiet)
+                               "predict", not args.quiet, f"lower --batch (now {args.batch})")
     finally:
         results.close()
 

@@ -65,7 +65,7 @@ w.p. >= 1 - 2 alpha), offered so users can rely on the globally consistent one.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -86,6 +86,10 @@ def check_search_settings(sigma0: float, left: float, right: float, epsilon: flo
     candidate: it is kept when it certifies the larger radius).  epsilon_step is
     any positive float, as in the reference (its paper runs use 0.2 - 0.8, i.e.
     probes wider than epsilon); a step below 2 loosens the epsilon accuracy."""
+    for name, value in (("--sigma", sigma0), ("--left", left), ("--right", right), ("--epsilon", epsilon),
+                        ("--epsilon_step", epsilon_step)):
+        if not math.isfinite(value):  # inf spent hundreds of samples per image on sigma = inf; nan slipped through
+            raise UserError(f"{name} must be a finite number, got {value}")
     if not left > 0:
         raise UserError(f"--left must be > 0 (a noise level), got {left}")
     if left > right:
@@ -290,7 +294,6 @@ def expected_search_samples(sigma0: float, left: float, right: float, epsilon: f
 # time - fixed_time.  search_nfe is the total evaluations of f of the search.
 QCRS_EXTRA_COLUMNS = ("best_sigma", "search_samples", "search_evals", "search_nfe", "search_time", "fixed_predict",
                       "fixed_radius", "fixed_correct", "fixed_p_A_lower", "fixed_samples", "fixed_time")
-QCRS_RESUME_KEYS = ("left", "right", "epsilon", "epsilon_step", "gradient_n")
 DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO = 0.25, 3.5
 
 
@@ -306,26 +309,6 @@ def add_qcrs_args(p) -> None:
     p.add_argument("--epsilon_step", type=float, default=2.0,
                    help="finite-difference step h = epsilon / epsilon_step (>= 2 keeps the result within epsilon)")
     p.add_argument("--gradient_n", type=int, default=500, help="noisy samples per radius estimate of the search")
-
-
-class QCRSResultsFile(ResultsFile):
-    """ResultsFile whose --resume also checks the QCRS settings (RESUME_KEYS covers the common ones)."""
-
-    def _load_existing(self):
-        # Checked before the parent's checks and torn-row cut, so a refused --resume leaves the file untouched.
-        old = {}
-        with open(self.path) as fh:
-            for line in fh:
-                if not line.startswith("# "):
-                    break
-                key, _, value = line[2:].rstrip("\n").partition(": ")
-                old[key] = value
-        for key in QCRS_RESUME_KEYS:
-            new = json.dumps(self.meta.get(key))
-            if key in old and old[key] != new:
-                raise UserError(f"--resume: {self.path} was made with {key}={old[key]} but this run has "
-                                f"{key}={new}; rerun with the same settings or use a new OUTFILE")
-        super()._load_existing()
 
 
 def certify_qcrs_main(args) -> Dict[str, float]:
@@ -345,20 +328,14 @@ def certify_qcrs_main(args) -> Dict[str, float]:
         epsilon_step=args.epsilon_step, gradient_n=args.gradient_n,
         guarantee="predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
                   "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}")
-    results = QCRSResultsFile(args.outfile, CERTIFY_COLUMNS + QCRS_EXTRA_COLUMNS, meta).open(args.resume,
-                                                                                             args.overwrite)
-    totals = {"search_samples": 0, "acr": 0.0, "fixed_acr": 0.0, "moved": 0, "rows": 0}
+    # the search settings are header entries, so --resume refuses other ones (SRS.certification.ResultsFile)
+    results = ResultsFile(args.outfile, CERTIFY_COLUMNS + QCRS_EXTRA_COLUMNS, meta).open(args.resume, args.overwrite)
 
     def work(x, label, idx):
         r = qcrs.certify(x, args.sigma, args.left, args.right, args.epsilon, args.epsilon_step, args.gradient_n,
                          args.N0, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
         c, f, s = r.certificate, r.fixed, r.search
-        correct, fixed_correct = int(c.prediction == label), int(f.prediction == label)
-        totals["rows"] += 1
-        totals["search_samples"] += s.samples_used
-        totals["acr"] += c.radius * correct
-        totals["fixed_acr"] += f.radius * fixed_correct
-        totals["moved"] += int(s.best_sigma != args.sigma)
+        fixed_correct = int(f.prediction == label)
         return {**certificate_row(c, idx, label), "best_sigma": float(s.best_sigma), "search_samples": s.samples_used, "search_evals": s.evaluations,
                 "search_nfe": float(s.nfe), "search_time": s.seconds, "fixed_predict": f.prediction,
                 "fixed_radius": float(f.radius), "fixed_correct": fixed_correct, "fixed_p_A_lower": f.p_A_lower,
@@ -366,18 +343,25 @@ def certify_qcrs_main(args) -> Dict[str, float]:
 
     try:
         summary = run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
-                                  "certify_qcrs", not args.quiet)
+                                  "certify_qcrs", not args.quiet, f"lower --batch (now {args.batch})")
     finally:
         results.close()
-    rows = totals["rows"]
-    summary.update({
-        "mean_search_samples": totals["search_samples"] / rows if rows else float("nan"),
-        "search_overhead": totals["search_samples"] / (rows * (args.N0 + args.N)) if rows else float("nan"),
-        "acr": totals["acr"] / rows if rows else float("nan"),
-        "fixed_acr": totals["fixed_acr"] / rows if rows else float("nan"),
-        "moved": totals["moved"]})
+    summary.update(qcrs_summary(results.rows, args.N0 + args.N))
     return summary
 
 
+def qcrs_summary(rows, certify_samples: int) -> Dict[str, float]:
+    """ACR (QCRS and fixed sigma), rows whose sigma moved, and the search cost, over all rows of the file."""
+    n = len(rows)
+    if not n:
+        return {"mean_search_samples": float("nan"), "search_overhead": float("nan"), "acr": float("nan"),
+                "fixed_acr": float("nan"), "moved": 0}
+    search = sum(float(r["search_samples"]) for r in rows)
+    return {"mean_search_samples": search / n, "search_overhead": search / (n * certify_samples),
+            "acr": sum(float(r["radius"]) * int(r["correct"]) for r in rows) / n,
+            "fixed_acr": sum(float(r["fixed_radius"]) * int(r["fixed_correct"]) for r in rows) / n,
+            "moved": sum(int(r["fixed_samples"]) > 0 for r in rows)}  # fixed_samples is 0 iff best_sigma == sigma0
+
+
 __all__ = ["QCRS", "QCRSResult", "SearchResult", "check_search_settings", "derived_seed", "bisection_steps",
-           "expected_search_samples", "QCRS_EXTRA_COLUMNS", "QCRSResultsFile", "add_qcrs_args", "certify_qcrs_main"]
+           "expected_search_samples", "QCRS_EXTRA_COLUMNS", "add_qcrs_args", "certify_qcrs_main"]

@@ -62,7 +62,8 @@ def main():
             print(f"| {r['method']} | {r['s/image']:.3f} | {r['speedup']:.2f}x | {r['std calls/image']:.1f} |")
         return
     common = ["--N0", str(args.N0), "--N", str(args.N), "--alpha", str(args.alpha), "--batch", str(args.batch),
-              "--skip", str(args.skip), "--max", str(args.max), "--tol", "0", "--quiet", "--device", args.device]
+              "--skip", str(args.skip), "--max", str(args.max), "--tol", "0", "--quiet", "--device", args.device,
+              "--threads", str(max(args.threads, 1))]
     methods = [standard(30), srs(1), srs(3), srs(1, "naive")]
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))

@@ -9,6 +9,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Two cores: one intra-op thread per test process keeps timings stable and avoids oversubscription.
+# OMP_NUM_THREADS is also the CLIs' default for --threads, so in-process and subprocess runs keep one too.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 DIGITS_CFG = os.path.join(ROOT, "experiments", "digits", "cls_mdeq_digits.yaml")

@@ -140,9 +140,35 @@ def test_rrd_refuses_different_image_sets(tmp_path):
     b = analysis.read_results(write(tmp_path, "b.tsv", rows_tsv([0.5, 0.5], idx=[0, 2])))
     with pytest.raises(UserError, match="image sets differ"):
         analysis.relative_radius_difference(a, b)
-    lines, warnings = analysis.rrd_report({"a": a, "b": b}, "a", explicit_baseline=True)
-    assert lines == ["RRD b vs a: skipped, image sets differ (2 idx in only one file)"]
-    assert len(warnings) == 1 and "a.tsv" in warnings[0] and "b.tsv" in warnings[0]
+    lines = analysis.rrd_report({"std": a, "SRS-1A": b}, "std")
+    assert lines == ["RRD SRS-1A vs std: skipped, image sets differ (2 idx in only one file)"]
+    with pytest.raises(UserError, match="a.tsv and .*b.tsv cover different images.*--allow-different-images"):
+        analysis.check_same_images({"a": a, "b": b}, "a", allow=False)
+    note = analysis.check_same_images({"a": a, "b": b}, "a", allow=True)
+    assert len(note) == 1 and "different images" in note[0] and "b: 2 idx" in note[0]
+
+
+def _headed(srs, sigma, mode="certify"):
+    return f"# mode: {mode}\n# sigma: {sigma}\n# srs: {srs}\n" + rows_tsv([0.5, 0.4], idx=[0, 1])
+
+
+@pytest.mark.parametrize("files,expected", [
+    # header: a standard run and an SRS run of the same sigma -> RRD (either one may be the baseline)
+    ({"std": _headed("off", 0.25), "fast": _headed("step=anderson:1", 0.25)}, ["RRD fast vs std"]),
+    ({"fast": _headed("step=anderson:1", 0.25), "std": _headed("off", 0.25)}, ["RRD fast vs std"]),
+    # another sigma, two standard runs, two SRS runs, a QCRS file: no RRD
+    ({"std": _headed("off", 0.25), "fast": _headed("step=anderson:1", 0.5)}, []),
+    ({"std": _headed("off", 0.25), "std2": _headed("off", 0.25)}, []),
+    ({"srs": _headed("step=anderson:1", 0.25), "srs2": _headed("step=anderson:3", 0.25)}, []),
+    ({"std": _headed("off", 0.25), "q": _headed("step=anderson:1", 0.25, "certify_qcrs")}, []),
+    # headerless reference files: Cohen's sigma files are no pair; a label saying SRS makes one
+    ({"sigma_0.25": rows_tsv([0.5, 0.4]), "sigma_0.50": rows_tsv([0.7, 0.2])}, []),
+    ({"MDEQ-30A": rows_tsv([0.5, 0.4]), "SRS-MDEQ-1A": rows_tsv([0.7, 0.2])}, ["RRD SRS-MDEQ-1A vs MDEQ-30A"]),
+])
+def test_rrd_only_for_a_standard_and_an_srs_run_of_one_sigma(tmp_path, files, expected):
+    runs = {label: analysis.read_results(write(tmp_path, f"{i}.tsv", text)) for i, (label, text) in enumerate(files.items())}
+    lines = analysis.rrd_report(runs, next(iter(runs)))
+    assert [line.split(":")[0] for line in lines] == expected
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -206,14 +232,28 @@ def test_cli_end_to_end(tmp_path):
     assert "model,0.0,0.25" in (out / "table.csv").read_text()
 
 
-def test_cli_mismatched_images_warns_and_still_prints_table(tmp_path):
-    write(tmp_path, "a.tsv", rows_tsv([0.5, 0.5, 0.5], idx=[0, 1, 2]))
-    write(tmp_path, "b.tsv", rows_tsv([0.5, 0.5, 0.5], idx=[0, 1, 3]))
-    proc = run_cli("a.tsv", "b.tsv", "--baseline", "a", cwd=tmp_path)
+def test_cli_different_images_refused_unless_allowed_and_then_said(tmp_path):
+    write(tmp_path, "a.tsv", rows_tsv([0.5, 0.5, 0.5], idx=[0, 1, 2], times=[2.0] * 3))
+    write(tmp_path, "b.tsv", rows_tsv([0.5, 0.5, 0.5], idx=[0, 2, 4]))  # a skip-2 run next to a skip-1 run
+    proc = run_cli("a.tsv", "b.tsv", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "different images" in lines[0], proc.stderr
+    assert "--allow-different-images" in lines[0] and "a.tsv" in lines[0] and "b.tsv" in lines[0]
+    proc = run_cli("a.tsv", "b.tsv", "--allow-different-images", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "| b |" in proc.stdout and "image sets differ" in proc.stdout
-    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "a.tsv" in warning[0] and "b.tsv" in warning[0] and "2 idx" in warning[0]
+    assert "| b |" in proc.stdout and "note: these runs cover different images (b: 2 idx" in proc.stdout
+    assert "different images" in (tmp_path / "o" / "table.md").read_text()
+
+
+def test_cli_checks_out_before_printing(tmp_path):
+    write(tmp_path, "a.tsv", rows_tsv([0.5, 0.5]))
+    write(tmp_path, "afile", "not a folder")
+    for out in ("afile", "afile/sub"):
+        proc = run_cli("a.tsv", "--out", out, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --out") and "afile" in lines[0], proc.stderr
 
 
 @pytest.mark.parametrize("content", [None, "idx\tlabel\tpredict\n0\t1\t1\n"])

@@ -146,7 +146,7 @@ def test_config_overrides_parse_in_mdeq_style():
     (["DEQ.F_THRES"], None, "KEY VALUE pairs"),
     (["DEQ.F_SOLVER", "newton"], None, "not a solver"),
     (["DEQ.F_THRES", "abc"], None, "command-line override"),
-    ([], -0.1, "--noise must be >= 0"),
+    ([], -0.1, "--noise must be a finite number >= 0"),
 ])
 def test_bad_config_input_gives_a_clear_error(opts, noise, msg):
     with pytest.raises(UserError, match=msg):
@@ -185,7 +185,7 @@ def _run(args, cwd):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--cfg", "nope.yaml"], "config file not found"),
-    (["--cfg", DIGITS_CFG, "--noise", "-1"], "--noise must be >= 0"),
+    (["--cfg", DIGITS_CFG, "--noise", "-1"], "--noise must be a finite number >= 0"),
     (["--cfg", DIGITS_CFG, "DEQ.BAD_KEY", "3"], "unknown config key"),
     (["--cfg", DIGITS_CFG, "--resume"], "--resume: no checkpoint"),
     (["--cfg", os.path.join(ROOT, "experiments/cifar/cls_mdeq_SMALL.yaml"), "--data-dir", "/no/such/dir"], "does not exist"),

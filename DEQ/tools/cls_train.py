@@ -2,8 +2,18 @@
 
     python DEQ/tools/cls_train.py --cfg experiments/digits/cls_mdeq_digits.yaml --noise 0.25
     python DEQ/tools/cls_train.py --cfg experiments/cifar/cls_mdeq_LARGE.yaml --noise 0.5 --data-dir ~/data/cifar10
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume          # continue the interrupted run
+    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume                   # continue the run folder's last.pth
+    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume TRAIN.END_EPOCH 60   # ... to a later end epoch
+    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume-from other/run/best.pth --out new/run
+    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --overwrite                # delete the folder's checkpoints, start again
     python DEQ/tools/cls_train.py --cfg ... --noise 0.5 TRAIN.END_EPOCH 10 DEQ.F_THRES 6   # yacs overrides
+
+A run folder that already holds last.pth / best.pth is never overwritten silently:
+pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
+(default: OMP_NUM_THREADS if set, else the usable cores shared among torchrun's
+local processes); on a busy machine oversubscribed threads made certification
+~50x slower, so lower it there.
+Flags go before the KEY VALUE overrides.
 """
 import argparse
 import os
@@ -11,10 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from DEQ.config import load_config  # noqa: E402
-from DEQ.errors import cli_main  # noqa: E402
-from DEQ.training import Trainer, log, run_name, setup_logging  # noqa: E402
-from DEQ.utils import pick_device  # noqa: E402
+from DEQ.errors import UserError, cli_main  # noqa: E402
+from DEQ.training import train_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -23,32 +31,25 @@ def parse_args(argv=None):
     p.add_argument("--noise", type=float, default=None, help="std of the Gaussian training noise in [0,1] pixel units")
     p.add_argument("--data-dir", "--dataDir", dest="data_dir", default=None, help="local data root (CIFAR-10 or ImageNet)")
     p.add_argument("--out", "--modelDir", dest="out", default=None, help="run folder (default OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="continue from the run folder's last.pth (or the given checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's last.pth")
+    p.add_argument("--resume-from", dest="resume_from", default=None, metavar="CKPT",
+                   help="continue from this checkpoint (written by this script) into the run folder")
+    p.add_argument("--overwrite", action="store_true", help="delete the run folder's last.pth / best.pth and start again")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local processes)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log (the log file is kept)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flags = [o for o in args.opts if o.startswith("--")]
+    if flags:
+        raise UserError(f"{flags[0]} comes after the KEY VALUE overrides: put the flags first")
+    return args
 
 
 @cli_main
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = load_config(args.cfg, args.opts, noise=args.noise)
-    device = pick_device(args.device)
-    out = args.out or os.path.join(cfg.OUTPUT_DIR, cfg.DATASET.DATASET, run_name(args.cfg, cfg.TRAIN.NOISE))
-    setup_logging(out, quiet=args.quiet)
-    trainer = Trainer(cfg, device, out, data_dir=args.data_dir, show_progress=not args.quiet)
-    if args.resume is not None:
-        trainer.resume(args.resume or None)
-    log.info("run folder %s | device %s | noise %.3g | %d parameters", out, device, cfg.TRAIN.NOISE,
-             sum(p.numel() for p in trainer.model.parameters()))
-    stats = trainer.fit()
-    if stats is not None:
-        log.info("done: clean %.2f%%  noisy %.2f%%  last checkpoint %s  best %s",
-                 stats.clean_acc, stats.noisy_acc, trainer.last_path, trainer.best_path)
-    else:
-        log.info("nothing to do: the run already reached TRAIN.END_EPOCH=%d (%s)", cfg.TRAIN.END_EPOCH, trainer.last_path)
+    train_main(parse_args(argv))
 
 
 if __name__ == "__main__":

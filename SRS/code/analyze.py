@@ -2,6 +2,10 @@
 
 Example:
     python SRS/code/analyze.py std.tsv:std srs.tsv:SRS --out results/analysis --hp-alpha 0.001
+
+Runs must cover the same images (else one error line; --allow-different-images compares them
+anyway and says so).  RRD lines are printed for a standard and an SRS run of the same sigma
+(from the files' headers; a headerless reference file counts as SRS when its label says SRS).
 """
 import _paths  # noqa: F401
 
@@ -24,6 +28,8 @@ def parse_args(argv=None):
                    help="add one-sided Clopper-Pearson lower bounds on certified accuracy at level A")
     p.add_argument("--compare-fixed", action="store_true",
                    help="for QCRS files, add the fixed-sigma rows computed from the same images")
+    p.add_argument("--allow-different-images", action="store_true",
+                   help="compare runs over different image sets (refused otherwise); the output says so")
     return p.parse_args(argv)
 
 
@@ -34,15 +40,20 @@ def main(argv=None):
         raise UserError("--radii: radii must be >= 0; e.g. --radii 0 0.25 0.5")
     runs = analysis.load_runs(args.results)
     baseline = args.baseline or next(iter(runs))
+    if baseline not in runs:
+        raise UserError(f"--baseline {baseline!r} is not one of the labels {', '.join(runs)}; pass one of them")
+    notes = analysis.check_same_images(runs, baseline, args.allow_different_images)
+    if args.out:
+        analysis.check_out_dir(args.out)  # before anything is printed
     table = analysis.summary_table(runs, args.radii, baseline, args.hp_alpha, args.compare_fixed)
-    lines, warnings = analysis.rrd_report(runs, baseline, args.baseline is not None, args.out)
-    for w in warnings:
-        print(w, file=sys.stderr)
+    lines = analysis.rrd_report(runs, baseline, args.out)
+    for note in notes:
+        print(note)
     print(analysis.to_markdown(table))
     for line in lines:
         print(line)
     if args.out:
-        analysis.write_outputs(table, runs, args.out)
+        analysis.write_outputs(table, runs, args.out, notes)
         print(f"wrote tables, curves and RRD outputs to {args.out}", file=sys.stderr)
 
 

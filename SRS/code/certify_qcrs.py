@@ -10,6 +10,9 @@ Every row also carries the ordinary certificate at the fixed --sigma (fixed_* co
 Guarantee: predict/radius certify g_{best_sigma} at that input only (w.p. >= 1 - alpha); the
 input-dependent classifier x -> g_{sigma(x)}(x) is NOT certified (see SRS/qcrs.py).  The
 fixed_* columns are the ordinary certificate of the single classifier g_{sigma}.
+
+--threads N: torch's CPU threads (default: OMP_NUM_THREADS, else usable cores / torchrun
+local processes; oversubscription on a busy machine made certification ~50x slower).
 """
 import argparse
 
@@ -32,7 +35,8 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     s = certify_qcrs_main(parse_args(argv))
-    print(f"certified {s['images']} images ({s['skipped_done']} already in the file): accuracy at radius 0 "
+    print(f"certified {s['images']} images ({s['skipped_done']} already in the file); all {s['rows']} rows of the file: "
+          f"accuracy at radius 0 "
           f"{100 * s['accuracy']:.1f}%, ACR {s['acr']:.3f} (fixed sigma {s['fixed_acr']:.3f}), sigma moved on "
           f"{s['moved']}, search {s['mean_search_samples']:.0f} samples/image "
           f"(+{100 * s['search_overhead']:.1f}% over N0 + N), {s['seconds_per_image']:.2f} s/image")

@@ -1,6 +1,9 @@
 """Evaluate the smoothed classifier's prediction (PREDICT, with abstention) on a test set.
 
     python SRS/code/predict.py digits CKPT 0.25 out/pred.tsv --N 1000 --skip 10 [--srs --f_thresh 1 ...]
+
+--threads N: torch's CPU threads (default: OMP_NUM_THREADS, else usable cores / torchrun
+local processes; oversubscription on a busy machine made certification ~50x slower).
 """
 import _paths  # noqa: F401
 
@@ -15,7 +18,8 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     summary = predict_main(parse_args(argv))
-    print(f"predicted {summary['images']} images: accuracy {100 * summary['accuracy']:.1f}%, "
+    print(f"predicted {summary['images']} images ({summary['skipped_done']} already in the file); all "
+          f"{summary['rows']} rows of the file: accuracy {100 * summary['accuracy']:.1f}%, "
           f"{summary['seconds_per_image']:.2f} s/image")
 
 
