@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from scipy.stats import norm
 
-from .bounds import eliminated_p_lower, lower_confidence_bound
+from .bounds import eliminated_p_lower, lower_confidence_bound, upper_confidence_bound
 
 PAIR_SEED_SALT = 0x5EED5EED
 
@@ -165,10 +165,15 @@ class RouteCosts:
         return max(int(math.floor(spare / self.standard)), 0)
 
 
-def predicted_n_A(k0: int, n0: int, n: int) -> int:
-    """Point prediction of n_A from the selection count k0 of n0 (add-half smoothing, so that
-    k0 = n0 does not predict a certainty)."""
-    return int(math.floor(n * (k0 + 0.5) / (n0 + 1)))
+ROUTE_LEVEL = 0.1
+
+
+def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
+    """A cautious prediction of n_A from the selection count k0 of n0: n times the one-sided (1 - level)
+    upper Clopper-Pearson bound of k0 / n0.  Near the radius cap the pairs needed grow without bound,
+    so the prediction leans to the high side: an image goes to SRS only when it is clearly cheaper
+    there (k0 = n0 always predicts n_A = n, i.e. the standard model)."""
+    return int(math.floor(n * upper_confidence_bound(k0, n0, level)))
 
 
 def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: RouteCosts, warm_rows: int,

@@ -133,7 +133,7 @@ def test_route_prefers_the_standard_model_near_the_radius_cap():
     assert choose_route(100, 100, 10000, 0.001, 0.05, costs, 0, 10000) == "standard"
     assert choose_route(90, 100, 10000, 0.001, 0.05, costs, 0, 10000) == "srs"
     assert choose_route(90, 100, 10000, 0.001, 0.05, costs, 0, 50) == "standard"   # pairs do not fit max_pairs
-    assert predicted_n_A(100, 100, 10000) < 10000
+    assert predicted_n_A(100, 100, 10000) == 10000 and predicted_n_A(90, 100, 10000) > 9000
 
 
 def test_eliminated_arithmetic_matches_the_spec():

@@ -250,7 +250,7 @@ def test_cli_end_to_end_srs_resume_and_analyze(tiny_checkpoint, tmp_path, capsys
     assert proc.returncode == 0, proc.stderr
     assert "certified 3 images" in proc.stdout and "search" in proc.stdout
     df = analysis.read_results(out)
-    assert list(df.columns)[17:] == list(QCRS_EXTRA_COLUMNS) and len(df) == 3
+    assert list(df.columns)[20:] == list(QCRS_EXTRA_COLUMNS) and len(df) == 3  # after the 20 certify columns
     meta = df.attrs["meta"]
     assert meta["mode"] == "certify_qcrs" and meta["left"] == "0.0625" and meta["right"] == "0.875"
     assert meta["epsilon"] == "0.1" and meta["gradient_n"] == "20" and "NOT certified" in meta["guarantee"]
