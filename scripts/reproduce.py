@@ -102,7 +102,8 @@ def main():
     p.add_argument("--N0", type=int, default=100)
     p.add_argument("--N", type=int, default=2000)
     p.add_argument("--conf_drop", default="auto", help="pairing of the SRS rows: auto (default, adaptive) or a fixed K")
-    p.add_argument("--reference_K", type=int, default=100, help="fixed K of the reference-bound row (the paper's 400 at N 10000)")
+    p.add_argument("--reference_K", type=int, default=100,
+                   help="fixed K of the two fixed-K SRS-1A rows, sound and reference bound (the paper's 400 at N 10000)")
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--skip", type=int, default=15, help="every skip-th test image (digits has 450)")
     p.add_argument("--max", type=int, default=-1)
@@ -133,7 +134,8 @@ def main():
         common = ["--N0", str(args.N0), "--N", str(N), "--skip", str(skip), "--batch", str(args.batch),
                   "--max", str(args.max)]
         methods = [standard(30), srs(1, conf_drop=K), srs(3, conf_drop=K)] if args.quick else \
-            paper_methods(K) + [srs(1, conf_drop=args.reference_K, certificate="reference")]
+            paper_methods(K) + [srs(1, conf_drop=args.reference_K),
+                                srs(1, conf_drop=args.reference_K, certificate="reference")]
         out_dir = args.out or ("reports/quick" if args.quick else "reports/digits")
         radii = args.radii
     common += ["--tol", "0", "--quiet", "--device", args.device]
