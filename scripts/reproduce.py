@@ -156,7 +156,9 @@ def main():
         print("\n" + text.split("\n\n", 2)[2].split("\n\n")[0] + "\n", flush=True)
     total = time.time() - t_start
     summary = ["# Standard randomized smoothing vs SRS" + (" (CIFAR-10)" if args.paper else " on the embedded digits"), "",
-               f"Command: `{' '.join(['python'] + sys.argv)}` ({total / 60:.1f} min on this machine).", "",
+               f"Command: `{' '.join(['python'] + sys.argv)}` ({total / 60:.1f} min on this machine for this "
+               f"invocation; result files already in the folder are reused, and the tables give the seconds per image "
+               f"measured when each row was computed).", "",
                "Labels as in the paper: MDEQ-kA solves each noisy sample from zeros with k Anderson evaluations; "
                "SRS-MDEQ-kA/kN warm-starts from the previous batch's solutions with k Anderson/naive evaluations "
                "(first batch: 10 Anderson evaluations from zeros). SRS rows use the correlation-eliminated "
