@@ -36,7 +36,7 @@ def standard(k: int, solver: str = "anderson") -> Method:
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
         warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
-        step_tol: Optional[float] = None) -> Method:
+        step_tol: Optional[float] = None, step_cost: Optional[float] = None) -> Method:
     """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
     step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>')."""
     suffix = "" if certificate == "eliminated" else f" ({certificate})"
@@ -48,6 +48,8 @@ def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30
              "--conf_drop", str(conf_drop), "--certificate", certificate)
     if step_tol is not None:
         flags += ("--step_tol", str(step_tol))
+    if step_cost is not None:
+        flags += ("--step_cost", str(step_cost))
     return Method(f"SRS-MDEQ-{budget}{suffix}", flags)
 
 

@@ -59,6 +59,9 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--no_fallback", action="store_true",
                    help="adaptive pairing: never certify an image with the standard model outright, even where SRS "
                         "plus its pairs would cost more")
+    p.add_argument("--step_cost", type=float, default=None,
+                   help="adaptive pairing: evaluations of f one SRS step is expected to cost, for the fallback's cost "
+                        "model (default --f_thresh; set it with --step_tol, where --f_thresh is only a cap)")
     p.add_argument("--step_tol", type=float, default=None,
                    help="with --srs: tolerance of the SRS step from the warm start (default --tol); with a tolerance "
                         "--f_thresh is a cap and the step stops once every sample's residual is below it")
@@ -140,8 +143,10 @@ def validate_args(args, n_name: str = "N") -> None:
                         f"got {args.max_pairs}")
     if args.step_tol is not None and not 0 <= args.step_tol < float("inf"):
         raise UserError(f"--step_tol must be a finite number >= 0, got {args.step_tol}")
+    if args.step_cost is not None and not 0 < args.step_cost < float("inf"):
+        raise UserError(f"--step_cost must be a finite number > 0 (evaluations of f), got {args.step_cost}")
     adaptive_only = [f for f, on in (("--radius_slack", args.radius_slack != 0.05), ("--max_pairs", args.max_pairs is not None),
-                                     ("--no_fallback", args.no_fallback)) if on]
+                                     ("--no_fallback", args.no_fallback), ("--step_cost", args.step_cost is not None)) if on]
     if adaptive_only and (not args.srs or args.conf_drop != "auto"):
         raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
 
@@ -175,7 +180,8 @@ def build_smooth(args, model, cfg, n: int, sigma: float) -> Smooth:
         K = 0
     srs = SRSConfig(step=step, warmup=warm, warmup_interval=args.warmup_interval, conf_drop=K,
                     certificate=args.certificate, chain_across_phases=not args.no_chain_across_phases,
-                    radius_slack=args.radius_slack, max_pairs=args.max_pairs, fallback=not args.no_fallback)
+                    radius_slack=args.radius_slack, max_pairs=args.max_pairs, fallback=not args.no_fallback,
+                    step_cost=args.step_cost)
     return Smooth(model, cfg.MODEL.NUM_CLASSES, sigma, standard=standard, srs=srs)
 
 
@@ -189,7 +195,8 @@ def smooth_settings(smooth: Smooth) -> Dict[str, object]:
                                         f"interval={s.warmup_interval} conf_drop={'auto' if s.adaptive else s.conf_drop} "
                                         f"certificate={s.certificate} chain_across_phases={s.chain_across_phases}"
                                         + (f" radius_slack={s.radius_slack} max_pairs={s.max_pairs} fallback={s.fallback}"
-                                           if s.adaptive and s.pairs else "")),
+                                           if s.adaptive and s.pairs else "")
+                                        + (f" step_cost={s.step_cost}" if s.step_cost is not None else "")),
     }
 
 

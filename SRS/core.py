@@ -71,6 +71,8 @@ class SRSConfig:
         fallback: adaptive mode only: certify with the standard model outright when the selection
             samples predict that SRS plus its pairs would cost more (see ``SRS.pairing.choose_route``).
         overhead: stem, head and noise of one sample in evaluations of f (cost model of the fallback).
+        step_cost: evaluations of f an SRS step is expected to spend (cost model only; None: its
+            budget). Set it for a step with a tolerance, whose budget is only a cap.
     """
     step: DEQSolve = DEQSolve("anderson", 1)
     warmup: DEQSolve = DEQSolve("anderson", 10)
@@ -82,6 +84,7 @@ class SRSConfig:
     max_pairs: Optional[int] = None
     fallback: bool = True
     overhead: float = 1.0
+    step_cost: Optional[float] = None
 
     @property
     def adaptive(self) -> bool:
@@ -336,7 +339,8 @@ class Smooth:
     # ------------------------------------------------------------- pairing
     def _costs(self) -> RouteCosts:
         cfg, o = self.srs, self.srs.overhead
-        return RouteCosts(self.standard.max_iter + o, cfg.step.max_iter + o, cfg.warmup.max_iter + o)
+        step = cfg.step.max_iter if cfg.step_cost is None else cfg.step_cost
+        return RouteCosts(self.standard.max_iter + o, step + o, cfg.warmup.max_iter + o)
 
     def _warm_rows(self, n: int, batch_size: int, first_batch: int) -> int:
         """Samples of an n-sample phase that are warm-up batches (first_batch: chain batches so far)."""

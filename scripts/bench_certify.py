@@ -34,6 +34,9 @@ def main():
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fixed_K", type=int, default=400, help="K of the fixed-K SRS-1A row (0: leave the row out)")
     p.add_argument("--step_tol", type=float, default=None, help="also run SRS with the step run to this tolerance")
+    p.add_argument("--step_cost", type=float, default=8.0,
+                   help="with --step_tol: evaluations per SRS step assumed by the fallback's cost model (about 7 "
+                        "measured at tol 1e-3 on the digits model)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
@@ -68,7 +71,7 @@ def main():
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))
     if args.step_tol is not None:
-        methods.append(srs(30, step_tol=args.step_tol))
+        methods.append(srs(30, step_tol=args.step_tol, step_cost=args.step_cost))
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:

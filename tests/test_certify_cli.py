@@ -418,6 +418,7 @@ BAD_CERTIFY = [
     ("radius_slack_nan", {"extra": ["--srs", "--radius_slack", "nan"]}, ["--radius_slack must be a finite number >= 0"]),
     ("max_pairs_zero", {"extra": ["--srs", "--max_pairs", "0"]}, ["--max_pairs must be between 1 and --N 60"]),
     ("max_pairs_gt_N", {"extra": ["--srs", "--max_pairs", "61"]}, ["--max_pairs must be between 1 and --N 60"]),
+    ("step_cost_zero", {"extra": ["--srs", "--step_cost", "0"]}, ["--step_cost must be a finite number > 0"]),
     ("step_tol_negative", {"extra": ["--srs", "--step_tol", "-1"]}, ["--step_tol must be a finite number >= 0"]),
     ("adaptive_flag_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--max_pairs", "5"]},
      ["--max_pairs sets adaptive pairing", "--conf_drop auto"]),

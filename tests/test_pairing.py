@@ -186,3 +186,17 @@ def test_fallback_route_is_ordinary_certify_on_the_standard_model():
     assert cert.p_A_lower == lower_confidence_bound(cert.n_A, 1000, 0.001)
     # selection by the SRS chain (warm-up from zeros, then warm starts), estimation by f_D from zeros
     assert [w for it, w, rows in counting.calls if it == 100] == [False] * 4
+
+
+def test_step_cost_prices_a_tolerance_step_by_its_expected_evaluations():
+    """A tolerance step with a 30-evaluation cap costs as much as the standard model by its budget, so
+    every image would fall back; --step_cost gives the cost model the evaluations it really spends."""
+    model, x, _, _ = _deq_setup(a=0.5)
+    tol_step = dict(step=DEQSolve("anderson", 30, 1e-6), warmup=DEQSolve("naive", 3, 0.0), conf_drop=None)
+    std = DEQSolve("anderson", 30, 0.0)
+    capped = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step))
+    priced = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step, step_cost=3.0))
+    assert capped._costs().srs == capped._costs().standard and priced._costs().srs == 4.0
+    routes = {name: {s.certify(x, 20, 600, 0.1, 50, generator=torch.Generator().manual_seed(k)).route for k in range(8)}
+              for name, s in (("capped", capped), ("priced", priced))}
+    assert routes["capped"] == {"fallback"} and "srs" in routes["priced"]
