@@ -136,15 +136,12 @@ def validate_args(args, n_name: str = "N") -> None:
             raise UserError(f"--conf_drop {args.conf_drop} is larger than --{n_name} {n}: the pairs are drawn from those samples; lower it")
     if args.warmup_interval < 0:
         raise UserError(f"--warmup_interval must be >= 0, got {args.warmup_interval}")
-    if not 0 <= args.radius_slack < float("inf"):
-        raise UserError(f"--radius_slack must be a finite number >= 0 (in units of sigma), got {args.radius_slack}")
+    check_number("--radius_slack", args.radius_slack, 0, hint=" (in units of sigma)")
     if args.max_pairs is not None and not 1 <= args.max_pairs <= n:
         raise UserError(f"--max_pairs must be between 1 and --{n_name} {n} (pairs are drawn from those samples), "
                         f"got {args.max_pairs}")
-    if args.step_tol is not None and not 0 <= args.step_tol < float("inf"):
-        raise UserError(f"--step_tol must be a finite number >= 0, got {args.step_tol}")
-    if args.step_cost is not None and not 0 < args.step_cost < float("inf"):
-        raise UserError(f"--step_cost must be a finite number > 0 (evaluations of f), got {args.step_cost}")
+    check_number("--step_tol", args.step_tol, 0)
+    check_number("--step_cost", args.step_cost, 0, strict=True, hint=" (evaluations of f)")
     adaptive_only = [f for f, on in (("--radius_slack", args.radius_slack != 0.05), ("--max_pairs", args.max_pairs is not None),
                                      ("--no_fallback", args.no_fallback), ("--step_cost", args.step_cost is not None)) if on]
     if adaptive_only and (not args.srs or args.conf_drop != "auto"):

@@ -65,13 +65,13 @@ w.p. >= 1 - 2 alpha), offered so users can rely on the globally consistent one.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from DEQ.checks import check_number
 from DEQ.errors import UserError
 
 from .certification import ResultsFile, image_generator, run_metadata, run_over_images, select_indices
@@ -88,8 +88,7 @@ def check_search_settings(sigma0: float, left: float, right: float, epsilon: flo
     probes wider than epsilon); a step below 2 loosens the epsilon accuracy."""
     for name, value in (("--sigma", sigma0), ("--left", left), ("--right", right), ("--epsilon", epsilon),
                         ("--epsilon_step", epsilon_step)):
-        if not math.isfinite(value):  # inf spent hundreds of samples per image on sigma = inf; nan slipped through
-            raise UserError(f"{name} must be a finite number, got {value}")
+        check_number(name, value)  # inf spent hundreds of samples per image on sigma = inf; nan slipped through
     if not left > 0:
         raise UserError(f"--left must be > 0 (a noise level), got {left}")
     if left > right:
