@@ -1,24 +1,36 @@
-"""User-facing errors: one clear line naming the problem and the fix, no traceback."""
+"""User-facing errors: one clear line naming the problem and the fix, no traceback.
+
+Every command line of the toolkit (training, certification, analysis) wraps its ``main`` in
+:func:`cli_main`; it lives here, in the lowest layer, because ``UserError`` is raised from every
+layer (config, data, checkpoints, smoothing) and each CLI turns it into the same one line.
+"""
 from __future__ import annotations
 
 import functools
 import sys
+
+RESUME_HINT = "interrupted: results written so far are complete; rerun with --resume to continue"
 
 
 class UserError(Exception):
     """A mistake in the user's input (arguments, files, data).  CLIs print it as one line."""
 
 
-def cli_main(fn):
-    """Run a CLI entry point; turn UserError into ``error: ...`` on stderr and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted: results written so far are complete; rerun with --resume to continue", file=sys.stderr)
-            sys.exit(130)
-    return wrapper
+def cli_main(fn=None, *, interrupted: str = RESUME_HINT):
+    """Run a CLI entry point; turn UserError into ``error: ...`` on stderr and exit code 2, and Ctrl-C
+    into the one line ``interrupted`` (default: the --resume hint of resumable commands) and exit 130.
+
+    Use as ``@cli_main`` or ``@cli_main(interrupted="...")``."""
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                print(interrupted, file=sys.stderr)
+                sys.exit(130)
+        return wrapper
+    return decorate(fn) if fn is not None else decorate

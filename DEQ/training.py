@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -380,25 +380,56 @@ def _undo_failed_start(out: str, top: Optional[str], before: set) -> None:
             folder = os.path.dirname(folder)
 
 
+@dataclass
+class TrainOutcome:
+    """What :func:`train` did: the final evaluation (None if the run was already finished), the run
+    folder and its last checkpoint."""
+    stats: Optional[EvalStats]
+    out: str
+    last_path: str
+
+
 def train_main(args) -> Optional[EvalStats]:
-    """The whole of ``DEQ/tools/cls_train.py``: check everything, then train (or continue) one run."""
+    """The whole of ``DEQ/tools/cls_train.py``: :func:`train` with the parsed flags."""
+    return train(args.cfg, args.noise, args.opts, out=args.out, data_dir=args.data_dir, resume=args.resume,
+                 resume_from=args.resume_from, overwrite=args.overwrite, device=args.device, threads=args.threads,
+                 quiet=args.quiet).stats
+
+
+def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = (), out: Optional[str] = None,
+          data_dir: Optional[str] = None, resume: bool = False, resume_from: Optional[str] = None,
+          overwrite: bool = False, device: str = "auto", threads: Optional[int] = None,
+          quiet: bool = False, progress: Optional[bool] = None) -> TrainOutcome:
+    """Check everything, then train (or continue) one run; the training CLI and ``scripts/reproduce.py``.
+
+    Args:
+        cfg_path: yacs yaml; ``opts`` KEY VALUE overrides; ``noise`` overrides TRAIN.NOISE.
+        out: run folder (default OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>).
+        resume, resume_from, overwrite: continue the folder's last.pth / another checkpoint, or start again
+            (a folder holding checkpoints is never overwritten silently).
+        device, threads, quiet: as the CLI flags.
+        progress: show progress bars (default: not quiet).
+
+    Returns:
+        :class:`TrainOutcome`.
+    """
     from .config import load_config
 
-    threads = set_threads(args.threads)
-    cfg = load_config(args.cfg, args.opts, noise=args.noise)
-    device = pick_device(args.device)
-    out = args.out or os.path.join(cfg.OUTPUT_DIR, cfg.DATASET.DATASET, run_name(args.cfg, cfg.TRAIN.NOISE))
-    check_run_folder(out, args.resume, args.resume_from, args.overwrite)
+    threads = set_threads(threads)
+    cfg = load_config(cfg_path, list(opts), noise=noise)
+    device = pick_device(device)
+    out = out or os.path.join(cfg.OUTPUT_DIR, cfg.DATASET.DATASET, run_name(cfg_path, cfg.TRAIN.NOISE))
+    check_run_folder(out, resume, resume_from, overwrite)
     top, before = _snapshot(out)
     try:
-        trainer = Trainer(cfg, device, out, data_dir=args.data_dir, show_progress=not args.quiet)
-        setup_logging(out, quiet=args.quiet)
+        trainer = Trainer(cfg, device, out, data_dir=data_dir, show_progress=not quiet if progress is None else progress)
+        setup_logging(out, quiet=quiet)
         stale = remove_stale_temporaries(out)
         if stale:
             log.info("removed %d unfinished checkpoint write(s) of an interrupted run: %s", len(stale), ", ".join(stale))
-        if args.resume or args.resume_from:
-            trainer.resume(args.resume_from)
-        if args.overwrite:
+        if resume or resume_from:
+            trainer.resume(resume_from)
+        if overwrite:
             for name in RUN_FILES:
                 if os.path.isfile(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
@@ -421,4 +452,4 @@ def train_main(args) -> Optional[EvalStats]:
     else:
         log.info("nothing to do: the run already reached TRAIN.END_EPOCH=%d (%s)", cfg.TRAIN.END_EPOCH, trainer.last_path)
     close_logging()
-    return stats
+    return TrainOutcome(stats, out, trainer.last_path)

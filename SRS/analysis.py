@@ -1,8 +1,7 @@
 """Analysis of certification results: certified accuracy, ACR, tables, curves and SRS radius differences.
 
-Reads both TSV dialects: the six-column output of the randomized-smoothing reference code
-(``idx label predict radius correct time`` with ``time`` as a timedelta string) and ours
-(``# key: value`` metadata lines, the same six columns with float seconds, then extra columns).
+Result files are read by ``SRS.results.read_results`` (both dialects: ours and the
+reference code's six columns); this module only computes and formats.
 """
 from __future__ import annotations
 
@@ -16,129 +15,10 @@ import pandas as pd
 
 from DEQ.errors import UserError
 
-REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-FIXED_COLUMNS = ("fixed_predict", "fixed_radius", "fixed_correct")
-INT_COLUMNS = ("idx", "label", "predict", "correct")
+from .results import FIXED_COLUMNS, read_results
+
 STAT_COLUMNS = ("ACR", "abstain", "time (s)", "speedup")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-
-# str(datetime.timedelta): "H:MM:SS[.ffffff]", prefixed by "N day(s), " for long runs.
-_TIMEDELTA = re.compile(r"^(?:(-?\d+) days?, )?(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)$")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def parse_time(value: str) -> float:
-    """Seconds from a float string or a ``datetime.timedelta`` string; NaN if neither."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    m = _TIMEDELTA.match(value.strip())
-    if not m:
-        return math.nan
-    days, hours, minutes, seconds = m.groups()
-    return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
-
-def parse_metadata(comment_lines: list[str]) -> dict[str, str]:
-    """``# key: value`` lines -> dict; other comment lines are ignored."""
-    meta = {}
-    for line in comment_lines:
-        key, sep, value = line.lstrip("#").partition(":")
-        if sep and key.strip():
-            meta[key.strip()] = value.strip()
-    return meta
-
-
-def _dedupe(names: list[str]) -> list[str]:
-    """Make header names unique (``x``, ``x.1``, ...) so a repeated extra column cannot shadow another."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        n = seen.get(name, 0)
-        seen[name] = n + 1
-        out.append(name if n == 0 else f"{name}.{n}")
-    return out
-
-
-def _to_numeric(df: pd.DataFrame, column: str, path, line_numbers: list[int], integer: bool) -> None:
-    """Convert one column in place; a bad cell becomes a UserError naming file, line and column."""
-    raw = df[column]
-    values = raw.map(parse_time) if column == "time" else pd.to_numeric(raw, errors="coerce")
-    bad = values.isna()
-    if integer:
-        bad |= values.notna() & (values != values.round())
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        hint = "seconds or H:MM:SS.ffffff" if column == "time" else ("an integer" if integer else "a number")
-        raise UserError(f"{path}: line {line_numbers[i]}: column '{column}' has {raw.iloc[i]!r}, "
-                        f"expected {hint}; fix or remove that row")
-    df[column] = values.astype(np.int64) if integer else values.astype(float)
-
-
-def read_results(path) -> pd.DataFrame:
-    """Read a certification TSV (either dialect) into a DataFrame.
-
-    ``time`` becomes float seconds, integer columns become int64, ``attrs['meta']`` holds the parsed
-    ``# key: value`` comments and ``attrs['path']`` the file name.  Extra columns that are entirely numeric
-    (n_A, nfe, p_A_lower, ...) become numbers; others (status) stay text.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a results file; pass the TSV file inside it")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; check the path (give FILE or FILE:LABEL)")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc.__class__.__name__}); pass a tab-separated text results file")
-
-    comments, rows = [], []  # rows: (line number, fields)
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("#"):  # metadata; a trailing comment (e.g. a footer) is skipped too
-            comments.append(line)
-        else:
-            rows.append((lineno, [field.strip() for field in line.split("\t")]))
-    if not rows:
-        raise UserError(f"{path}: file is empty (no header); pass a results file written by certify")
-    header = _dedupe(rows[0][1])
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        hint = " (is it tab-separated?)" if len(header) == 1 and " " in header[0] else ""
-        raise UserError(f"{path}: missing required column(s) {', '.join(missing)}{hint}; "
-                        f"the header must start with {' '.join(REQUIRED_COLUMNS)}")
-    body = rows[1:]
-    if not body:
-        raise UserError(f"{path}: no result rows, only a header; run certification first or pass another file")
-    for lineno, fields in body:
-        if len(fields) != len(header):
-            raise UserError(f"{path}: line {lineno} has {len(fields)} fields but the header has {len(header)}; "
-                            "fix the truncated or malformed row")
-
-    df = pd.DataFrame([fields for _, fields in body], columns=header)
-    line_numbers = [lineno for lineno, _ in body]
-    for column in REQUIRED_COLUMNS + tuple(c for c in FIXED_COLUMNS if c in header):
-        integer = column in INT_COLUMNS or column in ("fixed_predict", "fixed_correct")
-        _to_numeric(df, column, path, line_numbers, integer)
-    for column in ("correct",) + (("fixed_correct",) if "fixed_correct" in header else ()):
-        if not df[column].isin([0, 1]).all():
-            raise UserError(f"{path}: column '{column}' must be 0 or 1; fix the file (is it a certification result?)")
-    for column in header:
-        if column not in REQUIRED_COLUMNS and df[column].dtype == object or str(df[column].dtype) == "str":
-            converted = pd.to_numeric(df[column], errors="coerce")
-            if converted.notna().sum() == (df[column].str.lower() != "nan").sum():
-                df[column] = converted
-    dup = df["idx"][df["idx"].duplicated()]
-    if len(dup):
-        raise UserError(f"{path}: idx {int(dup.iloc[0])} appears more than once; "
-                        "remove repeated rows (e.g. from an interrupted and restarted run)")
-    df.attrs["meta"] = parse_metadata(comments)
-    df.attrs["path"] = str(path)
-    return df
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -1,8 +1,8 @@
 """Run the paper's standard-vs-SRS comparison: several certify runs over the same images, one table.
 
-Every run goes through the certify CLI's own code path (``certify_main``), so its
-TSV is exactly what ``SRS/code/certify.py`` writes, and re-running a suite resumes
-each file instead of recomputing it.  Method labels follow the paper: MDEQ-kA is
+Every run is a typed ``SRS.runner.RunSpec`` executed by the same runner as
+``SRS/code/certify.py``, so its TSV is exactly what that script writes, and re-running a
+suite resumes each file instead of recomputing it.  Method labels follow the paper: MDEQ-kA is
 the standard model with k Anderson evaluations from zeros; SRS-MDEQ-kA / -kN the
 serialized model with k Anderson / naive evaluations from the warm start.
 """
@@ -12,26 +12,34 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
-from .cli import certify_main, certify_parser
+from .modes import CertifyMode
+from .runner import RunSpec, SmoothingSpec, parse_conf_drop, run
+from .settings import DEQSolve, SRSConfig
+from .smooth import Smooth
 
 _LETTER = {"anderson": "A", "naive": "N", "broyden": "B"}
 
 
 @dataclass(frozen=True)
 class Method:
+    """A row of the comparison: its label and the ``SRS.runner.SmoothingSpec`` fields it sets."""
     label: str
-    flags: Tuple[str, ...]
+    settings: Tuple[Tuple[str, object], ...]
+
+    def smoothing(self, base: SmoothingSpec) -> SmoothingSpec:
+        """``base`` (common settings such as tol) with this method's settings."""
+        return replace(base, **dict(self.settings))
 
 
 def standard(k: int, solver: str = "anderson") -> Method:
-    return Method(f"MDEQ-{k}{_LETTER[solver]}", ("--f_solver", solver, "--f_thresh", str(k)))
+    return Method(f"MDEQ-{k}{_LETTER[solver]}", (("srs", False), ("f_solver", solver), ("f_thresh", k)))
 
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
@@ -43,14 +51,11 @@ def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30
     if conf_drop != "auto" and certificate != "none":
         suffix = f" K={conf_drop}" + suffix
     budget = f"{k}{_LETTER[solver]}" if step_tol is None else f"tol{step_tol:g}-{k}{_LETTER[solver]}"
-    flags = ("--srs", "--f_solver", solver, "--f_thresh", str(k), "--warmup_solver", warmup[0],
-             "--warmup_thresh", str(warmup[1]), "--std_solver", std[0], "--std_thresh", str(std[1]),
-             "--conf_drop", str(conf_drop), "--certificate", certificate)
-    if step_tol is not None:
-        flags += ("--step_tol", str(step_tol))
-    if step_cost is not None:
-        flags += ("--step_cost", str(step_cost))
-    return Method(f"SRS-MDEQ-{budget}{suffix}", flags)
+    settings = (("srs", True), ("f_solver", solver), ("f_thresh", k), ("warmup_solver", warmup[0]),
+                ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]),
+                ("conf_drop", parse_conf_drop(conf_drop)), ("certificate", certificate),
+                ("step_tol", step_tol), ("step_cost", step_cost))
+    return Method(f"SRS-MDEQ-{budget}{suffix}", settings)
 
 
 def paper_methods(conf_drop: Union[int, str] = "auto", std: Tuple[str, int] = ("anderson", 30)) -> List[Method]:
@@ -63,20 +68,26 @@ def file_name(label: str, sigma: float) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_") + f"_sigma{sigma:g}.tsv"
 
 
-def run_methods(dataset: str, ckpt: str, sigma: float, methods: Sequence[Method], out_dir: str,
-                common: Sequence[str], log: Callable[[str], None] = print) -> Dict[str, str]:
-    """Certify with every method (resuming files already there); return label -> TSV path."""
+def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
+                log: Callable[[str], None] = print) -> Dict[str, str]:
+    """Certify with every method (resuming files already there); return label -> TSV path.
+
+    Args:
+        template: the common run (data, checkpoint, sampling, seed, device, and common smoothing
+            settings such as ``tol``); its ``outfile`` is replaced by one file per method in ``out_dir``.
+        methods: the rows, see :func:`standard` and :func:`srs`.
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
+    s = template.sampling
     for m in methods:
-        path = os.path.join(out_dir, file_name(m.label, sigma))
-        argv = [dataset, ckpt, str(sigma), path, *common, *m.flags]
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            argv.append("--resume")
+        path = os.path.join(out_dir, file_name(m.label, s.sigma))
+        resume = os.path.isfile(path) and os.path.getsize(path) > 0
+        spec = replace(template, outfile=path, smoothing=m.smoothing(template.smoothing), resume=resume)
         t0 = time.time()
-        log(f"[sigma {sigma:g}] {m.label}: certifying -> {path}")
-        summary = certify_main(certify_parser().parse_args(argv))
-        log(f"[sigma {sigma:g}] {m.label}: {summary['images']} new images in {time.time() - t0:.0f}s "
+        log(f"[sigma {s.sigma:g}] {m.label}: certifying -> {path}")
+        summary = run(spec, CertifyMode(s.N0, s.N, s.alpha, s.batch))
+        log(f"[sigma {s.sigma:g}] {m.label}: {summary['images']} new images in {time.time() - t0:.0f}s "
             f"({summary['skipped_done']} reused), {summary['seconds_per_image']:.2f} s/image")
         paths[m.label] = path
     return paths
@@ -197,7 +208,6 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     import torch
     from DEQ.config import load_config
     from DEQ.models.mdeq import build_model
-    from .core import DEQSolve, Smooth, SRSConfig
     cfg = load_config(cfg_path)
     torch.manual_seed(seed)
     model = build_model(cfg).to(device).eval()

@@ -43,6 +43,7 @@ import torch
 from scipy.stats import norm
 
 from .bounds import eliminated_p_lower, lower_confidence_bound, upper_confidence_bound
+from .settings import DEQSolve, SRSConfig
 
 PAIR_SEED_SALT = 0x5EED5EED
 
@@ -189,5 +190,50 @@ def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: Ro
     return "srs" if costs.srs_route(n, warm_rows, need) < costs.standard_route(n) else "standard"
 
 
+# ----------------------------------------------------------------- the decisions of one image
+def route_costs(cfg: SRSConfig, standard: DEQSolve) -> RouteCosts:
+    """The cost model of ``cfg`` with the standard model ``standard`` (evaluations of f per sample)."""
+    step = cfg.step.max_iter if cfg.step_cost is None else cfg.step_cost
+    return RouteCosts(standard.max_iter + cfg.overhead, step + cfg.overhead, cfg.warmup.max_iter + cfg.overhead)
+
+
+def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int) -> str:
+    """'srs', or 'fallback' (standard model for the estimation samples) when adaptive pairing with the
+    fallback on predicts, from the selection count k0 alone, that SRS would cost more."""
+    if not (cfg.adaptive and cfg.fallback and cfg.pairs):
+        return "srs"
+    route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard), warm_rows, cfg.max_pairs or n)
+    return "srs" if route == "srs" else "fallback"
+
+
+def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_budget: bool = True) -> int:
+    """Most pairs an image may spend: ``max_pairs``, and in adaptive mode with the fallback on, no more
+    than keeps the SRS route cheaper than the standard model (``use_budget``; PREDICT has no fallback)."""
+    cap = min(cfg.max_pairs or n, n)
+    if cfg.adaptive and cfg.fallback and use_budget:
+        cap = min(cap, max(route_costs(cfg, standard).pair_budget(n, warm_rows), 1))
+    return cap
+
+
+def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int, alpha: float,
+               generator: torch.Generator, cap: int) -> PairPlan:
+    """The paired positions of a phase whose SRS predictions are ``preds``: the uniform order is drawn
+    from ``generator`` after the pass; fixed K (``cfg.conf_drop``) or adaptive K_A from n_A alone.
+
+    Args:
+        preds: (n,) SRS predictions of the phase; A = the positions predicting ``c_hat``.
+        n_A: |A|.
+        cap: most pairs (:func:`pair_cap`), adaptive mode only.
+
+    Returns:
+        :class:`PairPlan` (sorted positions, all in A; K scanned; K_A solved).
+    """
+    in_A = (preds == c_hat).cpu()
+    perm = pair_permutation(n, generator)
+    if not cfg.adaptive:
+        return fixed_pairs(perm, in_A, cfg.conf_drop)
+    return first_in_A(perm, in_A, adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap))
+
+
 __all__ = ["pair_permutation", "eliminated_z", "pairs_needed", "adaptive_pair_count", "PairPlan", "fixed_pairs", "first_in_A",
-           "RouteCosts", "predicted_n_A", "choose_route"]
+           "RouteCosts", "predicted_n_A", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

@@ -18,7 +18,7 @@ noise starts to flip predictions.  QCRS looks for the maximiser in [left, right]
    between them).
    Stop when right - left <= epsilon; the candidate is the midpoint;
 3. keep sigma0 if R_hat(sigma0) >= R_hat(candidate) (ties keep sigma0);
-4. CERTIFY (the ordinary algorithm, :meth:`SRS.core.Smooth.certify`) at the chosen
+4. CERTIFY (the ordinary algorithm, :meth:`SRS.smooth.Smooth.certify`) at the chosen
    sigma with fresh noise; and CERTIFY at sigma0 too, for the fixed-sigma row.
 
 If R were evaluated exactly and quasiconcave, every bisection decision is wrong by
@@ -67,15 +67,19 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from DEQ.checks import check_number
 from DEQ.errors import UserError
 
-from .certification import ResultsFile, image_generator, run_metadata, run_over_images, select_indices
-from .core import ABSTAIN, Certificate, SampleStats, Smooth, _Chain, lower_confidence_bound, radius_from_p
+from .bounds import lower_confidence_bound, radius_from_p
+from .certificates import Certificate
+from .sampling import ABSTAIN, SampleStats
+from .smooth import Smooth
+
+DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO = 0.25, 3.5
 
 
 def check_search_settings(sigma0: float, left: float, right: float, epsilon: float, epsilon_step: float,
@@ -101,6 +105,37 @@ def check_search_settings(sigma0: float, left: float, right: float, epsilon: flo
         raise UserError(f"--epsilon_step must be > 0 (probe step h = epsilon / epsilon_step), got {epsilon_step}")
     if gradient_n < 1:
         raise UserError(f"--gradient_n must be >= 1, got {gradient_n}")
+
+
+@dataclass(frozen=True)
+class QCRSSettings:
+    """The sigma search (flag names of the reference code's certify_qcrs.py).
+
+    Attributes:
+        sigma0: the fixed noise level (the base classifier's training noise), also certified.
+        left, right: the interval searched (default 0.25 and 3.5 times sigma0, see :meth:`around`).
+        epsilon: stop bisecting when the interval is this narrow.
+        epsilon_step: finite-difference step h = epsilon / epsilon_step (>= 2 keeps the result within epsilon).
+        gradient_n: noisy samples per radius estimate.
+        n_select: samples that pick c_hat for the search (None: gradient_n).
+    """
+    sigma0: float
+    left: float
+    right: float
+    epsilon: float = 0.01
+    epsilon_step: float = 2.0
+    gradient_n: int = 500
+    n_select: Optional[int] = None
+
+    @classmethod
+    def around(cls, sigma0: float, left: Optional[float] = None, right: Optional[float] = None,
+               **kwargs) -> "QCRSSettings":
+        """Settings with the default interval [0.25 sigma0, 3.5 sigma0] where ``left``/``right`` are None."""
+        return cls(sigma0, DEFAULT_LEFT_RATIO * sigma0 if left is None else left,
+                   DEFAULT_RIGHT_RATIO * sigma0 if right is None else right, **kwargs)
+
+    def validate(self) -> None:
+        check_search_settings(self.sigma0, self.left, self.right, self.epsilon, self.epsilon_step, self.gradient_n)
 
 
 def derived_seed(seed: int, tag: str) -> int:
@@ -160,7 +195,7 @@ class QCRSResult:
 
 
 class QCRS:
-    """Input-specific sigma for a :class:`SRS.core.Smooth` (any classifier, DEQ standard mode, or SRS).
+    """Input-specific sigma for a :class:`SRS.smooth.Smooth` (any classifier, DEQ standard mode, or SRS).
 
     See the module docstring for the algorithm, the noise streams and exactly what
     the certificate guarantees (and what it does not)."""
@@ -173,38 +208,46 @@ class QCRS:
                         generator: Optional[torch.Generator], stats: SampleStats) -> float:
         """R_hat(sigma) = sigma * PhiInv(LB(#c_hat / num, alpha)), 0 below 1/2 or on non-finite logits.
 
-        Uses the smoothed classifier's own sampling (the SRS chain in SRS mode, from
-        a fresh warm-up, no pairs): an estimate to steer the search, not a certificate."""
-        counts, bad = self.smooth._sample(x, num, batch_size, sigma, generator, stats, _Chain()).numpy()
+        Uses the smoothed classifier's own sampling (``Smooth.sample_counts``: the SRS chain in SRS
+        mode, from a fresh warm-up, no pairs): an estimate to steer the search, not a certificate."""
+        counts, bad = self.smooth.with_sigma(sigma).sample_counts(x, num, batch_size, generator, stats)
         if bad or c_hat == ABSTAIN:
             return 0.0
         p = lower_confidence_bound(int(counts[c_hat]), num, alpha)
         return radius_from_p(p, sigma) if p >= 0.5 else 0.0
 
-    def search(self, x: torch.Tensor, sigma0: float, left: float, right: float, epsilon: float, epsilon_step: float,
-               gradient_n: int, alpha: float, batch_size: int, generator: Optional[torch.Generator] = None,
-               n_select: Optional[int] = None) -> SearchResult:
+    def search(self, x: torch.Tensor, settings: QCRSSettings, alpha: float, batch_size: int,
+               generator: Optional[torch.Generator] = None) -> SearchResult:
         """Bisection on the sign of dR/dsigma over [left, right] (see the module docstring).
 
-        ``generator`` is only read (its initial seed names the search streams), never
-        advanced.  With left == right == sigma0 no sample is drawn."""
-        check_search_settings(sigma0, left, right, epsilon, epsilon_step, gradient_n)
+        Args:
+            x: (C, H, W) or (1, C, H, W) input.
+            settings: the search; validated here (one-line UserErrors).
+            alpha: level of the radius estimates (they steer the search only).
+            batch_size: noisy samples per mini-batch.
+            generator: only read (its initial seed names the search streams), never advanced.
+
+        Returns:
+            :class:`SearchResult`.  With left == right == sigma0 no sample is drawn.
+        """
+        settings.validate()
+        sigma0, gradient_n = settings.sigma0, settings.gradient_n
         t0 = time.time()
         self.smooth.base_classifier.eval()
         x = x.unsqueeze(0) if x.dim() == 3 else x
         seed = generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))
         device = x.device
         stats = SampleStats()
-        h = epsilon / epsilon_step
+        h = settings.epsilon / settings.epsilon_step
         out = SearchResult(best_sigma=sigma0, radius_at_best=float("nan"), samples_used=0, evaluations=0)
         c_hat: Optional[int] = None
 
         def select() -> int:
             nonlocal c_hat
             if c_hat is None:
-                counts, bad = self.smooth._sample(x, n_select or gradient_n, batch_size, sigma0,
-                                                  _generator(device, derived_seed(seed, "select")), stats,
-                                                  _Chain()).numpy()
+                counts, bad = self.smooth.with_sigma(sigma0).sample_counts(
+                    x, settings.n_select or gradient_n, batch_size, _generator(device, derived_seed(seed, "select")),
+                    stats)
                 c_hat = int(counts.argmax()) if counts.sum() > 0 else ABSTAIN
             return c_hat
 
@@ -214,8 +257,8 @@ class QCRS:
                                         _generator(device, derived_seed(seed, "probe")), stats)
 
         direction = 0
-        lo, hi = left, right
-        while hi - lo > epsilon:
+        lo, hi = settings.left, settings.right
+        while hi - lo > settings.epsilon:
             mid = (lo + hi) / 2
             s_minus = mid - h if mid - h > 0 else mid / 2
             r_minus, r_plus = r_hat(s_minus), r_hat(mid + h)
@@ -241,28 +284,37 @@ class QCRS:
         return out
 
     # ----------------------------------------------------------- certify
-    def certify(self, x: torch.Tensor, sigma0: float, left: float, right: float, epsilon: float, epsilon_step: float,
-                gradient_n: int, n0: int, n: int, alpha: float, batch_size: int,
-                generator: Optional[torch.Generator] = None, n_select: Optional[int] = None) -> QCRSResult:
+    def certify(self, x: torch.Tensor, settings: QCRSSettings, n0: int, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> QCRSResult:
         """Search sigma, then CERTIFY at best_sigma and at sigma0 (noise streams: module docstring).
 
         The QCRS certificate holds w.p. >= 1 - alpha for g_{best_sigma} at x only;
         the fixed one w.p. >= 1 - alpha for g_{sigma0}.  Not a certificate of the
-        input-dependent classifier x -> g_{sigma(x)}(x): see the module docstring."""
+        input-dependent classifier x -> g_{sigma(x)}(x): see the module docstring.
+
+        Args:
+            x, settings, alpha, batch_size: as :meth:`search`.
+            n0, n: CERTIFY's selection and estimation samples.
+            generator: the image's noise stream (both certificates start from its state at entry).
+
+        Returns:
+            :class:`QCRSResult` (unpacks as the QCRS prediction and radius).
+        """
         x = x.unsqueeze(0) if x.dim() == 3 else x
         if generator is None:
             generator = _generator(x.device, int(torch.randint(0, 2 ** 62, ())))
         state = generator.get_state()
-        found = self.search(x, sigma0, left, right, epsilon, epsilon_step, gradient_n, alpha, batch_size,
-                            generator, n_select)
+        found = self.search(x, settings, alpha, batch_size, generator)
+        sigma0 = settings.sigma0
         t0 = time.time()
-        cert = self.smooth.certify(x, n0, n, alpha, batch_size, generator=_clone(generator, state),
-                                   sigma=found.best_sigma)
+        cert = self.smooth.with_sigma(found.best_sigma).certify(x, n0, n, alpha, batch_size,
+                                                                generator=_clone(generator, state))
         t1 = time.time()
         if found.best_sigma == sigma0:
             fixed, fixed_samples = cert, 0
         else:
-            fixed = self.smooth.certify(x, n0, n, alpha, batch_size, generator=_clone(generator, state), sigma=sigma0)
+            fixed = self.smooth.with_sigma(sigma0).certify(x, n0, n, alpha, batch_size,
+                                                           generator=_clone(generator, state))
             fixed_samples = n0 + n
         t2 = time.time()
         return QCRSResult(cert, fixed, found, sigma0, n0 + n, fixed_samples, t1 - t0, t2 - t1)
@@ -286,81 +338,5 @@ def expected_search_samples(sigma0: float, left: float, right: float, epsilon: f
     return (n_select or gradient_n) + gradient_n * (2 * steps + 2)
 
 
-# --------------------------------------------------------------------------- command line
-# Columns: certify.py's, then the search, then the fixed-sigma certificate (read by
-# SRS/analysis.py --compare-fixed).  predict / radius / correct / p_A_lower are the QCRS
-# result; ``time`` is the whole row (search + both certificates): the QCRS-only time is
-# time - fixed_time.  search_nfe is the total evaluations of f of the search.
-QCRS_EXTRA_COLUMNS = ("best_sigma", "search_samples", "search_evals", "search_nfe", "search_time", "fixed_predict",
-                      "fixed_radius", "fixed_correct", "fixed_p_A_lower", "fixed_samples", "fixed_time")
-DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO = 0.25, 3.5
-
-
-def add_qcrs_args(p) -> None:
-    """The QCRS flags (names of the reference code's certify_qcrs.py)."""
-    p.add_argument("--sigma", type=float, required=True,
-                   help="fixed noise level sigma0: the base classifier's training noise; also certified for comparison")
-    p.add_argument("--left", type=float, default=None,
-                   help=f"smallest sigma searched (default {DEFAULT_LEFT_RATIO} * sigma)")
-    p.add_argument("--right", type=float, default=None,
-                   help=f"largest sigma searched (default {DEFAULT_RIGHT_RATIO} * sigma)")
-    p.add_argument("--epsilon", type=float, default=0.01, help="stop bisecting when the interval is this narrow")
-    p.add_argument("--epsilon_step", type=float, default=2.0,
-                   help="finite-difference step h = epsilon / epsilon_step (>= 2 keeps the result within epsilon)")
-    p.add_argument("--gradient_n", type=int, default=500, help="noisy samples per radius estimate of the search")
-
-
-def certify_qcrs_main(args) -> Dict[str, float]:
-    """certify.py with a per-input sigma: validate, load, search + certify every image, write one row each."""
-    from .cli import CERTIFY_COLUMNS, certificate_row, prepare_run, run_settings, validate_args
-
-    if args.left is None:
-        args.left = DEFAULT_LEFT_RATIO * args.sigma
-    if args.right is None:
-        args.right = DEFAULT_RIGHT_RATIO * args.sigma
-    validate_args(args)  # sigma, N, alpha, ... first: the search settings derive from sigma
-    check_search_settings(args.sigma, args.left, args.right, args.epsilon, args.epsilon_step, args.gradient_n)
-    smooth, dataset, device = prepare_run(args)
-    qcrs = QCRS(smooth)
-    meta = run_settings(
-        args, "certify_qcrs", smooth, device, left=args.left, right=args.right, epsilon=args.epsilon,
-        epsilon_step=args.epsilon_step, gradient_n=args.gradient_n,
-        guarantee="predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
-                  "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}")
-    # the search settings are header entries, so --resume refuses other ones (SRS.certification.ResultsFile)
-    results = ResultsFile(args.outfile, CERTIFY_COLUMNS + QCRS_EXTRA_COLUMNS, meta).open(args.resume, args.overwrite)
-
-    def work(x, label, idx):
-        r = qcrs.certify(x, args.sigma, args.left, args.right, args.epsilon, args.epsilon_step, args.gradient_n,
-                         args.N0, args.N, args.alpha, args.batch, generator=image_generator(args.seed, idx, device))
-        c, f, s = r.certificate, r.fixed, r.search
-        fixed_correct = int(f.prediction == label)
-        return {**certificate_row(c, idx, label), "best_sigma": float(s.best_sigma), "search_samples": s.samples_used, "search_evals": s.evaluations,
-                "search_nfe": float(s.nfe), "search_time": s.seconds, "fixed_predict": f.prediction,
-                "fixed_radius": float(f.radius), "fixed_correct": fixed_correct, "fixed_p_A_lower": f.p_A_lower,
-                "fixed_samples": r.fixed_samples, "fixed_time": r.fixed_seconds}
-
-    try:
-        summary = run_over_images(dataset, select_indices(len(dataset), args.skip, args.max), results, work, device,
-                                  "certify_qcrs", not args.quiet, f"lower --batch (now {args.batch})")
-    finally:
-        results.close()
-    summary.update(qcrs_summary(results.rows, args.N0 + args.N))
-    return summary
-
-
-def qcrs_summary(rows, certify_samples: int) -> Dict[str, float]:
-    """ACR (QCRS and fixed sigma), rows whose sigma moved, and the search cost, over all rows of the file."""
-    n = len(rows)
-    if not n:
-        return {"mean_search_samples": float("nan"), "search_overhead": float("nan"), "acr": float("nan"),
-                "fixed_acr": float("nan"), "moved": 0}
-    search = sum(float(r["search_samples"]) for r in rows)
-    return {"mean_search_samples": search / n, "search_overhead": search / (n * certify_samples),
-            "acr": sum(float(r["radius"]) * int(r["correct"]) for r in rows) / n,
-            "fixed_acr": sum(float(r["fixed_radius"]) * int(r["fixed_correct"]) for r in rows) / n,
-            "moved": sum(int(r["fixed_samples"]) > 0 for r in rows)}  # fixed_samples is 0 iff best_sigma == sigma0
-
-
-__all__ = ["QCRS", "QCRSResult", "SearchResult", "check_search_settings", "derived_seed", "bisection_steps",
-           "expected_search_samples", "QCRS_EXTRA_COLUMNS", "add_qcrs_args", "certify_qcrs_main"]
+__all__ = ["QCRS", "QCRSSettings", "QCRSResult", "SearchResult", "check_search_settings", "derived_seed",
+           "bisection_steps", "expected_search_samples", "DEFAULT_LEFT_RATIO", "DEFAULT_RIGHT_RATIO"]

@@ -5,7 +5,7 @@
     python scripts/bench_certify.py --random-init experiments/cifar/cls_mdeq_LARGE.yaml --images 5   # GPU timing
 
 Runs MDEQ-30A, SRS-MDEQ-1A, -3A and -1N with the default adaptive pairing (``--conf_drop auto``) and
-SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's own code path, and
+SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's runner (``SRS.runner.run``), and
 prints per method: seconds per image, speedup over MDEQ-30A, the largest certified-accuracy gap over
 the radii (default sigma * 0, 0.5, ..., 3), mean K and K_A, the misalignment rate sum(M) / sum(K_A),
 standard-solve calls per image, fallbacks to the standard model, and the sound speed limit computed
@@ -64,9 +64,11 @@ def main():
         for _, r in table.iterrows():
             print(f"| {r['method']} | {r['s/image']:.3f} | {r['speedup']:.2f}x | {r['std calls/image']:.1f} |")
         return
-    common = ["--N0", str(args.N0), "--N", str(args.N), "--alpha", str(args.alpha), "--batch", str(args.batch),
-              "--skip", str(args.skip), "--max", str(args.max), "--tol", "0", "--quiet", "--device", args.device,
-              "--threads", str(max(args.threads, 1))]
+    from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
+    template = RunSpec(data=DataSpec(args.dataset, skip=args.skip, max=args.max), checkpoint=args.ckpt, outfile="",
+                       sampling=Sampling(args.sigma, args.N, args.alpha, args.batch, args.N0),
+                       smoothing=SmoothingSpec(tol=0.0), device=args.device, threads=max(args.threads, 1),
+                       progress=False)
     methods = [standard(30), srs(1), srs(3), srs(1, "naive")]
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))
@@ -79,7 +81,7 @@ def main():
         methods = [m for m in methods if m.label in args.methods or m.label == "MDEQ-30A"]
     radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
     out = args.out or f"output/bench_certify/sigma{args.sigma:g}"
-    paths = run_methods(args.dataset, args.ckpt, args.sigma, methods, out, common)
+    paths = run_methods(template, methods, out)
     table, runs = comparison(paths, radii, baseline="MDEQ-30A")
     print()
     print(to_markdown(table))

@@ -19,9 +19,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from DEQ.errors import UserError, cli_main  # noqa: E402
+from DEQ.errors import UserError, cli_main
 
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 
@@ -31,28 +29,26 @@ def log(msg):
 
 
 def digits_checkpoint(sigma: float, retrain: bool, device: str) -> tuple:
-    """Train (or reuse) the digits checkpoint at this noise; return (path, training seconds or None)."""
+    """Train (or reuse) the digits checkpoint at this noise with the training CLI's own code
+    (``DEQ.training.train``); return (path, training seconds or None)."""
+    from DEQ.checkpoint import load_checkpoint
     from DEQ.config import load_config
-    from DEQ.training import Trainer, run_name, setup_logging
-    from DEQ.utils import pick_device
+    from DEQ.training import run_name, train
     cfg = load_config(DIGITS_CFG, noise=sigma)
     out = os.path.join(cfg.OUTPUT_DIR, "digits", run_name(DIGITS_CFG, sigma))
-    trainer_ckpt = os.path.join(out, "last.pth")
-    if os.path.isfile(trainer_ckpt) and not retrain:
-        from DEQ.checkpoint import load_checkpoint
-        if load_checkpoint(trainer_ckpt).get("epoch") == cfg.TRAIN.END_EPOCH:
-            log(f"reusing {trainer_ckpt}")
-            return trainer_ckpt, None
+    last = os.path.join(out, "last.pth")
+    exists = os.path.isfile(last)
+    if exists and not retrain and load_checkpoint(last).get("epoch") == cfg.TRAIN.END_EPOCH:
+        log(f"reusing {last}")
+        return last, None
     log(f"training the digits MDEQ at noise {sigma:g} -> {out} (log: {out}/train.log)")
-    setup_logging(out, quiet=True)
     t0 = time.time()
-    trainer = Trainer(cfg, pick_device(device), out, show_progress=sys.stdout.isatty())
-    if os.path.isfile(trainer_ckpt) and not retrain:
-        trainer.resume()
-    stats = trainer.fit()
+    outcome = train(DIGITS_CFG, sigma, out=out, resume=exists and not retrain, overwrite=exists and retrain,
+                    device=device, quiet=True, progress=sys.stdout.isatty())
     secs = time.time() - t0
+    stats = outcome.stats
     log(f"trained in {secs / 60:.1f} min: clean {stats.clean_acc:.1f}%, noisy {stats.noisy_acc:.1f}%")
-    return trainer.last_path, secs
+    return outcome.last_path, secs
 
 
 def cifar_present(data_dir) -> bool:
@@ -117,28 +113,26 @@ def main():
     args = p.parse_args()
 
     from SRS.benchmark import paper_methods, run_methods, srs, standard
+    from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
     if args.paper:
         if not cifar_present(args.data_dir):
             raise UserError(f"CIFAR-10 is not available here (no cifar-10-batches-py under --data-dir {args.data_dir!r}): "
                             f"the paper setting needs the data set and an MDEQ-LARGE checkpoint; nothing was run")
         if not args.ckpt:
             raise UserError("--paper needs --ckpt: train one with DEQ/tools/cls_train.py --cfg experiments/cifar/cls_mdeq_LARGE.yaml --noise 0.5")
-        dataset, sigmas, radii = "cifar10", [0.5], args.radii or [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-        common = ["--N0", "100", "--N", "10000", "--skip", "20", "--batch", "400", "--data-dir", args.data_dir]
+        sigmas, radii = [0.5], args.radii or [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+        data, N0, N, batch = DataSpec("cifar10", "test", args.data_dir, skip=20), 100, 10000, 400
         methods = paper_methods() + [srs(1, conf_drop=400, certificate="reference")]
         out_dir = args.out or "reports/cifar10"
     else:
-        dataset = "digits"
         sigmas = [0.25] if args.quick else args.sigmas
         N, skip, K = (1000, 25, args.conf_drop) if args.quick else (args.N, args.skip, args.conf_drop)
-        common = ["--N0", str(args.N0), "--N", str(N), "--skip", str(skip), "--batch", str(args.batch),
-                  "--max", str(args.max)]
+        data, N0, batch = DataSpec("digits", "test", None, skip=skip, max=args.max), args.N0, args.batch
         methods = [standard(30), srs(1, conf_drop=K), srs(3, conf_drop=K)] if args.quick else \
             paper_methods(K) + [srs(1, conf_drop=args.reference_K),
                                 srs(1, conf_drop=args.reference_K, certificate="reference")]
         out_dir = args.out or ("reports/quick" if args.quick else "reports/digits")
         radii = args.radii
-    common += ["--tol", "0", "--quiet", "--device", args.device]
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
     sections, headlines = [], {}
@@ -148,8 +142,10 @@ def main():
         else:
             ckpt, secs = digits_checkpoint(sigma, args.retrain, args.device)
         sigma_radii = radii or [round(sigma * k, 4) for k in (0, 0.5, 1, 1.5, 2, 2.5, 3)]
-        paths = run_methods(dataset, ckpt, sigma, methods, os.path.join(out_dir, "tsv"), common, log=log)
-        samples = 100 + 10000 if args.paper else args.N0 + N
+        template = RunSpec(data=data, checkpoint=ckpt, outfile="", sampling=Sampling(sigma, N, 0.001, batch, N0),
+                           smoothing=SmoothingSpec(tol=0.0), device=args.device, progress=False)
+        paths = run_methods(template, methods, os.path.join(out_dir, "tsv"), log=log)
+        samples = N0 + N
         text, headline = section(sigma, paths, sigma_radii, out_dir, secs, ckpt, samples)
         sections.append(text)
         headlines[sigma] = headline

@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:  # the repo is not installed into the venv; make D
 
 from DEQ.errors import UserError  # noqa: E402
 from SRS import analysis  # noqa: E402
+from SRS.results import REQUIRED_COLUMNS  # noqa: E402
 
 # Ours: metadata comments, float seconds, extra columns (including an unknown one).
 OURS = """# model: mdeq-small
@@ -68,7 +69,7 @@ def run_cli(*args, cwd=ROOT):
 def test_certified_accuracy_acr_abstain_time(tmp_path):
     df = analysis.read_results(write(tmp_path, "ours.tsv", OURS))
     assert df.attrs["meta"] == {"model": "mdeq-small", "sigma": "0.25"}
-    assert list(df.columns[:6]) == list(analysis.REQUIRED_COLUMNS) and "mystery" in df.columns
+    assert list(df.columns[:6]) == list(REQUIRED_COLUMNS) and "mystery" in df.columns
     np.testing.assert_allclose(analysis.certified_accuracy(df, [0, 0.25, 0.3, 0.5, 0.8, 1.0]),
                                [2 / 4, 2 / 4, 2 / 4, 1 / 4, 1 / 4, 0])
     assert analysis.average_certified_radius(df) == pytest.approx((0.8 + 0.3) / 4)

@@ -11,20 +11,22 @@ import pytest
 
 from SRS.benchmark import (comparison, max_gap, method_summary, paper_methods, run_methods, sound_speed_limit, srs,
                            standard)
+from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
 
 
 def test_paper_methods_are_the_papers_rows():
     labels = [m.label for m in paper_methods()]
     assert labels == ["MDEQ-1A", "MDEQ-5A", "MDEQ-30A", "SRS-MDEQ-1N", "SRS-MDEQ-1A", "SRS-MDEQ-3A"]
-    assert "--srs" in srs(1).flags and "--srs" not in standard(30).flags
+    assert dict(srs(1).settings)["srs"] is True and dict(standard(30).settings)["srs"] is False
     assert paper_methods(400)[-1].label == "SRS-MDEQ-3A K=400"
 
 
 def test_suite_runs_resumes_and_tabulates(tmp_path, tiny_checkpoint):
-    common = ["--N0", "10", "--N", "40", "--batch", "20", "--skip", "90", "--tol", "0", "--quiet"]
+    common = RunSpec(data=DataSpec("digits", skip=90), checkpoint=tiny_checkpoint, outfile="",
+                     sampling=Sampling(0.25, 40, 0.001, 20, 10), smoothing=SmoothingSpec(tol=0.0), progress=False)
     methods = [standard(3), srs(1, conf_drop=10, std=("anderson", 3), warmup=("anderson", 3)),
                srs(1, std=("anderson", 3), warmup=("anderson", 3))]
-    paths = run_methods("digits", tiny_checkpoint, 0.25, methods, str(tmp_path), common, log=lambda m: None)
+    paths = run_methods(common, methods, str(tmp_path), log=lambda m: None)
     table, runs = comparison(paths, [0.0, 0.1], baseline="MDEQ-3A")
     assert list(table.index) == ["MDEQ-3A", "SRS-MDEQ-1A K=10", "SRS-MDEQ-1A"] and len(runs["MDEQ-3A"]) == 5
     assert runs["SRS-MDEQ-1A K=10"]["K"].max() == 10
@@ -33,7 +35,7 @@ def test_suite_runs_resumes_and_tabulates(tmp_path, tiny_checkpoint):
     gap, at = max_gap(runs, "SRS-MDEQ-1A K=10", "MDEQ-3A", [0.0, 0.1])
     assert 0.0 <= gap <= 100.0 and at in (0.0, 0.1)
     before = {p: open(p).read() for p in paths.values()}
-    run_methods("digits", tiny_checkpoint, 0.25, methods, str(tmp_path), common, log=lambda m: None)
+    run_methods(common, methods, str(tmp_path), log=lambda m: None)
     assert {p: open(p).read() for p in paths.values()} == before  # finished files are reused, not redone
 
 

@@ -11,6 +11,7 @@ linear layer (standardises each logit over noisy test samples, then favours clas
 standard deviations): the network is the same, but its predictions now depend on the noise,
 which gives rows that certify, rows that abstain, and counts that change with the seed.
 """
+import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -26,15 +27,16 @@ from scipy.stats import beta, binomtest, norm
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ROOT / "SRS" / "code"
-for p in (str(ROOT), str(CODE)):  # the scripts do `import _paths`
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 import SRS.cli as srs_cli  # noqa: E402
+import SRS.runner as srs_runner  # noqa: E402
 from DEQ.checkpoint import load_model  # noqa: E402
 from DEQ.data import get_dataset  # noqa: E402
+from DEQ.interface import DEQOutput  # noqa: E402
 from DEQ.solvers import solve as fp_solve  # noqa: E402
-from SRS.core import ABSTAIN, DEQSolve, Smooth, SRSConfig  # noqa: E402
+from SRS.results import CERTIFY_COLUMNS, read_rows  # noqa: E402
+from SRS.settings import DEQSolve, SRSConfig  # noqa: E402
+from SRS.smooth import ABSTAIN, Smooth  # noqa: E402
 
 CERTIFY_HEADER = ["idx", "label", "predict", "radius", "correct", "time", "n_A", "n", "p_A_lower", "p_m_upper",
                   "N_A_E", "K", "K_A", "M", "nfe", "residual", "status", "route", "std_calls", "std_rows"]
@@ -79,17 +81,7 @@ def run_script(script, argv, cwd=None):
 
 def read_results(path):
     """(metadata dict, header, rows as dicts of strings, raw data lines)."""
-    meta, header, rows, lines = {}, None, [], []
-    for line in Path(path).read_text().splitlines():
-        if line.startswith("# "):
-            key, _, value = line[2:].partition(": ")
-            meta[key] = value
-        elif header is None:
-            header = line.split("\t")
-        elif line:
-            lines.append(line)
-            rows.append(dict(zip(header, line.split("\t"))))
-    return meta, header, rows, lines
+    return read_rows(path)
 
 
 def without_time(rows):
@@ -430,7 +422,7 @@ BAD_CERTIFY = [
 @pytest.mark.parametrize("name,case,needles", BAD_CERTIFY, ids=[c[0] for c in BAD_CERTIFY])
 def test_certify_bad_input_one_line_error_and_no_output(ckpt, tmp_path, capsys, monkeypatch, name, case, needles):
     if name != "unwritable":  # everything else must fail before the data set is even opened
-        monkeypatch.setattr(srs_cli, "get_dataset", _no_dataset)
+        monkeypatch.setattr(srs_runner, "get_dataset", _no_dataset)
     ck = ckpt
     if case.get("ckpt") == "missing":
         ck = tmp_path / "nope" / "missing.pth"
@@ -459,7 +451,7 @@ BAD_PREDICT = [
 
 @pytest.mark.parametrize("name,sigma,extra,needles", BAD_PREDICT, ids=[c[0] for c in BAD_PREDICT])
 def test_predict_bad_input_one_line_error_and_no_output(ckpt, tmp_path, capsys, monkeypatch, name, sigma, extra, needles):
-    monkeypatch.setattr(srs_cli, "get_dataset", _no_dataset)
+    monkeypatch.setattr(srs_runner, "get_dataset", _no_dataset)
     out = tmp_path / "p.tsv"
     with pytest.raises(SystemExit) as exc:
         predict_script.main(["digits", ckpt] + sigma + [str(out), "--N", "60", "--quiet"] + extra)
@@ -481,16 +473,6 @@ def test_wrong_dataset_checkpoint_fails_in_a_real_process_without_download(ckpt,
 
 
 # ----------------------------------------------------------------- 7. non-finite solves
-class _Res:
-    def __init__(self, nfe, residual):
-        self.nfe, self.residual = nfe, residual
-
-
-class _Out:
-    def __init__(self, logits, z, result):
-        self.logits, self.z, self.result = logits, z, result
-
-
 class NaNDEQ(torch.nn.Module):
     """z = z/2 + x on R^d, head sign(w.z): a 2-class DEQ whose solve returns NaN logits (and state)
     for every sample whose first input coordinate exceeds ``thresh``."""
@@ -510,7 +492,8 @@ class NaNDEQ(torch.nn.Module):
         self.nan_rows += int(bad.sum())
         logits[bad] = float("nan")
         z[bad] = float("nan")  # a diverged state also poisons the SRS warm start
-        return _Out(logits, z, _Res(res.nfe, torch.where(bad, torch.full_like(s, float("nan")), res.residual)))
+        return DEQOutput(logits, z, dataclasses.replace(res, residual=torch.where(bad, torch.full_like(s, float("nan")),
+                                                                                 res.residual)))
 
     def forward(self, x):
         return self.solve(x).logits
@@ -563,14 +546,14 @@ class _NaNOnCalls:
 
 
 def test_nonfinite_logits_row_through_certify_main(ckpt, tmp_path, monkeypatch):
-    real_load = srs_cli.load_model
+    real_load = srs_runner.load_model
 
     def load(path, device="cpu", cfg_path=None):
         model, cfg, raw = real_load(path, device, cfg_path)
         # standard mode, N0 10 / N 60 / batch 30: 3 solves per image; solve 5 is image 1's first estimation batch
         return _NaNOnCalls(model, {5}), cfg, raw
 
-    monkeypatch.setattr(srs_cli, "load_model", load)
+    monkeypatch.setattr(srs_runner, "load_model", load)
     out = tmp_path / "nan.tsv"
     summary = run_certify(certify_argv(ckpt, out, "--max", "3"))
     assert summary["images"] == 3

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from SRS.bounds import eliminated_p_lower, lower_confidence_bound
-from SRS.core import ABSTAIN, DEQSolve, Smooth, SRSConfig, _safe_argmax
-from SRS.pairing import (RouteCosts, adaptive_pair_count, choose_route, eliminated_z, first_in_A, fixed_pairs, pair_permutation,
+from SRS.sampling import safe_argmax as _safe_argmax
+from SRS.settings import DEQSolve, SRSConfig
+from SRS.smooth import ABSTAIN, Smooth
+from SRS.pairing import (RouteCosts, route_costs, adaptive_pair_count, choose_route, eliminated_z, first_in_A, fixed_pairs, pair_permutation,
                          pairs_needed, predicted_n_A)
 from test_smoothing import _deq_setup, binomial_slack, violation_rate
 
@@ -196,7 +198,8 @@ def test_step_cost_prices_a_tolerance_step_by_its_expected_evaluations():
     std = DEQSolve("anderson", 30, 0.0)
     capped = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step))
     priced = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step, step_cost=3.0))
-    assert capped._costs().srs == capped._costs().standard and priced._costs().srs == 4.0
+    capped_costs, priced_costs = route_costs(capped.srs, std), route_costs(priced.srs, std)
+    assert capped_costs.srs == capped_costs.standard and priced_costs.srs == 4.0
     routes = {name: {s.certify(x, 20, 600, 0.1, 50, generator=torch.Generator().manual_seed(k)).route for k in range(8)}
               for name, s in (("capped", capped), ("priced", priced))}
     assert routes["capped"] == {"fallback"} and "srs" in routes["priced"]

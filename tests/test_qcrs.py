@@ -33,10 +33,13 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import beta, norm
 
 from DEQ.errors import UserError
+from DEQ.interface import DEQOutput
 from DEQ.solvers import solve
 from SRS import analysis
-from SRS.core import ABSTAIN, DEQSolve, Smooth, SRSConfig
-from SRS.qcrs import QCRS, QCRS_EXTRA_COLUMNS, bisection_steps, check_search_settings, expected_search_samples
+from SRS.qcrs import QCRS, QCRSSettings, bisection_steps, check_search_settings, expected_search_samples
+from SRS.results import QCRS_EXTRA_COLUMNS
+from SRS.settings import DEQSolve, SRSConfig
+from SRS.smooth import ABSTAIN, Smooth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "SRS", "code", "certify_qcrs.py")
@@ -101,7 +104,7 @@ def test_search_lands_within_epsilon_of_the_best_sigma():
     G, alpha, eps = 50_000, 0.001, 0.02
     sigma_star, _ = argmax_radius(G, alpha)
     qcrs = QCRS(Smooth(WedgeDisk(), 2, 0.5))
-    res = qcrs.search(X0, 0.5, 0.1, 1.5, eps, 2.0, G, alpha, G, generator=_gen(3))
+    res = qcrs.search(X0, QCRSSettings(0.5, 0.1, 1.5, eps, 2.0, G), alpha, G, generator=_gen(3))
     assert abs(res.best_sigma - sigma_star) <= eps, (res.best_sigma, sigma_star)
     assert not res.kept_sigma0 and res.c_hat == 1
     assert res.radius_at_best > res.radius_at_sigma0
@@ -110,16 +113,16 @@ def test_search_lands_within_epsilon_of_the_best_sigma():
     assert res.evaluations == 2 * steps + 2 == len(res.trace) * 2 + 2
     assert res.samples_used == G * (1 + 2 * steps + 2) == expected_search_samples(0.5, 0.1, 1.5, eps, G)
     # A sigma0 that is better than anything the bisection can reach is kept.
-    kept = qcrs.search(X0, sigma_star, sigma_star, 1.5, 0.05, 2.0, 5000, alpha, 5000, generator=_gen(3))
+    kept = qcrs.search(X0, QCRSSettings(sigma_star, sigma_star, 1.5, 0.05, 2.0, 5000), alpha, 5000, generator=_gen(3))
     assert kept.kept_sigma0 and kept.best_sigma == sigma_star
 
 
 def test_certify_uses_best_sigma_and_the_fixed_row_is_the_ordinary_certificate():
     smooth = Smooth(WedgeDisk(), 2, 0.6)
     qcrs = QCRS(smooth)
-    r = qcrs.certify(X0, 0.6, 0.1, 1.5, 0.05, 2.0, 5000, 100, 20_000, 0.001, 5000, generator=_gen(11))
+    r = qcrs.certify(X0, QCRSSettings(0.6, 0.1, 1.5, 0.05, 2.0, 5000), 100, 20_000, 0.001, 5000, generator=_gen(11))
     fixed = smooth.certify(X0, 100, 20_000, 0.001, 5000, generator=_gen(11))
-    at_best = smooth.certify(X0, 100, 20_000, 0.001, 5000, generator=_gen(11), sigma=r.best_sigma)
+    at_best = smooth.with_sigma(r.best_sigma).certify(X0, 100, 20_000, 0.001, 5000, generator=_gen(11))
     assert r.best_sigma != 0.6 and r.certificate.prediction == r.fixed.prediction == 1
     assert r.certificate.radius > r.fixed.radius > 0
     for a, b in ((r.fixed, fixed), (r.certificate, at_best)):  # same image stream, as certify.py
@@ -132,7 +135,7 @@ def test_certify_uses_best_sigma_and_the_fixed_row_is_the_ordinary_certificate()
 
 def test_left_equal_right_equal_sigma_reproduces_fixed_certify_exactly():
     smooth = Smooth(WedgeDisk(), 2, 0.45)
-    r = QCRS(smooth).certify(X0, 0.45, 0.45, 0.45, 0.01, 2.0, 1000, 50, 3000, 0.01, 700, generator=_gen(5))
+    r = QCRS(smooth).certify(X0, QCRSSettings(0.45, 0.45, 0.45, 0.01, 2.0, 1000), 50, 3000, 0.01, 700, generator=_gen(5))
     c = smooth.certify(X0, 50, 3000, 0.01, 700, generator=_gen(5))
     for got in (r.certificate, r.fixed):
         assert (got.prediction, got.radius, got.n_A, got.p_A_lower) == (c.prediction, c.radius, c.n_A, c.p_A_lower)
@@ -151,17 +154,12 @@ def test_final_certificate_is_sound_for_g_at_the_chosen_sigma():
     smooth = Smooth(WedgeDisk(), 2, 0.6)
     qcrs = QCRS(smooth)
     for rep in range(reps):
-        r = qcrs.certify(X0, 0.6, 0.1, 1.5, 0.05, 2.0, 400, 20, 400, alpha, 400, generator=_gen(1000 + rep))
+        r = qcrs.certify(X0, QCRSSettings(0.6, 0.1, 1.5, 0.05, 2.0, 400), 20, 400, alpha, 400, generator=_gen(1000 + rep))
         c = r.certificate
         p_true = p_one(r.best_sigma) if c.prediction == 1 else 1 - p_one(r.best_sigma)
         if c.prediction != ABSTAIN and c.p_A_lower > p_true:
             bad += 1
     assert bad / reps <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / reps)
-
-
-class _Out:
-    def __init__(self, logits, z, result):
-        self.logits, self.z, self.result = logits, z, result
 
 
 class WedgeDiskDEQ(torch.nn.Module):
@@ -171,7 +169,7 @@ class WedgeDiskDEQ(torch.nn.Module):
         xf = x.flatten(1)
         z0 = torch.zeros_like(xf) if z0 is None else z0
         res = solve(solver, lambda z: 0.5 * z + xf, z0, max_iter, tol=1e-10 if tol is None else tol, stop_mode="abs")
-        return _Out(WedgeDisk()(res.z.view(x.shape) / 2), res.z, res)
+        return DEQOutput(WedgeDisk()(res.z.view(x.shape) / 2), res.z, res)
 
     def forward(self, x):
         return self.solve(x).logits
@@ -180,7 +178,7 @@ class WedgeDiskDEQ(torch.nn.Module):
 def test_srs_mode_search_and_certificate():
     srs = SRSConfig(step=DEQSolve("naive", 12, 0.0), warmup=DEQSolve("naive", 30, 0.0), conf_drop=200)
     smooth = Smooth(WedgeDiskDEQ(), 2, 0.6, standard=DEQSolve("naive", 60), srs=srs)
-    r = QCRS(smooth).certify(X0, 0.6, 0.1, 1.5, 0.05, 2.0, 1000, 50, 1000, 0.001, 250, generator=_gen(2))
+    r = QCRS(smooth).certify(X0, QCRSSettings(0.6, 0.1, 1.5, 0.05, 2.0, 1000), 50, 1000, 0.001, 250, generator=_gen(2))
     assert abs(r.best_sigma - argmax_radius(1000, 0.001)[0]) <= 0.1
     assert r.certificate.prediction == 1 and r.certificate.K == 200 and r.certificate.p_m_upper < 0.1
     assert r.certificate.radius > r.fixed.radius > 0 and r.search.nfe > 0
@@ -200,17 +198,13 @@ def test_bad_settings_raise_user_error(sigma, left, right, eps, step, gn, match)
     with pytest.raises(UserError, match=match):
         check_search_settings(sigma, left, right, eps, step, gn)
     with pytest.raises(UserError, match=match):
-        QCRS(Smooth(WedgeDisk(), 2, sigma)).search(X0, sigma, left, right, eps, step, gn, 0.01, 10)
+        QCRS(Smooth(WedgeDisk(), 2, sigma)).search(X0, QCRSSettings(sigma, left, right, eps, step, gn), 0.01, 10)
 
 
 def _load_cli():
     spec = importlib.util.spec_from_file_location("certify_qcrs_cli", CLI)
-    sys.path.insert(0, os.path.dirname(CLI))
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.dirname(CLI))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -19,8 +19,6 @@ from DEQ.checkpoint import load_checkpoint, save_checkpoint
 from DEQ.errors import UserError
 
 CODE = Path(ROOT) / "SRS" / "code"
-if str(CODE) not in sys.path:
-    sys.path.insert(0, str(CODE))  # the scripts do `import _paths`
 
 
 def _load(path, name):
@@ -260,7 +258,7 @@ def test_failed_training_start_leaves_no_folder_behind(tmp_path, monkeypatch, ca
 
 # ------------------------------------------------------------------ item 3: every header key is checked
 def _results(path, meta, resume):
-    from SRS.certification import ResultsFile
+    from SRS.results import ResultsFile
     return ResultsFile(str(path), ("idx", "correct", "time"), meta).open(resume, False)
 
 
@@ -322,11 +320,11 @@ def test_summary_after_resume_covers_the_whole_file(tiny_checkpoint, tmp_path, c
 
 # ------------------------------------------------------------------ item 5: out of memory
 def test_out_of_memory_in_certify_says_lower_batch(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import SRS.cli as srs_cli
+    from SRS.smooth import Smooth
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(srs_cli.Smooth, "certify", oom)
+    monkeypatch.setattr(Smooth, "certify", oom)
     assert run_main("certify", ["digits", tiny_checkpoint, "0.25", str(tmp_path / "o.tsv"), *SMALL]) == 2
     line = one_error_line(capsys)
     assert "out of memory" in line and "lower --batch (now 20)" in line and "--resume" in line

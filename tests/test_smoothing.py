@@ -15,9 +15,11 @@ import torch
 from scipy.stats import beta, norm
 from statsmodels.stats.proportion import proportion_confint
 
+from DEQ.interface import DEQOutput
 from DEQ.solvers import solve
-from SRS.core import (ABSTAIN, DEQSolve, Smooth, SRSConfig, lower_confidence_bound, radius_from_p,
-                      upper_confidence_bound)
+from SRS.bounds import lower_confidence_bound, radius_from_p, upper_confidence_bound
+from SRS.settings import DEQSolve, SRSConfig
+from SRS.smooth import ABSTAIN, Smooth
 
 
 class Linear(torch.nn.Module):
@@ -30,11 +32,6 @@ class Linear(torch.nn.Module):
     def forward(self, x):
         s = x.flatten(1) @ self.w + self.b
         return torch.stack([-s, s], 1)
-
-
-class _Out:
-    def __init__(self, logits, z, result):
-        self.logits, self.z, self.result = logits, z, result
 
 
 class LinearDEQ(torch.nn.Module):
@@ -51,7 +48,7 @@ class LinearDEQ(torch.nn.Module):
             z0 = torch.zeros_like(xf)
         res = solve(solver, lambda z: self.a * z + xf, z0, max_iter, tol=1e-12 if tol is None else tol, stop_mode="abs")
         s = res.z @ self.w + self.b
-        return _Out(torch.stack([-s, s], 1), res.z, res)
+        return DEQOutput(torch.stack([-s, s], 1), res.z, res)
 
     def forward(self, x):
         return self.solve(x).logits
@@ -226,7 +223,7 @@ def test_a_diverging_solve_makes_the_image_abstain():
             blow[::5] = float("inf")  # every 5th sample's map explodes to inf/NaN at once
             res = solve(solver, lambda z: self.a * z + xf + blow * (z + 1), z0, max_iter, tol=1e-12)
             s = res.z @ self.w + self.b
-            return _Out(torch.stack([-s, s], 1), res.z, res)
+            return DEQOutput(torch.stack([-s, s], 1), res.z, res)
     bad = Diverging(model.w, model.b, model.a)
     for srs in (None, SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0), conf_drop=10)):
         c = Smooth(bad, 2, 0.5, standard=DEQSolve("naive", 5), srs=srs).certify(x, 10, 50, 0.01, 25)

@@ -34,6 +34,7 @@ from torchdeq.dropout import VariationalDropout2d as _TorchdeqVariationalDropout
 from torchdeq.loss import jac_reg
 from torchdeq.norm import apply_norm, reset_norm
 
+from ..interface import DEQOutput
 from ..data import dataset_info
 from ..implicit import attach_implicit_backward
 from ..solvers import SolverResult, solve
@@ -212,13 +213,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + residual)
-
-
-@dataclass
-class DEQOutput:
-    logits: torch.Tensor
-    z: torch.Tensor              # flat fixed point (B, D), to warm-start a later solve
-    result: Optional[SolverResult]
 
 
 @dataclass

@@ -16,13 +16,9 @@ local processes); on a busy machine oversubscribed threads made certification
 Flags go before the KEY VALUE overrides.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from DEQ.errors import UserError, cli_main  # noqa: E402
-from DEQ.training import train_main  # noqa: E402
+from DEQ.errors import UserError, cli_main
+from DEQ.training import train_main
 
 
 def parse_args(argv=None):

@@ -7,8 +7,6 @@ Runs must cover the same images (else one error line; --allow-different-images c
 anyway and says so).  RRD lines are printed for a standard and an SRS run of the same sigma
 (from the files' headers; a headerless reference file counts as SRS when its label says SRS).
 """
-import _paths  # noqa: F401
-
 import argparse
 import sys
 
@@ -33,7 +31,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@cli_main
+@cli_main(interrupted="interrupted: files in --out may be incomplete; rerun to write them all")
 def main(argv=None):
     args = parse_args(argv)
     if any(r < 0 for r in args.radii):

@@ -8,8 +8,6 @@
 cores shared among torchrun's local processes): on a busy machine oversubscribed threads
 made certification ~50x slower.
 """
-import _paths  # noqa: F401
-
 from DEQ.errors import cli_main
 from SRS.cli import certify_main, certify_parser
 
@@ -21,6 +19,8 @@ def parse_args(argv=None):
 @cli_main
 def main(argv=None):
     summary = certify_main(parse_args(argv))
+    if not summary["main"]:
+        return  # under torchrun rank 0 reports
     print(f"certified {summary['images']} images ({summary['skipped_done']} already in the file); all {summary['rows']} "
           f"rows of the file: accuracy at radius 0 {100 * summary['accuracy']:.1f}%, {summary['seconds_per_image']:.2f} s/image")
 

@@ -14,27 +14,19 @@ fixed_* columns are the ordinary certificate of the single classifier g_{sigma}.
 --threads N: torch's CPU threads (default: OMP_NUM_THREADS, else usable cores / torchrun
 local processes; oversubscription on a busy machine made certification ~50x slower).
 """
-import argparse
-
-import _paths  # noqa: F401
-
 from DEQ.errors import cli_main
-from SRS.cli import add_common_args
-from SRS.qcrs import add_qcrs_args, certify_qcrs_main
+from SRS.cli import certify_qcrs_main, qcrs_parser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Certify many examples with QCRS (input-specific sigma)")
-    add_common_args(p, with_sigma=False)
-    add_qcrs_args(p)
-    p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
-    p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
-    return p.parse_args(argv)
+    return qcrs_parser().parse_args(argv)
 
 
 @cli_main
 def main(argv=None):
     s = certify_qcrs_main(parse_args(argv))
+    if not s["main"]:
+        return  # under torchrun rank 0 reports
     print(f"certified {s['images']} images ({s['skipped_done']} already in the file); all {s['rows']} rows of the file: "
           f"accuracy at radius 0 "
           f"{100 * s['accuracy']:.1f}%, ACR {s['acr']:.3f} (fixed sigma {s['fixed_acr']:.3f}), sigma moved on "

@@ -1,7 +1,0 @@
-"""Make the repository root importable when a script in SRS/code is run directly."""
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)

@@ -1,0 +1,84 @@
+"""Settings of a smoothed classifier: how the base DEQ solves, and how SRS samples and pairs.
+
+Plain frozen dataclasses, built by the command lines (``SRS.cli``), the benchmark and
+tests alike; :class:`SRS.smooth.Smooth` takes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DEQSolve:
+    """How a DEQ base classifier solves: solver name, evaluation budget, tolerance (None: model default)."""
+    solver: str = "anderson"
+    max_iter: int = 30
+    tol: Optional[float] = None
+
+    def label(self) -> str:
+        return f"{self.max_iter}{self.solver[0].upper()}"
+
+    def describe(self) -> str:
+        """``solver:budget``, as in the results header."""
+        return f"{self.solver}:{self.max_iter}"
+
+
+@dataclass(frozen=True)
+class SRSConfig:
+    """Serialized randomized smoothing settings (names as the reference flags).
+
+    Attributes:
+        step: the SRS solve from the warm start (``--f_solver/--f_thresh``; its tol lets it stop
+            early, the budget acting as a cap).
+        warmup, warmup_interval: warm-up batches from zeros (the first; and every k-th if k > 0).
+        conf_drop: K, the paired samples of the correlation-eliminated bound; None = adaptive
+            (``--conf_drop auto``, the default): K_A = ``SRS.pairing.pairs_needed`` per image.
+        certificate: 'eliminated' (default; steps 1-5 of the SRS paper as specified:
+            N_A_E = N_A (1 - p_m_upper), then the Clopper-Pearson bound of N_A_E / n);
+            'reference' (the reference code's variant, weaker: bound of (N_A r)/(n r),
+            r = 1 - p_m_upper, which keeps N_A/n and only shrinks n); 'none' (no correction:
+            certifies the SRS chain as if it were f_D, NOT a guarantee; for ablations only).
+        chain_across_phases: carry the chain from selection into estimation.
+        radius_slack: adaptive K aims within this many sigma of the radius the SRS counts alone give.
+        max_pairs: most paired standard solves per image (None: N).
+        fallback: adaptive mode only: certify with the standard model outright when the selection
+            samples predict that SRS plus its pairs would cost more (see ``SRS.pairing.choose_route``).
+        overhead: stem, head and noise of one sample in evaluations of f (cost model of the fallback).
+        step_cost: evaluations of f an SRS step is expected to spend (cost model only; None: its
+            budget). Set it for a step with a tolerance, whose budget is only a cap.
+    """
+    step: DEQSolve = DEQSolve("anderson", 1)
+    warmup: DEQSolve = DEQSolve("anderson", 10)
+    warmup_interval: int = 0
+    conf_drop: Optional[int] = None
+    certificate: str = "eliminated"
+    chain_across_phases: bool = True
+    radius_slack: float = 0.05
+    max_pairs: Optional[int] = None
+    fallback: bool = True
+    overhead: float = 1.0
+    step_cost: Optional[float] = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.conf_drop is None
+
+    @property
+    def pairs(self) -> bool:
+        """Whether this certificate pairs at all ('none' does not)."""
+        return self.certificate != "none" and (self.adaptive or self.conf_drop > 0)
+
+    def describe(self) -> str:
+        """One line with every setting that changes a certificate (the results header's ``srs`` entry)."""
+        text = (f"step={self.step.describe()} step_tol={self.step.tol} warmup={self.warmup.describe()} "
+                f"interval={self.warmup_interval} conf_drop={'auto' if self.adaptive else self.conf_drop} "
+                f"certificate={self.certificate} chain_across_phases={self.chain_across_phases}")
+        if self.adaptive and self.pairs:
+            text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs} fallback={self.fallback}"
+        if self.step_cost is not None:
+            text += f" step_cost={self.step_cost}"
+        return text
+
+
+__all__ = ["DEQSolve", "SRSConfig"]

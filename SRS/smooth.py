@@ -1,0 +1,220 @@
+"""The smoothed classifier: CERTIFY and PREDICT (Cohen et al. 2019), standard or serialized (SRS).
+
+For a base classifier f and noise level sigma, g(x) = argmax_c P(f(x + e) = c) with
+e ~ N(0, sigma^2 I).  :class:`Smooth` works for any ``nn.Module`` that maps images to logits.
+With a DEQ (:class:`DEQ.interface.DEQClassifier`) it samples in two ways:
+
+* standard: every noisy copy is solved from zeros with the standard solver and budget (the
+  classifier f_D whose smoothed version is certified);
+* SRS (:class:`SRS.settings.SRSConfig`): the noisy copies run through an
+  :class:`SRS.sampling.SRSChain`, each batch warm-started from the previous one.  SRS predictions
+  are not independent draws of f_D(x + e), so they are certified with the correlation-eliminated
+  certificate of Gao et al. (2024): a uniform subsample of the samples in A gets a paired standard
+  solve after the pass (on regenerated noise, in full batches), and the misalignment it reveals
+  corrects the count (:mod:`SRS.certificates`).  Which samples are paired, how many, and when an
+  image is better certified by the standard model outright is decided in :mod:`SRS.pairing`,
+  whose docstring holds the soundness argument.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
+                           eliminate_top_count)
+from .pairing import PairPlan, image_route, pair_cap, plan_pairs
+from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, draw_counts, ensure_generator,
+                       is_deq, regenerate, safe_argmax)
+from .settings import DEQSolve, SRSConfig
+
+
+class Smooth:
+    """A smoothed classifier g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I).
+
+    Guarantee (Cohen et al. 2019, Thm 1 and its Monte Carlo version): if
+    ``certify`` returns (c, R) with c != ABSTAIN, then with probability at least
+    1 - alpha over its noise draws, g(x) = c and g(x + d) = c for every
+    ||d||_2 < R, where g is the smoothed version of the *standard* base
+    classifier: ``base_classifier`` itself for plain modules, and for a DEQ the
+    model solved from zeros with ``standard`` (solver, budget).  This holds in
+    SRS mode too, with fixed or adaptive pairing and with the standard
+    fallback: the correlation-eliminated certificate only ever claims a radius
+    for the standard model's smoothed classifier (argument in ``SRS.pairing``).
+
+    ``predict`` returns g(x) or ABSTAIN; it returns a wrong class (not g(x))
+    with probability at most alpha.
+
+    Args:
+        base_classifier: images -> logits; a :class:`DEQ.interface.DEQClassifier` for DEQ settings.
+        num_classes: number of classes.
+        sigma: noise level (pixel units).
+        standard: the standard DEQ solve (default :class:`DEQSolve`; ignored for plain modules).
+        srs: SRS settings; None samples the standard model only.
+    """
+
+    def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float,
+                 standard: Optional[DEQSolve] = None, srs: Optional[SRSConfig] = None):
+        self.base_classifier = base_classifier
+        self.num_classes = num_classes
+        self.sigma = sigma
+        self.is_deq = is_deq(base_classifier)
+        if srs is not None and not self.is_deq:
+            raise ValueError("SRS needs a DEQ base classifier (a model with a .solve method)")
+        self.standard = standard or (DEQSolve() if self.is_deq else None)
+        self.srs = srs
+        self._standard = StandardSolver(base_classifier, self.standard if self.is_deq else None)
+
+    def with_sigma(self, sigma: float) -> "Smooth":
+        """The same base classifier and settings smoothed at another noise level."""
+        return Smooth(self.base_classifier, self.num_classes, sigma, self.standard, self.srs)
+
+    # ----------------------------------------------------------- public API
+    def sample_counts(self, x: torch.Tensor, num: int, batch_size: int, generator: Optional[torch.Generator] = None,
+                      stats: Optional[SampleStats] = None) -> Tuple[np.ndarray, int]:
+        """Class counts of ``num`` noisy copies of x, sampled as this classifier samples: the standard
+        model, or in SRS mode a fresh chain (warm-up first) without pairs.  No certificate: for
+        searches and estimates (QCRS).
+
+        Args:
+            x: (C, H, W) or (1, C, H, W) input.
+            stats: accumulates cost and residuals if given.
+
+        Returns:
+            (counts per class, samples with non-finite logits).
+        """
+        self.base_classifier.eval()
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        generator = ensure_generator(generator, x.device)
+        stats = SampleStats() if stats is None else stats
+        chain = SRSChain(self.base_classifier, self.srs) if self.srs is not None else None
+        return self._phase(x, num, batch_size, generator, stats, chain).numpy()
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> Certificate:
+        """CERTIFY: guess c_A from n0 samples, bound p_A from n fresh samples, return (c_A, R).
+
+        Standard mode: n_A = count of c_A among n draws of f_D(x + e);
+        p_A_lower = Clopper-Pearson lower bound of n_A / n at level alpha.
+
+        SRS mode (correlation eliminated): N_A = count of c_A among the n SRS
+        predictions; K_A of those N_A samples, a uniform subsample (``SRS.pairing``),
+        also get the standard prediction on the same noise, and M of them disagree
+        with c_A.  With alpha_1 = alpha_2 = alpha / 2: p_m_upper = upper bound of
+        M / K_A at alpha_1 (1 if K_A = 0); N_A_E = floor(N_A (1 - p_m_upper)) (w.p.
+        >= 1 - alpha_1 at least N_A_E of the n i.i.d. draws of f_D(x + e) are c_A);
+        p_A_lower = lower bound of N_A_E / n at alpha_2.  Union bound: level alpha.
+        Adaptive pairing (``conf_drop=None``) picks K_A from N_A alone; with
+        ``fallback`` the selection counts may route the image to the standard
+        model on fresh noise (``route='fallback'``), which is ordinary CERTIFY.
+        Abstain (ABSTAIN, 0.0) when p_A_lower < 1/2, or when any solve diverged (no finite iterate)
+        or produced non-finite logits (status ``nonfinite_logits(k)``, k samples).
+
+        Args:
+            x: (C, H, W) or (1, C, H, W) input.
+            n0, n: selection and estimation samples.
+            alpha: failure probability.
+            batch_size: noisy samples per mini-batch (SRS chain width; paired solves per call).
+            generator: the noise stream (a fresh one from the global RNG if None).
+
+        Returns:
+            :class:`SRS.certificates.Certificate`, which unpacks as (prediction, radius).
+        """
+        self.base_classifier.eval()
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        generator = ensure_generator(generator, x.device)
+        stats, srs = SampleStats(), self.srs
+        chain = SRSChain(self.base_classifier, srs) if srs is not None else None
+        sel, bad0 = self._phase(x, n0, batch_size, generator, stats, chain).numpy()
+        c_hat = int(sel.argmax())
+        route, warm, log = "standard", 0, None
+        if srs is not None:
+            if not srs.chain_across_phases:
+                chain = chain.restart()
+            warm = chain.warmup_rows(n, batch_size)
+            route = image_route(srs, self.standard, int(sel[c_hat]), n0, n, alpha, warm)
+            log = PhaseLog() if route == "srs" and srs.pairs else None
+        counts, bad1 = self._phase(x, n, batch_size, generator, stats, chain if route == "srs" else None,
+                                   log).numpy()
+        cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=n, counts=counts, route=route)
+        if bad0 or bad1:
+            cert.status = f"nonfinite_logits({bad0 + bad1})"
+        elif log is not None:
+            plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
+                              pair_cap(srs, self.standard, n, warm))
+            M = self._misaligned(x, log, plan, c_hat, batch_size, stats)
+            bound_eliminated(cert, plan.K, plan.K_A, M, alpha, srs.certificate)
+        else:
+            bound_standard(cert, alpha)
+        decide(cert, c_hat, self.sigma)
+        cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
+        cert.std_calls, cert.std_rows = stats.std_calls, stats.std_rows
+        return cert
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
+                generator: Optional[torch.Generator] = None) -> Prediction:
+        """PREDICT: two-sided binomial test of the top two counts; ABSTAIN if p-value > alpha.
+
+        SRS mode: the top count is corrected as in certify (n1_E = floor(n1 (1 -
+        p_m_upper)), the discarded n1 - n1_E counted for the runner-up) and the test
+        runs at alpha / 2, the misalignment bound taking the other alpha / 2.  The
+        pairs are a uniform subsample of the samples predicting the top class;
+        adaptive pairing sizes them with the certify rule applied to n1 (no fallback).
+
+        Args: as :meth:`certify`, with n samples in one phase.
+
+        Returns:
+            :class:`SRS.certificates.Prediction` (``int()`` of it is the class or ABSTAIN).
+        """
+        self.base_classifier.eval()
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        generator = ensure_generator(generator, x.device)
+        stats, srs = SampleStats(), self.srs
+        chain = SRSChain(self.base_classifier, srs) if srs is not None else None
+        log = PhaseLog() if srs is not None and srs.pairs else None
+        counts, bad = self._phase(x, n, batch_size, generator, stats, chain, log).numpy()
+        top2 = counts.argsort()[::-1][:2]
+        top = int(top2[0])
+        out = Prediction(ABSTAIN, int(counts[top]), int(counts[top2[1]]))
+        n1, n2, level = out.n1, out.n2, alpha
+        if log is not None and not bad:
+            plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
+                              pair_cap(srs, self.standard, n, 0, use_budget=False))
+            M = self._misaligned(x, log, plan, top, batch_size, stats)
+            n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha)
+        out.nfe, out.std_calls = stats.nfe_per_sample, stats.std_calls
+        if bad:
+            out.status = f"nonfinite_logits({bad})"
+            return out
+        return binomial_decision(out, top, n1, n2, level)
+
+    # ------------------------------------------------------------- internals
+    def _phase(self, x, num: int, batch_size: int, generator, stats: SampleStats, chain: Optional[SRSChain],
+               log: Optional[PhaseLog] = None):
+        """One phase of ``num`` samples through the chain, or the standard model if ``chain`` is None."""
+        if chain is None:
+            def classify(noisy):
+                return self._standard(noisy, stats)
+        else:
+            def classify(noisy):
+                return chain(noisy, stats)
+        return draw_counts(x, num, batch_size, self.sigma, generator, classify, self.num_classes, log)
+
+    def _misaligned(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, batch_size: int,
+                    stats: SampleStats) -> int:
+        """M: paired positions whose standard prediction is not c_hat (all paired positions are in A).
+
+        The paired noisy inputs are regenerated from the recorded generator states and solved by the
+        standard model in full mini-batches of ``batch_size`` rows: ceil(K_A / batch_size) calls."""
+        if plan.K_A == 0:
+            return 0
+        misaligned = torch.zeros((), dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            for chunk in regenerate(x, self.sigma, log, plan.positions, batch_size):
+                std = safe_argmax(self._standard(chunk, stats, paired=True))
+                misaligned += (std != c_hat).sum()
+        return int(misaligned)
+
+
+__all__ = ["ABSTAIN", "Smooth"]
