@@ -3,6 +3,60 @@
 ``load_config(path, opts)`` merges a yaml file and MDEQ-style ``KEY VALUE`` command
 line overrides into a frozen copy of the defaults, with one-line errors for the
 mistakes people make (missing file, bad yaml, unknown key, odd override list).
+``config_from_text(text, source)`` does the same for a yaml string, e.g. the config
+a checkpoint carries: both go through :func:`validate`.
+
+Every key, what reads it, and what happens to a value nobody would read
+(W: wired, does what its name says; R: a value other than the listed ones is
+refused with a one-line UserError naming the key and the fix; D: read by DEQ
+models only, ignored by the ResNets):
+
+| key | status | what it does |
+|---|---|---|
+| OUTPUT_DIR | W | root of the default run folder OUTPUT_DIR/<dataset>/<cfg>_noise<sigma> |
+| LOG_DIR | R '', 'log', 'log/' | MDEQ's tensorboard root; here train.log and tb/ live in the run folder (--out) |
+| DATA_DIR | W | default data root (before DATASET.ROOT; --data-dir wins over both) |
+| GPUS | R (0,) | training uses one device: pick it with --device cuda:N or CUDA_VISIBLE_DEVICES |
+| WORKERS | W | DataLoader worker processes for CIFAR-10/ImageNet (digits is in memory: 0) |
+| PRINT_FREQ | W | train.log gets a step line (loss, accuracy, lr) every PRINT_FREQ steps; 0: off |
+| PIN_MEMORY | W | pinned host memory for the DataLoaders when training on CUDA |
+| SEED | W | model init, shuffle order (epoch e seeded by SEED, e), training noise |
+| PERCENT | W | fraction of the training batches used per epoch (MDEQ's PERCENT; a fresh random subset each epoch) |
+| CUDNN.BENCHMARK | W | torch.backends.cudnn.benchmark (forced off when DETERMINISTIC) |
+| CUDNN.DETERMINISTIC | W | cudnn.deterministic and torch.use_deterministic_algorithms(warn_only=True); sets CUBLAS_WORKSPACE_CONFIG |
+| CUDNN.ENABLED | W | torch.backends.cudnn.enabled |
+| MODEL.NAME | W | the architecture: mdeq, resnet_cifar (MODEL.DEPTH), resnet110, resnet50 (DEQ.models.MODELS) |
+| MODEL.DEPTH | W | depth 6n+2 of resnet_cifar; 0 (or the name's depth) for resnet110/resnet50; R non-zero for mdeq |
+| MODEL.INIT_WEIGHTS | W | the architecture's own init (MDEQ: N(0, 0.01) convs; ResNets: He init); false: PyTorch's defaults |
+| MODEL.PRETRAINED | W | training starts from these weights (a checkpoint of this code, a bare state_dict, Cohen's checkpoint.pth.tar) |
+| MODEL.WNORM, NUM_LAYERS, NUM_GROUPS, DOWNSAMPLE_TIMES, EXPANSION_FACTOR, BLOCK_GN_AFFINE, FUSE_GN_AFFINE, POST_GN_AFFINE | W, D | MDEQ architecture |
+| MODEL.DROPOUT | W, D | variational dropout in f_theta; R > 0 for a ResNet (it has no such dropout) |
+| MODEL.NUM_CLASSES | W | classifier width; must match the data set |
+| MODEL.IMAGE_SIZE | W | digits: resized to this size; R for CIFAR-10 (32) / ImageNet (224) other sizes, and non-square sizes |
+| MODEL.EXTRA.FULL_STAGE.{NUM_BRANCHES, NUM_BLOCKS, NUM_CHANNELS, BIG_KERNELS, HEAD_CHANNELS, FINAL_CHANSIZE} | W, D | MDEQ architecture |
+| MODEL.EXTRA.FULL_STAGE.NUM_MODULES | R 1 | f_theta is one MDEQ module, as in the MDEQ code |
+| MODEL.EXTRA.FULL_STAGE.BLOCK | R BASIC | the only residual block of f_theta |
+| MODEL.EXTRA.FULL_STAGE.FUSE_METHOD | R SUM | the only multiscale fusion |
+| DEQ.F_SOLVER, B_SOLVER, STOP_MODE, F_THRES, B_THRES, F_TOL, B_TOL, RAND_F_THRES_DELTA, GRAD | W, D | solvers and gradients |
+| DEQ.SPECTRAL_RADIUS_MODE | R false | MDEQ's eval-time power-iteration diagnostic is not implemented |
+| LOSS.JAC_LOSS_FREQ, JAC_LOSS_WEIGHT, JAC_INCREMENTAL, JAC_STOP_EPOCH, PRETRAIN_JAC_LOSS_WEIGHT | W, D | Jacobian regularisation; R for a ResNet when it would be applied (FREQ > 0 with a weight > 0) |
+| DATASET.DATASET | W | digits, cifar10, imagenet |
+| DATASET.ROOT | W | data root when neither --data-dir nor DATA_DIR is given |
+| DATASET.TRAIN_SET, TEST_SET | R 'train' / 'val' | splits are fixed: ImageNet's train/ and val/ folders, CIFAR-10's train/test batches, digits' fixed split |
+| DATASET.DATA_FORMAT | R 'jpg' | images are read as files (ImageFolder); MDEQ's zipped ImageNet is not supported |
+| DATASET.AUGMENT | W | CIFAR-10: random crop + flip; ImageNet: random resized crop + flip; digits: none (flips change digits) |
+| TRAIN.NOISE, CLIP, LR, LR_SCHEDULER, LR_STEP, LR_FACTOR, OPTIMIZER, WD, BEGIN_EPOCH, END_EPOCH, BATCH_SIZE_PER_GPU, SHUFFLE | W | optimisation |
+| TRAIN.MOMENTUM, NESTEROV | W | SGD only; ignored by Adam as in the MDEQ code (whose yamls set them with Adam) |
+| TRAIN.PRETRAIN_STEPS | W, D | unrolled pretraining steps of a DEQ |
+| TRAIN.AMP | W | mixed precision on CUDA (never on the CPU) |
+| TRAIN.RESUME | R false | pass --resume (or --resume-from CKPT) to DEQ/tools/cls_train.py |
+| TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size |
+| TEST.MODEL_FILE | R '' | certify a checkpoint by passing it to SRS/code/certify.py; start training from one with MODEL.PRETRAINED |
+| DEBUG.DEBUG | R false | nothing reads it |
+
+"D" keys keep their values in a ResNet config (the defaults are MDEQ's), so a yaml
+derived from an MDEQ one loads; only the two that would change the training
+objective (Jacobian loss, dropout) are refused there.
 """
 from __future__ import annotations
 
@@ -32,7 +86,8 @@ _C.CUDNN.DETERMINISTIC = False
 _C.CUDNN.ENABLED = True
 
 _C.MODEL = CN()
-_C.MODEL.NAME = "mdeq"
+_C.MODEL.NAME = "mdeq"             # mdeq | resnet_cifar | resnet110 | resnet50
+_C.MODEL.DEPTH = 0                # resnet_cifar: 6n+2 (20, 32, 44, 56, 110); 0: the depth the name implies
 _C.MODEL.INIT_WEIGHTS = True
 _C.MODEL.WNORM = True
 _C.MODEL.PRETRAINED = ""
@@ -46,7 +101,7 @@ _C.MODEL.BLOCK_GN_AFFINE = True
 _C.MODEL.FUSE_GN_AFFINE = True
 _C.MODEL.POST_GN_AFFINE = False
 _C.MODEL.IMAGE_SIZE = [32, 32]
-_C.MODEL.EXTRA = CN(new_allowed=True)
+_C.MODEL.EXTRA = CN()              # closed: a misspelt key under EXTRA is an error, not silently ignored
 _C.MODEL.EXTRA.FULL_STAGE = CN()
 _C.MODEL.EXTRA.FULL_STAGE.NUM_MODULES = 1
 _C.MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES = 3
@@ -113,24 +168,80 @@ _C.DEBUG.DEBUG = False
 
 
 def get_default_config() -> CN:
+    """A mutable copy of the defaults.
+
+    Returns:
+        CfgNode: the defaults (not validated: defaults are valid by construction).
+    """
     return _C.clone()
 
 
+CONFIG_FIX = "check its spelling against DEQ/config.py"
+
+
 def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[float] = None) -> CN:
-    """Defaults <- yaml at ``path`` <- ``opts`` (``KEY VALUE`` pairs) <- ``noise``; frozen."""
-    cfg = get_default_config()
+    """Defaults <- yaml at ``path`` <- ``opts`` (``KEY VALUE`` pairs) <- ``noise``; validated and frozen.
+
+    Args:
+        path: a yaml file of MDEQ-style keys, or None for the defaults.
+        opts: command-line overrides as a flat list ``[KEY, VALUE, KEY, VALUE, ...]``.
+        noise: ``--noise``; sets TRAIN.NOISE when not None.
+
+    Returns:
+        CfgNode: the frozen, validated config.
+
+    Raises:
+        UserError: one line naming the file/key and the fix (missing file, bad yaml,
+            unknown key, wrong type, bad or refused value).
+    """
+    loaded = None
     if path:
         check_input_file(path, "config file", "pass an existing yaml, e.g. experiments/digits/cls_mdeq_digits.yaml")
-        try:
-            with open(path) as fh:
-                loaded = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise UserError(f"config file {path} is not valid yaml{where}: fix its syntax") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a yaml mapping of KEY: value, not {type(loaded).__name__}")
-        _merge(cfg, lambda c: c.merge_from_other_cfg(CN(loaded)), f"config file {path}")
+        with open(path) as fh:
+            text = fh.read()
+        loaded = _parse_yaml(text, f"config file {path}")
+    return _build(loaded, f"config file {path}", opts, noise)
+
+
+def config_from_text(text: str, source: str, opts: Iterable[str] = (),
+                     unknown_fix: str = CONFIG_FIX) -> CN:
+    """The config held in a yaml string (e.g. the full dump a checkpoint carries), through the same
+    merge-onto-defaults and :func:`validate` as :func:`load_config`.
+
+    Args:
+        text: yaml text of MDEQ-style keys (a subset or a full ``cfg.dump()``).
+        source: what the text is, for error messages (e.g. ``"the config stored in checkpoint X"``).
+        opts: ``KEY VALUE`` overrides applied after the text.
+        unknown_fix: the fix an unknown-key error suggests.
+
+    Returns:
+        CfgNode: the frozen, validated config.
+
+    Raises:
+        UserError: one line, as for :func:`load_config`.
+    """
+    return _build(_parse_yaml(text, source), source, opts, None, unknown_fix)
+
+
+def _parse_yaml(text: str, source: str) -> dict:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"{source} is not valid yaml{where}: fix its syntax") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{source} must hold a yaml mapping of KEY: value, not {type(loaded).__name__}")
+    return loaded
+
+
+def _build(loaded: Optional[dict], source: str, opts: Iterable[str], noise: Optional[float],
+           unknown_fix: str = CONFIG_FIX) -> CN:
+    cfg = get_default_config()
+    if loaded:
+        _merge(cfg, lambda c: c.merge_from_other_cfg(CN(loaded)), source, unknown_fix)
     opts = list(opts or [])
     if len(opts) % 2:
         raise UserError(f"overrides must come in KEY VALUE pairs; '{opts[-1]}' has no value")
@@ -144,21 +255,22 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
     return cfg
 
 
-def _merge(cfg: CN, fn, where: str) -> None:
+def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
     try:
         fn(cfg)
     except (KeyError, ValueError, TypeError, AssertionError) as exc:
         msg = str(exc.args[0]) if exc.args else str(exc)
         if msg.startswith("Non-existent"):  # yacs' words for an unknown key
             key = msg.split(":", 1)[1].strip()
-            raise UserError(f"{where}: unknown config key {key}; check its spelling against DEQ/config.py") from None
-        raise UserError(f"{where}: {msg}") from None
+            raise UserError(f"{where}: unknown config key {key}; {unknown_fix}") from None
+        raise UserError(f"{where}: {' '.join(msg.split())}") from None
 
 
 # Values that must be positive (or in a range): one line naming the key instead of a traceback later
 # (TRAIN.BATCH_SIZE_PER_GPU 0 crashed the DataLoader; TRAIN.NOISE nan trained a useless model).
 _COUNTS = (("TRAIN.BATCH_SIZE_PER_GPU", 1), ("TEST.BATCH_SIZE_PER_GPU", 1), ("TRAIN.BEGIN_EPOCH", 0),
-           ("TRAIN.END_EPOCH", 0), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("MODEL.NUM_CLASSES", 1),
+           ("TRAIN.END_EPOCH", 0), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("PRINT_FREQ", 0),
+           ("MODEL.NUM_CLASSES", 1), ("MODEL.DEPTH", 0),
            ("MODEL.NUM_GROUPS", 1), ("MODEL.NUM_LAYERS", 1), ("MODEL.EXPANSION_FACTOR", 1),
            ("MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", 1), ("MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", 1),
            ("DEQ.F_THRES", 1), ("DEQ.B_THRES", 1), ("DEQ.RAND_F_THRES_DELTA", 0), ("LOSS.JAC_INCREMENTAL", 1))
@@ -168,6 +280,29 @@ _NUMBERS = (("TRAIN.NOISE", 0, False, None), ("TRAIN.LR", 0, True, None), ("TRAI
             ("LOSS.JAC_LOSS_FREQ", 0, False, 1), ("LOSS.JAC_LOSS_WEIGHT", 0, False, None),
             ("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0, False, None))
 
+# Keys the code does not read (see the table at the top): a value other than the accepted ones
+# would be silently ignored, so it is refused.  (key, accepted values, what to do instead).
+_REFUSED = (
+    ("LOG_DIR", ("", "log", "log/"),
+     "train.log and the tensorboard events (tb/) are written to the run folder; choose it with --out"),
+    ("GPUS", ((0,),), "training runs on one device; pick it with --device cuda:N (or CUDA_VISIBLE_DEVICES)"),
+    ("MODEL.EXTRA.FULL_STAGE.NUM_MODULES", (1,), "f_theta is one MDEQ module, as in the MDEQ code"),
+    ("MODEL.EXTRA.FULL_STAGE.BLOCK", ("BASIC",), "BASIC is the only residual block of f_theta"),
+    ("MODEL.EXTRA.FULL_STAGE.FUSE_METHOD", ("SUM",), "SUM is the only multiscale fusion"),
+    ("DEQ.SPECTRAL_RADIUS_MODE", (False,), "the MDEQ code's spectral-radius diagnostic is not implemented here"),
+    ("DATASET.TRAIN_SET", ("train",), "the splits are fixed (ImageNet: the train/ and val/ folders under --data-dir)"),
+    ("DATASET.TEST_SET", ("val",), "the splits are fixed (ImageNet: the train/ and val/ folders under --data-dir)"),
+    ("DATASET.DATA_FORMAT", ("jpg",), "images are read as files in ImageFolder layout; zipped ImageNet is not supported"),
+    ("TRAIN.RESUME", (False,), "to continue a run pass --resume (or --resume-from CKPT) to DEQ/tools/cls_train.py"),
+    ("TEST.MODEL_FILE", ("",), "certify a checkpoint by passing it to SRS/code/certify.py; start training from one "
+                              "with MODEL.PRETRAINED"),
+    ("DEBUG.DEBUG", (False,), "nothing reads it"),
+)
+
+# MODEL.NAME -> (is a DEQ, depth the name implies or None for 'set by MODEL.DEPTH')
+MODEL_NAMES = {"mdeq": (True, 0), "resnet_cifar": (False, None), "resnet110": (False, 110), "resnet50": (False, 50)}
+NATIVE_SIZE = {"cifar10": 32, "imagenet": 224}
+
 
 def _get(cfg: CN, dotted: str):
     for part in dotted.split("."):
@@ -175,7 +310,76 @@ def _get(cfg: CN, dotted: str):
     return cfg
 
 
+def _same(value, accepted) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(accepted, tuple):
+        return tuple(value) == accepted
+    return type(value) is type(accepted) and value == accepted
+
+
+def check_refused(cfg: CN) -> None:
+    """Refuse a value of a key that nothing reads (the R rows of the table at the top of this module).
+
+    Args:
+        cfg: a merged config.
+
+    Raises:
+        UserError: ``KEY VALUE is not used: WHY; remove KEY from the yaml (accepted: ...)``.
+    """
+    for key, accepted, why in _REFUSED:
+        value = _get(cfg, key)
+        if not any(_same(value, a) for a in accepted):
+            ok = " or ".join(repr(a) for a in accepted)
+            raise UserError(f"{key} {value!r} is not used: {why}; remove {key} from the yaml or set it to {ok}")
+
+
+def check_model(cfg: CN) -> None:
+    """MODEL.NAME, MODEL.DEPTH, MODEL.IMAGE_SIZE and the DEQ-only training terms fit together.
+
+    Args:
+        cfg: a merged config.
+
+    Raises:
+        UserError: one line naming the key and the fix.
+    """
+    name, depth, ds = cfg.MODEL.NAME, cfg.MODEL.DEPTH, cfg.DATASET.DATASET
+    if name not in MODEL_NAMES:
+        raise UserError(f"MODEL.NAME={name!r} is not a model; choose one of {', '.join(MODEL_NAMES)}")
+    is_deq, implied = MODEL_NAMES[name]
+    if implied is None:
+        if depth < 8 or (depth - 2) % 6:
+            raise UserError(f"MODEL.NAME {name} needs MODEL.DEPTH = 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
+    elif depth not in (0, implied):
+        what = "mdeq has no depth (its f_theta is solved, not stacked)" if is_deq else f"{name} has depth {implied}"
+        raise UserError(f"MODEL.DEPTH {depth} does not apply: {what}; remove MODEL.DEPTH or use MODEL.NAME resnet_cifar")
+    if name == "resnet50" and ds != "imagenet":
+        raise UserError(f"MODEL.NAME resnet50 is the ImageNet architecture, not one for {ds}: use resnet110 or "
+                        f"resnet_cifar (MODEL.DEPTH) for {ds}")
+    if not is_deq:
+        if cfg.MODEL.DROPOUT > 0:
+            raise UserError(f"MODEL.DROPOUT {cfg.MODEL.DROPOUT} is the variational dropout of an MDEQ's f_theta; "
+                            f"{name} has none: set MODEL.DROPOUT 0.0")
+        loss = cfg.LOSS
+        if loss.JAC_LOSS_FREQ > 0 and (loss.JAC_LOSS_WEIGHT > 0 or loss.PRETRAIN_JAC_LOSS_WEIGHT > 0):
+            raise UserError(f"LOSS.JAC_LOSS_FREQ {loss.JAC_LOSS_FREQ} asks for Jacobian regularisation of a fixed point; "
+                            f"{name} has none: set LOSS.JAC_LOSS_FREQ 0.0")
+    size = list(cfg.MODEL.IMAGE_SIZE)
+    if len(size) != 2 or size[0] != size[1]:
+        raise UserError(f"MODEL.IMAGE_SIZE {size} must be [S, S] (square images)")
+    native = NATIVE_SIZE.get(ds)
+    if native is not None and size[0] != native:
+        raise UserError(f"MODEL.IMAGE_SIZE {size} does not apply to {ds}: its images are {native}x{native} "
+                        f"(only digits is resized); set MODEL.IMAGE_SIZE [{native}, {native}]")
+
+
 def validate(cfg: CN) -> None:
+    """Check every value the code reads and refuse values nobody reads.
+
+    Args:
+        cfg: a merged (not yet frozen) config.
+
+    Raises:
+        UserError: one line naming the key and the fix.
+    """
     fs = cfg.MODEL.EXTRA.FULL_STAGE
     nb = fs.NUM_BRANCHES
     for key in ("NUM_CHANNELS", "NUM_BLOCKS", "BIG_KERNELS", "HEAD_CHANNELS"):
@@ -204,3 +408,8 @@ def validate(cfg: CN) -> None:
         raise UserError(f"TRAIN.OPTIMIZER must be 'adam' or 'sgd', got {cfg.TRAIN.OPTIMIZER!r}")
     if cfg.TRAIN.LR_SCHEDULER not in ("cosine", "step"):
         raise UserError(f"TRAIN.LR_SCHEDULER must be 'cosine' or 'step', got {cfg.TRAIN.LR_SCHEDULER!r}")
+    from .data import DATASETS
+    if cfg.DATASET.DATASET not in DATASETS:
+        raise UserError(f"DATASET.DATASET={cfg.DATASET.DATASET!r} is not a data set; choose one of {', '.join(DATASETS)}")
+    check_refused(cfg)
+    check_model(cfg)

@@ -140,11 +140,24 @@ def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: 
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                device: Optional[torch.device] = None, seed: int = 0) -> DataLoader:
-    """DataLoader with pinned memory on CUDA and a seeded shuffle (so a resumed run replays the same order)."""
+                device: Optional[torch.device] = None, seed: int = 0, pin_memory: bool = True) -> DataLoader:
+    """DataLoader with a seeded shuffle (so a resumed run replays the same order).
+
+    Args:
+        dataset: the data set.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (from the loader's seeded generator).
+        workers: worker processes (the config's WORKERS); an in-memory TensorDataset (digits) uses 0.
+        device: where the batches go; memory is pinned only for CUDA.
+        seed: seed of the shuffle generator.
+        pin_memory: pin host memory when ``device`` is CUDA (the config's PIN_MEMORY).
+
+    Returns:
+        DataLoader: with ``.generator`` set (reseed it per epoch for a replayable order).
+    """
     in_memory = isinstance(dataset, TensorDataset)
     gen = torch.Generator().manual_seed(seed)
     cuda = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=0 if in_memory else workers, pin_memory=cuda,
+                      num_workers=0 if in_memory else workers, pin_memory=bool(pin_memory) and cuda,
                       persistent_workers=False, drop_last=False)

@@ -9,6 +9,11 @@ fraction JAC_LOSS_FREQ of steps a Hutchinson estimate of ||df/dz||_F^2 is added
 with weight JAC_LOSS_WEIGHT (until JAC_STOP_EPOCH), and the forward budget is
 jittered by RAND_F_THRES_DELTA, as in the MDEQ code.
 
+Plain classifiers (the ResNet baselines, ``MODEL.NAME resnet_cifar|resnet110|resnet50``)
+train through the same loop with the same noise, optimiser and checkpoints; the
+DEQ-only parts (pretraining, Jacobian loss, threshold jitter, solver statistics)
+are skipped for them (``DEQ.models.is_deq``).
+
 Resumability: a checkpoint is written atomically after every epoch with the
 model, optimiser, scheduler, AMP scaler and RNG states; the shuffle order of
 epoch e is seeded by (SEED, e), so ``--resume`` replays exactly the run it
@@ -28,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_state_dict, remove_stale_temporaries, save_checkpoint
+from .checkpoint import load_checkpoint, load_pretrained, load_state_dict, remove_stale_temporaries, save_checkpoint
 from .checks import check_input_file, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
 from .errors import UserError
-from .models import build_model
-from .utils import get_rng_state, is_out_of_memory, pick_device, set_rng_state, set_seed, set_threads
+from .models import build_model, is_deq
+from .utils import apply_cudnn_flags, get_rng_state, is_out_of_memory, pick_device, set_rng_state, set_seed, set_threads
 
 log = logging.getLogger("deq.train")
 
@@ -78,16 +83,21 @@ def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, tr
     noise = cfg.TRAIN.NOISE
     if noise > 0:
         x = x + torch.randn_like(x) * noise
-    factor = jac_factor(cfg, train_step, epoch)
+    deq = is_deq(model)
+    factor = jac_factor(cfg, train_step, epoch) if deq else 0.0
     compute_jac = factor > 0 and torch.rand(()).item() < cfg.LOSS.JAC_LOSS_FREQ
     delta = cfg.DEQ.RAND_F_THRES_DELTA
     f_thres = cfg.DEQ.F_THRES + (torch.randint(-delta, 2, ()).item() if (delta > 0 and compute_jac) else 0)
     f_thres = max(1, f_thres)
     amp = scaler is not None
     with torch.autocast(device_type=device.type, enabled=amp):
-        out = model.forward_train(x, train_step=train_step, compute_jac_loss=compute_jac, f_thres=f_thres)
-        loss = F.cross_entropy(out.logits.float(), y)
-        total = loss + factor * out.jac_loss if compute_jac else loss
+        if deq:
+            out = model.forward_train(x, train_step=train_step, compute_jac_loss=compute_jac, f_thres=f_thres)
+            logits, jac_loss = out.logits, out.jac_loss
+        else:  # a plain classifier (ResNet): no fixed point, no Jacobian term
+            logits, jac_loss = model(x), None
+        loss = F.cross_entropy(logits.float(), y)
+        total = loss + factor * jac_loss if compute_jac else loss
     optimizer.zero_grad(set_to_none=True)
     if amp:
         scaler.scale(total).backward()
@@ -103,28 +113,35 @@ def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, tr
         optimizer.step()
     if cfg.TRAIN.LR_SCHEDULER != "step":
         scheduler.step()
-    correct = (out.logits.argmax(1) == y).sum().item()
-    return loss.item(), (out.jac_loss.item() if compute_jac else None), correct
+    correct = (logits.argmax(1) == y).sum().item()
+    return loss.item(), (jac_loss.item() if compute_jac else None), correct
 
 
 @torch.no_grad()
 def evaluate(model, loader, noise: float, device, seed: int = 1234, solver=None, max_iter=None) -> EvalStats:
     """Clean accuracy and accuracy under N(0, noise^2) with the standard solver from zeros.
-    The evaluation noise comes from its own seeded generator: figures are comparable across epochs."""
+    The evaluation noise comes from its own seeded generator: figures are comparable across epochs.
+    A plain classifier (no ``.solve``) is just run; its solver statistics are nan."""
     model.eval()
+    deq = is_deq(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     n = clean = noisy = 0
-    steps = resid = nfe = 0.0
+    steps = resid = nfe = 0.0 if deq else float("nan")
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model.solve(x, solver, max_iter)
-        clean += (out.logits.argmax(1) == y).sum().item()
-        steps += out.result.nsteps.float().sum().item()
-        resid += torch.nan_to_num(out.result.residual, nan=1e9).sum().item()
-        nfe += out.result.nfe * x.shape[0]
+        if deq:
+            out = model.solve(x, solver, max_iter)
+            logits = out.logits
+            steps += out.result.nsteps.float().sum().item()
+            resid += torch.nan_to_num(out.result.residual, nan=1e9).sum().item()
+            nfe += out.result.nfe * x.shape[0]
+        else:
+            logits = model(x)
+        clean += (logits.argmax(1) == y).sum().item()
         if noise > 0:
             eps = torch.randn(x.shape, generator=gen, device=device) * noise
-            noisy += (model.solve(x + eps, solver, max_iter).logits.argmax(1) == y).sum().item()
+            noisy_logits = model.solve(x + eps, solver, max_iter).logits if deq else model(x + eps)
+            noisy += (noisy_logits.argmax(1) == y).sum().item()
         else:
             noisy = clean
         n += x.shape[0]
@@ -143,6 +160,7 @@ class Trainer:
         self.cfg, self.device, self.out_dir = cfg, device, out_dir
         self.show_progress = show_progress
         set_seed(cfg.SEED)
+        apply_cudnn_flags(cfg)
         ds = cfg.DATASET.DATASET
         info = dataset_info(ds)
         if cfg.MODEL.NUM_CLASSES != info.num_classes:
@@ -158,10 +176,15 @@ class Trainer:
         self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT, image_size=size)
         self.test_set = get_dataset(ds, "test", data_dir, image_size=size)
         bs = cfg.TRAIN.BATCH_SIZE_PER_GPU
-        self.train_loader = make_loader(self.train_set, bs, cfg.TRAIN.SHUFFLE, cfg.WORKERS, device, cfg.SEED)
-        self.test_loader = make_loader(self.test_set, cfg.TEST.BATCH_SIZE_PER_GPU, False, cfg.WORKERS, device)
+        self.train_loader = make_loader(self.train_set, bs, cfg.TRAIN.SHUFFLE, cfg.WORKERS, device, cfg.SEED,
+                                        pin_memory=cfg.PIN_MEMORY)
+        self.test_loader = make_loader(self.test_set, cfg.TEST.BATCH_SIZE_PER_GPU, False, cfg.WORKERS, device,
+                                       pin_memory=cfg.PIN_MEMORY)
         self.steps_per_epoch = math.ceil(len(self.train_set) * cfg.PERCENT / bs)
-        self.model = build_model(cfg).to(device)
+        self.model = build_model(cfg)
+        self.pretrained_sha256 = load_pretrained(self.model, cfg.MODEL.PRETRAINED) if cfg.MODEL.PRETRAINED else None
+        self.model = self.model.to(device)
+        self.is_deq = is_deq(self.model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         amp = cfg.TRAIN.AMP and device.type == "cuda"
@@ -260,8 +283,12 @@ class Trainer:
                 if jac is not None:
                     self.writer.add_scalar("train/jac_loss", jac, self.train_step)
             self.train_step += 1
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100.0 * correct / n:.1f}",
-                            phase="pre" if self.train_step <= cfg.TRAIN.PRETRAIN_STEPS else "deq")
+            if cfg.PRINT_FREQ and self.train_step % cfg.PRINT_FREQ == 0:
+                log.info("epoch %d step %d (%d/%d)  loss %.4f  train acc %.2f  lr %.3g", self.epoch + 1, self.train_step,
+                         i + 1, self.steps_per_epoch, loss_sum / n, 100.0 * correct / n,
+                         self.optimizer.param_groups[0]["lr"])
+            phase = {"phase": "pre" if self.train_step <= cfg.TRAIN.PRETRAIN_STEPS else "deq"} if self.is_deq else {}
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100.0 * correct / n:.1f}", **phase)
         if cfg.TRAIN.LR_SCHEDULER == "step":
             self.scheduler.step()
         return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1),
@@ -289,11 +316,13 @@ class Trainer:
                 save_checkpoint(state, self.last_path)
                 if is_best:
                     save_checkpoint(state, self.best_path)
-                log.info("epoch %d/%d  loss %.4f  train acc %.2f  jac %.4f | test clean %.2f  noisy(%.2f) %.2f  "
-                         "steps %.2f  residual %.2e  nfe %.1f | %.1fs%s",
-                         self.epoch, end, tr["loss"], tr["acc"], tr["jac_loss"], stats.clean_acc,
-                         self.cfg.TRAIN.NOISE, stats.noisy_acc, stats.mean_steps, stats.mean_residual, stats.nfe,
-                         time.time() - t0, "  *best" if is_best else "")
+                jac, solver = "", ""
+                if self.is_deq:  # a ResNet has no Jacobian term and no solver
+                    jac = f"  jac {tr['jac_loss']:.4f}"
+                    solver = f"  steps {stats.mean_steps:.2f}  residual {stats.mean_residual:.2e}  nfe {stats.nfe:.1f}"
+                log.info("epoch %d/%d  loss %.4f  train acc %.2f%s | test clean %.2f  noisy(%.2f) %.2f%s | %.1fs%s",
+                         self.epoch, end, tr["loss"], tr["acc"], jac, stats.clean_acc,
+                         self.cfg.TRAIN.NOISE, stats.noisy_acc, solver, time.time() - t0, "  *best" if is_best else "")
         finally:
             self.writer.close()
         return stats
@@ -434,8 +463,10 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
                 if os.path.isfile(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
                     log.info("--overwrite: deleted the previous run's %s", name)
-        log.info("run folder %s | device %s | %d CPU threads | noise %.3g | %d parameters", out, device, threads,
-                 cfg.TRAIN.NOISE, sum(p.numel() for p in trainer.model.parameters()))
+        log.info("run folder %s | model %s | device %s | %d CPU threads | noise %.3g | %d parameters", out,
+                 cfg.MODEL.NAME, device, threads, cfg.TRAIN.NOISE, sum(p.numel() for p in trainer.model.parameters()))
+        if trainer.pretrained_sha256 and not (args.resume or args.resume_from):
+            log.info("initial weights from MODEL.PRETRAINED %s (sha256 %s)", cfg.MODEL.PRETRAINED, trainer.pretrained_sha256)
         try:
             stats = trainer.fit()
         except Exception as exc:

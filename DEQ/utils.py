@@ -83,3 +83,29 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if oom is not None and isinstance(exc, oom):
         return True
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+
+
+def apply_cudnn_flags(cfg) -> None:
+    """Set torch's backend flags from the config's CUDNN section (training runs call this once).
+
+    * ``CUDNN.ENABLED`` -> ``torch.backends.cudnn.enabled``;
+    * ``CUDNN.BENCHMARK`` -> ``torch.backends.cudnn.benchmark`` (off when DETERMINISTIC: the
+      autotuner may pick a different, equally deterministic kernel in the next run);
+    * ``CUDNN.DETERMINISTIC`` -> ``torch.backends.cudnn.deterministic`` and
+      ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a deterministic
+      kernel warns instead of stopping the run), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set
+      (cuBLAS reads it when it starts, so this holds when no CUDA matmul ran before).
+    Every flag is set both ways, so a later run in the same process gets exactly its own config.
+
+    Args:
+        cfg: a config with a CUDNN section (``DEQ.config``).
+    """
+    import os
+    c = cfg.CUDNN
+    deterministic = bool(c.DETERMINISTIC)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.enabled = bool(c.ENABLED)
+    torch.backends.cudnn.benchmark = bool(c.BENCHMARK) and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -262,7 +262,8 @@ class MDEQClsNet(nn.Module):
         self.final_chansize = fs.FINAL_CHANSIZE
         self.incre_modules, self.downsamp_modules, self.final_layer = self._make_head()
         self.classifier = nn.Linear(self.final_chansize, self.num_classes)
-        self._init_weights()
+        if m.INIT_WEIGHTS:  # False: PyTorch's default init of every layer
+            self._init_weights()
         if m.WNORM:
             for conv in self.fullstage.wnorm_modules():
                 apply_norm(conv, "weight_norm")
@@ -390,8 +391,14 @@ class MDEQClsNet(nn.Module):
 
 
 
-def build_model(cfg) -> MDEQClsNet:
-    if cfg.MODEL.NAME != "mdeq":
-        from ..errors import UserError
-        raise UserError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not supported; use 'mdeq'")
-    return MDEQClsNet(cfg)
+def build_model(cfg) -> torch.nn.Module:
+    """The model registry's builder (``DEQ.models.build_model``), kept importable from here.
+
+    Args:
+        cfg: a validated config.
+
+    Returns:
+        torch.nn.Module: the model MODEL.NAME names.
+    """
+    from . import build_model as registry_build
+    return registry_build(cfg)

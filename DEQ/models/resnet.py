@@ -1,0 +1,186 @@
+"""ResNet baselines of randomized smoothing (Cohen, Rosenfeld & Kolter 2019).
+
+* :func:`resnet_cifar`: the CIFAR ResNet of Cohen et al.'s ``archs/cifar_resnet.py``
+  (after Wei Yang's pytorch-classification): a 3x3 stem with 16 channels, three
+  stages of ``n`` basic blocks with 16, 32 and 64 channels (stride 2 at the start of
+  stages 2 and 3, a 1x1 conv + BN shortcut where the shape changes), global average
+  pooling and a linear layer; depth 6n+2 (ResNet-20: n = 3, ResNet-110: n = 18).
+* ResNet-50: torchvision's ``resnet50`` (ImageNet).
+
+Each is wrapped as ``ResNetClassifier(NormalizeLayer(mean, std), net)``, an
+``nn.Sequential`` exactly like the ``torch.nn.Sequential(normalize_layer, model)``
+of Cohen's ``architectures.get_architecture``: the input is normalised inside the
+model (noise and radii live in [0, 1] pixel space) and the parameter names are
+Cohen's (``1.conv1.weight``, ``1.layer1.0.bn1.running_mean``, ...), so a released
+``checkpoint.pth.tar`` loads with a strict ``load_state_dict`` (the normalisation
+has no state).  One difference, invisible on CIFAR-10: the final pooling averages
+the whole feature map (Cohen's ``AvgPool2d(8)`` does the same on 32x32 inputs), so
+the network also runs on the 8x8 digits.
+
+These are plain classifiers: ``model(x)`` returns logits, and there is no ``.solve``
+method (randomized smoothing treats them as ordinary base classifiers; SRS, which
+warm-starts fixed-point solves, refuses them).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..data import dataset_info
+from .mdeq import NormalizeLayer
+
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class CifarBasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the (projected) input, then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """Cohen et al.'s CIFAR ResNet of depth 6n+2 (see the module docstring)."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, init_weights: bool = True):
+        """
+        Args:
+            depth: 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...).
+            num_classes: width of the final linear layer.
+            in_channels: image channels (3 for CIFAR-10, 1 for digits).
+            init_weights: He init of the convs, unit BN (as Cohen's code); False keeps PyTorch's defaults.
+        """
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.inplanes = CIFAR_WIDTHS[0]
+        self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(CIFAR_WIDTHS[0], n, 1)
+        self.layer2 = self._make_layer(CIFAR_WIDTHS[1], n, 2)
+        self.layer3 = self._make_layer(CIFAR_WIDTHS[2], n, 2)
+        self.fc = nn.Linear(CIFAR_WIDTHS[2] * CifarBasicBlock.expansion, num_classes)
+        if init_weights:
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                    m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.weight.data.fill_(1)
+                    m.bias.data.zero_()
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * CifarBasicBlock.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * CifarBasicBlock.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * CifarBasicBlock.expansion))
+        layers = [CifarBasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * CifarBasicBlock.expansion
+        layers += [CifarBasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean(dim=(2, 3)))  # global average pool (an 8x8 map on CIFAR-10, as AvgPool2d(8))
+
+
+def resnet_cifar(depth: int = 110, num_classes: int = 10, in_channels: int = 3, init_weights: bool = True) -> CifarResNet:
+    """Cohen et al.'s ``resnet_cifar(depth=..., num_classes=...)``, without the normalisation layer.
+
+    Args:
+        depth: 6n+2 (``cifar_resnet20``: 20, ``cifar_resnet110``: 110).
+        num_classes: number of classes.
+        in_channels: image channels.
+        init_weights: He init (True, as Cohen's code) or PyTorch's default init.
+
+    Returns:
+        CifarResNet: the network, random weights, train mode.
+    """
+    return CifarResNet(depth, num_classes, in_channels, init_weights)
+
+
+def resnet50(num_classes: int = 1000, init_weights: bool = True) -> nn.Module:
+    """torchvision's ResNet-50 with random weights (Cohen et al.'s ImageNet base classifier).
+
+    Args:
+        num_classes: number of classes.
+        init_weights: torchvision's init (Kaiming normal convs, unit BN; True) or PyTorch's
+            per-module defaults (False).
+
+    Returns:
+        torchvision.models.ResNet: the network, without the normalisation layer.
+    """
+    from torchvision.models import resnet50 as tv_resnet50
+
+    net = tv_resnet50(weights=None, num_classes=num_classes)
+    if not init_weights:
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+                m.reset_parameters()
+    return net
+
+
+class ResNetClassifier(nn.Sequential):
+    """``Sequential(NormalizeLayer(mean, std), net)``: Cohen et al.'s layout and parameter names."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int):
+        """
+        Args:
+            net: the ResNet (input: normalised images).
+            mean, std: per-channel statistics of the data set in [0, 1] pixel units.
+            num_classes: number of classes of ``net``.
+        """
+        super().__init__(NormalizeLayer(mean, std), net)
+        self.in_channels = len(mean)
+        self.num_classes = num_classes
+
+
+def build_resnet(cfg) -> ResNetClassifier:
+    """The ResNet that MODEL.NAME / MODEL.DEPTH name, for DATASET.DATASET, with its normalisation.
+
+    Args:
+        cfg: a validated config (``DEQ.config.load_config``); MODEL.NAME one of resnet_cifar
+            (depth MODEL.DEPTH), resnet110, resnet50.
+
+    Returns:
+        ResNetClassifier: random weights (MODEL.INIT_WEIGHTS picks the init), train mode.
+    """
+    info = dataset_info(cfg.DATASET.DATASET)
+    name, nc, init = cfg.MODEL.NAME, cfg.MODEL.NUM_CLASSES, cfg.MODEL.INIT_WEIGHTS
+    if name == "resnet50":
+        net = resnet50(nc, init)
+    elif name in ("resnet110", "resnet_cifar"):
+        net = resnet_cifar(110 if name == "resnet110" else cfg.MODEL.DEPTH, nc, info.in_channels, init)
+    else:
+        raise ValueError(f"not a ResNet name: {name!r}")
+    return ResNetClassifier(net, info.mean, info.std, nc)
+
+
+__all__ = ["CifarBasicBlock", "CifarResNet", "resnet_cifar", "resnet50", "ResNetClassifier", "build_resnet"]
