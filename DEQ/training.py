@@ -465,7 +465,7 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
                     log.info("--overwrite: deleted the previous run's %s", name)
         log.info("run folder %s | model %s | device %s | %d CPU threads | noise %.3g | %d parameters", out,
                  cfg.MODEL.NAME, device, threads, cfg.TRAIN.NOISE, sum(p.numel() for p in trainer.model.parameters()))
-        if trainer.pretrained_sha256 and not (args.resume or args.resume_from):
+        if trainer.pretrained_sha256 and not (resume or resume_from):
             log.info("initial weights from MODEL.PRETRAINED %s (sha256 %s)", cfg.MODEL.PRETRAINED, trainer.pretrained_sha256)
         try:
             stats = trainer.fit()

@@ -26,6 +26,7 @@ from DEQ.checkpoint import file_sha256, load_model
 from DEQ.checks import check_count, check_number
 from DEQ.data import dataset_info, get_dataset
 from DEQ.errors import UserError
+from DEQ.interface import is_deq
 from DEQ.solvers import SOLVERS
 from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 
@@ -244,7 +245,8 @@ class Loaded:
 def load(spec: RunSpec, device: Optional[torch.device] = None) -> Loaded:
     """Model, config, checkpoint hash, data set and device, with a check that the checkpoint fits the data set."""
     device = pick_device(spec.device) if device is None else device
-    model, cfg, ckpt = load_model(spec.checkpoint, device, cfg_path=spec.cfg)
+    loaded = load_model(spec.checkpoint, device, cfg_path=spec.cfg)  # read once: weights and sha256
+    model, cfg, ckpt = loaded
     trained_on = ckpt.get("dataset", cfg.DATASET.DATASET)
     info = dataset_info(spec.data.dataset)
     if trained_on != spec.data.dataset:
@@ -254,19 +256,26 @@ def load(spec: RunSpec, device: Optional[torch.device] = None) -> Loaded:
         raise UserError(f"checkpoint {spec.checkpoint} has {cfg.MODEL.NUM_CLASSES} classes but {spec.data.dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
-    return Loaded(model, cfg, file_sha256(spec.checkpoint), dataset, device)
+    return Loaded(model, cfg, loaded.sha256, dataset, device)
 
 
 def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg, sigma: Optional[float] = None) -> Smooth:
     """The smoothed classifier of ``spec`` on ``model`` (defaults from the checkpoint config ``cfg``)."""
     default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, cfg.DEQ.F_TOL)
     standard, srs = spec.smoothing.resolve(default)
+    if not is_deq(model):
+        if srs is not None:
+            raise UserError(f"--srs needs a deep equilibrium model, but the checkpoint is a {cfg.MODEL.NAME} (no fixed "
+                            f"point to warm-start); certify it without --srs (standard randomized smoothing)")
+        standard = None
     return Smooth(model, cfg.MODEL.NUM_CLASSES, spec.sampling.sigma if sigma is None else sigma,
                   standard=standard, srs=srs)
 
 
 def smooth_header(smooth: Smooth) -> Dict[str, object]:
     """The header entries of the smoothed classifier (standard model, tolerance, SRS settings)."""
+    if not smooth.is_deq:  # a plain classifier (ResNet): no solver settings
+        return {"standard": "forward", "tol": None, "srs": "off"}
     return {"standard": smooth.standard.describe(), "tol": smooth.standard.tol,
             "srs": "off" if smooth.srs is None else smooth.srs.describe()}
 

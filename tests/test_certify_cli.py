@@ -549,9 +549,9 @@ def test_nonfinite_logits_row_through_certify_main(ckpt, tmp_path, monkeypatch):
     real_load = srs_runner.load_model
 
     def load(path, device="cpu", cfg_path=None):
-        model, cfg, raw = real_load(path, device, cfg_path)
+        loaded = real_load(path, device, cfg_path)
         # standard mode, N0 10 / N 60 / batch 30: 3 solves per image; solve 5 is image 1's first estimation batch
-        return _NaNOnCalls(model, {5}), cfg, raw
+        return dataclasses.replace(loaded, model=_NaNOnCalls(loaded.model, {5}))
 
     monkeypatch.setattr(srs_runner, "load_model", load)
     out = tmp_path / "nan.tsv"
