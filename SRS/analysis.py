@@ -15,7 +15,7 @@ import pandas as pd
 
 from DEQ.errors import UserError
 
-from .results import FIXED_COLUMNS, read_results
+from .results import FIXED_COLUMNS, REQUIRED_COLUMNS, read_results
 
 STAT_COLUMNS = ("ACR", "abstain", "time (s)", "speedup")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -32,14 +32,15 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return path, label or Path(path).stem
 
 
-def load_runs(specs: list[str]) -> dict[str, pd.DataFrame]:
-    """Read ``FILE[:LABEL]`` specs into an ordered {label: DataFrame}; labels must be distinct."""
+def load_runs(specs: list[str], required=REQUIRED_COLUMNS) -> dict[str, pd.DataFrame]:
+    """Read ``FILE[:LABEL]`` specs into an ordered {label: DataFrame}; labels must be distinct
+    (``required``: the columns each file must have, see ``SRS.results.read_results``)."""
     runs: dict[str, pd.DataFrame] = {}
     for spec in specs:
         path, label = parse_spec(spec)
         if label in runs:
             raise UserError(f"label {label!r} is used twice; give distinct labels with FILE:LABEL")
-        runs[label] = read_results(path)
+        runs[label] = read_results(path, required)
     return runs
 
 
@@ -450,3 +451,69 @@ def rrd_report(runs: dict, baseline: str, out_dir=None) -> list[str]:
         if out_dir is not None:
             write_rrd_outputs(rrd, srs, std, out_dir)
     return lines
+
+
+# ----------------------------------------------------------------------------- attack table
+def attack_table(runs: dict, radii=None) -> pd.DataFrame:
+    """The paper's attack table: accuracy (%) of the smoothed classifier, 'clean' then one column per
+    attack radius, one row per attack (PGD, Smooth-PGD m = 1, 4, 8, 16, ...).
+
+    Args:
+        runs: {label: frame} of ``SRS/code/attack.py`` files (mode attack; header: attack_label,
+            epsilon) and ``SRS/code/predict.py`` files (mode predict: the clean accuracy, also an
+            attack of radius 0).  Read them with ``read_results(path, PREDICTION_COLUMNS)``.
+        radii: the columns (default: every attack epsilon > 0 found).
+
+    Returns:
+        DataFrame indexed by attack label; missing cells are NaN.
+    """
+    cells, clean = {}, []
+    for label, df in runs.items():
+        meta = df.attrs.get("meta", {})
+        mode = meta.get("mode")
+        acc = 100.0 * float(df["correct"].mean())
+        if mode == "predict" or (mode == "attack" and float(meta.get("epsilon", "nan")) == 0):
+            clean.append(acc)
+            continue
+        if mode != "attack":
+            raise UserError(f"{label}: not an attack or predict results file (mode {mode}); pass files written by "
+                            f"SRS/code/attack.py or predict.py")
+        cells[(meta["attack_label"], float(meta["epsilon"]))] = acc
+    if not cells:
+        raise UserError("--attack-table: no attack files among the results; run SRS/code/attack.py first")
+    eps = sorted({e for _, e in cells}) if radii is None else [float(r) for r in radii if r > 0]
+    order = sorted({a for a, _ in cells}, key=lambda a: (not a.startswith("PGD"), int(a.split("m=")[1]) if "m=" in a else 0, a))
+    table = pd.DataFrame(index=order, columns=["clean"] + [radius_label(e) for e in eps], dtype=float)
+    table["clean"] = float(np.mean(clean)) if clean else np.nan
+    for (attack, e), acc in cells.items():
+        if e in eps:
+            table.loc[attack, radius_label(e)] = acc
+    table.index.name = "attack"
+    return table
+
+
+def attack_markdown(table: pd.DataFrame) -> str:
+    """Markdown of :func:`attack_table` (accuracy in %, '-' for cells not run)."""
+    head = "| attack | " + " | ".join(table.columns) + " |\n|---|" + "---:|" * len(table.columns)
+    rows = ["| " + str(i) + " | " + " | ".join("-" if v != v else f"{v:.1f}" for v in r) + " |"
+            for i, r in zip(table.index, table.to_numpy(dtype=float))]
+    return "\n".join([head] + rows)
+
+
+def attack_latex(table: pd.DataFrame) -> str:
+    """LaTeX tabular of :func:`attack_table`."""
+    lines = [r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
+             "Attack & " + " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    for i, r in zip(table.index, table.to_numpy(dtype=float)):
+        lines.append(latex_escape(str(i)) + " & " + " & ".join("-" if v != v else f"{v:.1f}" for v in r) + r" \\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
+
+
+def write_attack_outputs(table: pd.DataFrame, out_dir) -> list[Path]:
+    """attack_table.md/.tex/.csv in ``out_dir``."""
+    out = make_out_dir(out_dir)
+    paths = [out / f"attack_table.{ext}" for ext in ("md", "tex", "csv")]
+    paths[0].write_text(attack_markdown(table) + "\n")
+    paths[1].write_text(attack_latex(table) + "\n")
+    table.to_csv(paths[2])
+    return paths

@@ -21,7 +21,7 @@ from typing import Dict
 from DEQ.data import DATASETS
 from DEQ.solvers import SOLVERS
 
-from .modes import CertifyMode, PredictMode, QCRSMode
+from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode
 from .qcrs import DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO, QCRSSettings
 from .runner import DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
 
@@ -116,6 +116,22 @@ def qcrs_parser() -> argparse.ArgumentParser:
     return p
 
 
+def attack_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attack.py", description="Attack each image, then predict with the smoothed "
+                                "classifier at the attacked input (empirical robustness)")
+    add_common_args(p)
+    p.add_argument("--N", type=int, default=100000, help="noise samples of PREDICT at the attacked input")
+    p.add_argument("--attack", default="smooth_pgd", help="pgd (base model) or smooth_pgd (SmoothAdv, smoothed soft classifier)")
+    p.add_argument("--epsilon", type=float, required=True, help="attack radius (pixel units, l2 unless --norm linf)")
+    p.add_argument("--norm", default="l2", help="l2 or linf (pgd only)")
+    p.add_argument("--steps", type=int, default=20, help="attack steps")
+    p.add_argument("--step_size", type=float, default=None, help="default 2 epsilon / steps (2.5 epsilon / steps for linf)")
+    p.add_argument("--restarts", type=int, default=1, help="pgd: random restarts (the strongest is kept)")
+    p.add_argument("--num_noise_vec", type=int, default=1, help="smooth_pgd: m noise vectors (1, 4, 8, 16 in the paper)")
+    p.add_argument("--no_grad_attack", action="store_true", help="smooth_pgd: SmoothAdv's gradient-free estimate")
+    return p
+
+
 def smoothing_spec(args) -> SmoothingSpec:
     """The smoothed classifier's flags."""
     return SmoothingSpec(
@@ -163,5 +179,15 @@ def certify_qcrs_main(args) -> Dict[str, float]:
     return run(spec, QCRSMode(search, args.N0, args.N, args.alpha, args.batch))
 
 
+def attack_main(args) -> Dict[str, float]:
+    """attack.py: attack every chosen image and PREDICT at the attacked input."""
+    spec = run_spec(args)
+    settings = AttackSettings(args.attack, args.epsilon, args.norm, args.steps, args.step_size, args.restarts,
+                              args.num_noise_vec, args.no_grad_attack)
+    settings.validate()
+    return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch, args.seed))
+
+
 __all__ = ["add_common_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec",
-           "certify_main", "predict_main", "certify_qcrs_main"]
+           "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
+           "attack_main"]

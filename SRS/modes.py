@@ -3,7 +3,9 @@
 * :class:`CertifyMode`: CERTIFY (c_A and its certified radius) per image, ``SRS/code/certify.py``;
 * :class:`PredictMode`: PREDICT (the smoothed prediction or abstain), ``SRS/code/predict.py``;
 * :class:`QCRSMode`: CERTIFY at an input-specific sigma found by search, with the fixed-sigma
-  certificate alongside (``SRS.qcrs``), ``SRS/code/certify_qcrs.py``.
+  certificate alongside (``SRS.qcrs``), ``SRS/code/certify_qcrs.py``;
+* :class:`AttackMode`: attack the image (PGD on the base model, or Smooth-PGD on the smoothed
+  soft classifier, ``DEQ.attacks``), then PREDICT at the attacked input, ``SRS/code/attack.py``.
 
 A mode names its columns (owned by ``SRS.results``), adds header entries of its own (checked on
 ``--resume``), turns one image into one row, and summarises the file.
@@ -11,13 +13,17 @@ A mode names its columns (owned by ``SRS.results``), adds header entries of its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from .certificates import Certificate
+from DEQ.attacks import NORMS, draw_noise, model_logits, pgd, smooth_pgd
+from DEQ.checks import check_count, check_number
+from DEQ.errors import UserError
+
+from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
-from .results import CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS
+from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS
 from .smooth import Smooth
 
 
@@ -30,8 +36,25 @@ def certificate_row(c: Certificate, idx: int, label: int) -> Dict[str, object]:
             "std_rows": c.std_rows}
 
 
+def prediction_row(p: Prediction, idx: int, label: int) -> Dict[str, object]:
+    """The PREDICT_COLUMNS of one image (``time`` is added by the runner)."""
+    return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
+            "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "K": p.K, "K_A": p.K_A,
+            "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status}
+
+
+class _NoExtras:
+    """Modes without header entries or summary entries of their own."""
+
+    def header(self) -> Dict[str, object]:
+        return {}
+
+    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
+        return {}
+
+
 @dataclass
-class CertifyMode:
+class CertifyMode(_NoExtras):
     """CERTIFY with N0 selection and N estimation samples (Cohen et al.; SRS with the eliminated bound)."""
     N0: int
     N: int
@@ -40,19 +63,13 @@ class CertifyMode:
     name: str = "certify"
     columns = CERTIFY_COLUMNS
 
-    def header(self) -> Dict[str, object]:
-        return {}
-
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         c = smooth.certify(x, self.N0, self.N, self.alpha, self.batch, generator=generator)
         return certificate_row(c, idx, label)
 
-    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
-        return {}
-
 
 @dataclass
-class PredictMode:
+class PredictMode(_NoExtras):
     """PREDICT with N samples: the smoothed classifier's class, or abstain (-1)."""
     N: int
     alpha: float
@@ -60,17 +77,9 @@ class PredictMode:
     name: str = "predict"
     columns = PREDICT_COLUMNS
 
-    def header(self) -> Dict[str, object]:
-        return {}
-
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         p = smooth.predict(x, self.N, self.alpha, self.batch, generator=generator)
-        return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
-                "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "K": p.K, "K_A": p.K_A,
-                "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status}
-
-    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
-        return {}
+        return prediction_row(p, idx, label)
 
 
 @dataclass
@@ -113,4 +122,120 @@ class QCRSMode:
                 "moved": sum(int(r["fixed_samples"]) > 0 for r in rows)}  # 0 iff best_sigma == sigma0
 
 
-__all__ = ["certificate_row", "CertifyMode", "PredictMode", "QCRSMode"]
+
+
+ATTACK_KINDS = ("pgd", "smooth_pgd")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """One attack run (flag names of SmoothAdv's attack scripts where they exist).
+
+    Attributes:
+        attack: 'pgd' (the base model: the standard solve from zeros) or 'smooth_pgd' (SmoothAdv's
+            attack on the smoothed soft classifier, m noise vectors fixed across the steps).
+        epsilon: l2 (or l-inf for pgd) radius in pixel units.
+        norm: 'l2' or 'linf' (pgd only; smooth_pgd is l2).
+        steps, step_size (None: 2 epsilon / steps, 2.5 epsilon / steps for l-inf), restarts (pgd).
+        num_noise_vec: m (smooth_pgd).
+        no_grad: SmoothAdv's gradient-free direction (smooth_pgd).
+    """
+    attack: str
+    epsilon: float
+    norm: str = "l2"
+    steps: int = 20
+    step_size: Optional[float] = None
+    restarts: int = 1
+    num_noise_vec: int = 1
+    no_grad: bool = False
+
+    def validate(self) -> None:
+        if self.attack not in ATTACK_KINDS:
+            raise UserError(f"--attack {self.attack!r} is not an attack; choose one of {', '.join(ATTACK_KINDS)}")
+        check_number("--epsilon", self.epsilon, 0, hint=" (the attack's radius in pixel units)")
+        if self.norm not in NORMS:
+            raise UserError(f"--norm {self.norm!r} is not a norm; choose one of {', '.join(NORMS)}")
+        if self.attack == "smooth_pgd" and self.norm != "l2":
+            raise UserError("--attack smooth_pgd is an l2 attack (SmoothAdv); drop --norm linf or use --attack pgd")
+        check_count("--steps", self.steps, 1)
+        check_number("--step_size", self.step_size, 0, strict=True)
+        check_count("--restarts", self.restarts, 1)
+        check_count("--num_noise_vec (m)", self.num_noise_vec, 1)
+        if self.no_grad and self.attack != "smooth_pgd":
+            raise UserError("--no_grad_attack is SmoothAdv's estimate for --attack smooth_pgd; drop it for pgd")
+
+    def label(self) -> str:
+        """'PGD' / 'PGD-linf' / 'Smooth-PGD m=<m>': the row of the attack table."""
+        if self.attack == "pgd":
+            return "PGD" if self.norm == "l2" else "PGD-linf"
+        return f"Smooth-PGD m={self.num_noise_vec}"
+
+
+def attack_generator(seed: int, idx: int, device) -> torch.Generator:
+    """The attack's own stream for image idx (random starts, Smooth-PGD's noise): independent of the
+    PREDICT noise stream ``SRS.runner.image_generator``, so the prediction's guarantee is untouched."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + idx) ^ 0x5A5A_5A5A_5A5A)
+
+
+@dataclass
+class AttackMode:
+    """Attack each image, then PREDICT with the smoothed classifier at the attacked input.
+
+    The attack sees the label (white box) and the base model's gradients; for a DEQ the attacked
+    base model is the standard model (the certified one), differentiated as training does
+    (``DEQ.attacks.model_logits``) with the standard solve's budget.  PREDICT then draws fresh noise
+    from the image's stream, so its answer is the smoothed classifier's at x_adv with the usual
+    guarantee (wrong with probability at most alpha)."""
+    settings: AttackSettings
+    sigma: float
+    N: int
+    alpha: float
+    batch: int
+    seed: int = 0
+    name: str = "attack"
+    columns = ATTACK_COLUMNS
+
+    def header(self) -> Dict[str, object]:
+        s = self.settings
+        return {"attack": s.attack, "epsilon": s.epsilon, "norm": s.norm, "steps": s.steps, "step_size": s.step_size,
+                "restarts": s.restarts, "num_noise_vec": s.num_noise_vec, "no_grad_attack": s.no_grad,
+                "attack_label": s.label()}
+
+    def _logits_fn(self, smooth: Smooth):
+        model = smooth.base_classifier
+        if hasattr(model, "forward_train") and smooth.standard is not None:
+            budget = smooth.standard.max_iter
+            return lambda x: model.forward_train(x, f_thres=budget).logits
+        return model_logits(model)
+
+    def attack(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int) -> torch.Tensor:
+        """The attacked input (1, C, H, W) for image ``x`` with true class ``label``."""
+        s, x1 = self.settings, x.unsqueeze(0) if x.dim() == 3 else x
+        y = torch.tensor([label], device=x1.device)
+        g = attack_generator(self.seed, idx, x1.device)
+        fn = self._logits_fn(smooth)
+        if s.attack == "pgd":
+            return pgd(smooth.base_classifier, x1, y, s.epsilon, norm=s.norm, steps=s.steps, step_size=s.step_size,
+                       random_start=s.restarts > 1, restarts=s.restarts, generator=g, logits_fn=fn)
+        noise = draw_noise(x1, self.sigma, s.num_noise_vec, generator=g)
+        return smooth_pgd(smooth.base_classifier, x1, y, s.epsilon, noise, steps=s.steps, step_size=s.step_size,
+                          no_grad=s.no_grad, generator=g, logits_fn=fn)
+
+    def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
+        x_adv = self.attack(smooth, x, label, idx)
+        x1 = x.unsqueeze(0) if x.dim() == 3 else x
+        base = int(smooth.base_predict(x_adv)[0])
+        p = smooth.predict(x_adv[0], self.N, self.alpha, self.batch, generator=generator)
+        return {**prediction_row(p, idx, label),
+                "adv_norm": float((x_adv - x1).flatten().norm(p=2 if self.settings.norm == "l2" else float("inf"))),
+                "base_predict_adv": base}
+
+    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
+        n = len(rows)
+        return {"max_adv_norm": max((float(r["adv_norm"]) for r in rows), default=float("nan")),
+                "base_accuracy_adv": sum(int(r["base_predict_adv"]) == int(r["label"]) for r in rows) / n if n else
+                float("nan")}
+
+
+__all__ = ["certificate_row", "CertifyMode", "PredictMode", "QCRSMode", "AttackSettings", "AttackMode", "ATTACK_KINDS",
+           "attack_generator"]

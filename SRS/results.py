@@ -37,6 +37,7 @@ from DEQ.errors import UserError
 # ----------------------------------------------------------------------------- columns
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 INT_COLUMNS = ("idx", "label", "predict", "correct")
+PREDICTION_COLUMNS = ("idx", "label", "predict", "correct", "time")  # what predict and attack files must have
 FIXED_COLUMNS = ("fixed_predict", "fixed_radius", "fixed_correct")
 
 CERTIFY_COLUMNS = REQUIRED_COLUMNS + ("n_A", "n", "p_A_lower", "p_m_upper", "N_A_E", "K", "K_A", "M", "nfe",
@@ -49,6 +50,10 @@ PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "n1", "n2", "pv
 QCRS_EXTRA_COLUMNS = ("best_sigma", "search_samples", "search_evals", "search_nfe", "search_time", "fixed_predict",
                       "fixed_radius", "fixed_correct", "fixed_p_A_lower", "fixed_samples", "fixed_time")
 QCRS_COLUMNS = CERTIFY_COLUMNS + QCRS_EXTRA_COLUMNS
+# Attack runs: PREDICT of the smoothed classifier at the attacked input (the field's format of attack runs),
+# then the perturbation's size and the base model's prediction there.  The attack, its epsilon and m are
+# header entries (constant per file, checked on --resume).
+ATTACK_COLUMNS = PREDICT_COLUMNS + ("adv_norm", "base_predict_adv")
 
 
 # ----------------------------------------------------------------------------- header
@@ -70,6 +75,24 @@ def parse_header_line(line: str) -> Optional[Tuple[str, str]]:
 def parse_header(lines: Sequence[str]) -> Dict[str, str]:
     """The ``# key: value`` entries of ``lines`` (other lines ignored)."""
     return dict(kv for kv in map(parse_header_line, lines) if kv is not None)
+
+
+def split_table(text: str) -> Tuple[Dict[str, str], Optional[List[str]], List[Tuple[int, List[str]]]]:
+    """Our file layout: ``# key: value`` lines, then the column line, then rows.
+
+    Returns:
+        (header entries, column names or None, [(line number, fields)] of the non-empty rows).
+    """
+    meta, columns, rows = {}, None, []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        kv = parse_header_line(line) if columns is None else None
+        if kv is not None:
+            meta[kv[0]] = kv[1]
+        elif columns is None:
+            columns = line.split("\t")
+        elif line:
+            rows.append((lineno, line.split("\t")))
+    return meta, columns, rows
 
 
 def provenance() -> Dict[str, object]:
@@ -144,15 +167,7 @@ class ResultsFile:
         if text is None or "\x00" in text:
             raise UserError(f"--resume: {self.path} is a binary file, not a results file; choose another OUTFILE "
                             f"(or --overwrite to replace it)")
-        old_meta, header, rows = {}, None, []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            kv = parse_header_line(line) if header is None else None
-            if kv is not None:
-                old_meta[kv[0]] = kv[1]
-            elif header is None:
-                header = line.split("\t")
-            elif line:
-                rows.append((lineno, line.split("\t")))
+        old_meta, header, rows = split_table(text)
         if header is None and (old_meta or raw_tail.startswith(b"#")):
             raise UserError(f"--resume: the header of {self.path} is incomplete (the run was stopped while writing it, "
                             f"before any row); start it again with --overwrite")
@@ -288,17 +303,8 @@ def _fmt(v) -> str:
 
 def read_rows(path) -> Tuple[Dict[str, str], List[str], List[Dict[str, str]], List[str]]:
     """A results file as strings: (header entries, column names, rows as dicts, raw row lines)."""
-    meta, columns, rows, lines = {}, None, [], []
-    for line in Path(path).read_text().splitlines():
-        kv = parse_header_line(line) if columns is None else None
-        if kv is not None:
-            meta[kv[0]] = kv[1]
-        elif columns is None:
-            columns = line.split("\t")
-        elif line:
-            lines.append(line)
-            rows.append(dict(zip(columns, line.split("\t"))))
-    return meta, columns, rows, lines
+    meta, columns, rows = split_table(Path(path).read_text())
+    return meta, columns, [dict(zip(columns, f)) for _, f in rows], ["\t".join(f) for _, f in rows]
 
 
 # ----------------------------------------------------------------------------- reading for analysis
@@ -348,7 +354,7 @@ def _to_numeric(df: pd.DataFrame, column: str, path, line_numbers: list[int], in
     df[column] = values.astype(np.int64) if integer else values.astype(float)
 
 
-def read_results(path) -> pd.DataFrame:
+def read_results(path, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFrame:
     """Read a certification TSV (either dialect) into a DataFrame.
 
     ``time`` becomes float seconds, integer columns become int64, ``attrs['meta']`` holds the parsed
@@ -376,11 +382,11 @@ def read_results(path) -> pd.DataFrame:
     if not rows:
         raise UserError(f"{path}: file is empty (no header); pass a results file written by certify")
     header = _dedupe(rows[0][1])
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         hint = " (is it tab-separated?)" if len(header) == 1 and " " in header[0] else ""
         raise UserError(f"{path}: missing required column(s) {', '.join(missing)}{hint}; "
-                        f"the header must start with {' '.join(REQUIRED_COLUMNS)}")
+                        f"the header must start with {' '.join(required)}")
     body = rows[1:]
     if not body:
         raise UserError(f"{path}: no result rows, only a header; run certification first or pass another file")
@@ -391,14 +397,14 @@ def read_results(path) -> pd.DataFrame:
 
     df = pd.DataFrame([fields for _, fields in body], columns=header)
     line_numbers = [lineno for lineno, _ in body]
-    for column in REQUIRED_COLUMNS + tuple(c for c in FIXED_COLUMNS if c in header):
+    for column in tuple(required) + tuple(c for c in FIXED_COLUMNS if c in header):
         integer = column in INT_COLUMNS or column in ("fixed_predict", "fixed_correct")
         _to_numeric(df, column, path, line_numbers, integer)
     for column in ("correct",) + (("fixed_correct",) if "fixed_correct" in header else ()):
         if not df[column].isin([0, 1]).all():
             raise UserError(f"{path}: column '{column}' must be 0 or 1; fix the file (is it a certification result?)")
     for column in header:
-        if column not in REQUIRED_COLUMNS and df[column].dtype == object or str(df[column].dtype) == "str":
+        if column not in required and df[column].dtype == object or str(df[column].dtype) == "str":
             converted = pd.to_numeric(df[column], errors="coerce")
             if converted.notna().sum() == (df[column].str.lower() != "nan").sum():
                 df[column] = converted
@@ -413,7 +419,7 @@ def read_results(path) -> pd.DataFrame:
 
 
 
-__all__ = ["REQUIRED_COLUMNS", "INT_COLUMNS", "FIXED_COLUMNS", "CERTIFY_COLUMNS", "PREDICT_COLUMNS", "QCRS_EXTRA_COLUMNS",
-           "QCRS_COLUMNS", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
+__all__ = ["REQUIRED_COLUMNS", "PREDICTION_COLUMNS", "INT_COLUMNS", "FIXED_COLUMNS", "CERTIFY_COLUMNS", "PREDICT_COLUMNS", "QCRS_EXTRA_COLUMNS",
+           "QCRS_COLUMNS", "ATTACK_COLUMNS", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
            "provenance", "read_rows", "read_results", "parse_time", "shard_path", "shard_files", "consolidate",
            "count_rows"]

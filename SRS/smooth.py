@@ -189,6 +189,20 @@ class Smooth:
             return out
         return binomial_decision(out, top, n1, n2, level)
 
+    def base_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The standard base classifier's predictions on the batch ``x`` (no noise; ABSTAIN for
+        non-finite logits or a diverged solve).
+
+        Args:
+            x: (B, C, H, W) inputs.
+
+        Returns:
+            (B,) classes.
+        """
+        self.base_classifier.eval()
+        with torch.no_grad():
+            return safe_argmax(self._standard(x, SampleStats()))
+
     # ------------------------------------------------------------- internals
     def _phase(self, x, num: int, batch_size: int, generator, stats: SampleStats, chain: Optional[SRSChain],
                log: Optional[PhaseLog] = None):

@@ -12,6 +12,7 @@ import sys
 
 from DEQ.errors import UserError, cli_main
 from SRS import analysis
+from SRS.results import PREDICTION_COLUMNS
 
 
 def parse_args(argv=None):
@@ -26,6 +27,9 @@ def parse_args(argv=None):
                    help="add one-sided Clopper-Pearson lower bounds on certified accuracy at level A")
     p.add_argument("--compare-fixed", action="store_true",
                    help="for QCRS files, add the fixed-sigma rows computed from the same images")
+    p.add_argument("--attack-table", action="store_true",
+                   help="the RESULT files are attack.py / predict.py runs: print (and with --out write) the attack "
+                        "table, smoothed accuracy under each attack and radius")
     p.add_argument("--allow-different-images", action="store_true",
                    help="compare runs over different image sets (refused otherwise); the output says so")
     return p.parse_args(argv)
@@ -36,6 +40,16 @@ def main(argv=None):
     args = parse_args(argv)
     if any(r < 0 for r in args.radii):
         raise UserError("--radii: radii must be >= 0; e.g. --radii 0 0.25 0.5")
+    if args.attack_table:
+        if args.out:
+            analysis.check_out_dir(args.out)
+        runs = analysis.load_runs(args.results, required=PREDICTION_COLUMNS)
+        table = analysis.attack_table(runs)
+        print(analysis.attack_markdown(table))
+        if args.out:
+            analysis.write_attack_outputs(table, args.out)
+            print(f"wrote attack_table.md/.tex/.csv to {args.out}", file=sys.stderr)
+        return
     runs = analysis.load_runs(args.results)
     baseline = args.baseline or next(iter(runs))
     if baseline not in runs:
