@@ -111,6 +111,20 @@ _C.TEST.MODEL_FILE = ""
 _C.DEBUG = CN()
 _C.DEBUG.DEBUG = False
 
+# SmoothAdv training (Salman et al. 2019), keys of the SRS reference's MDEQ code; checked and used by
+# DEQ/attacks.py (SmoothAdvAttack) and DEQ/training.py.  EPSILON is an l2 radius in [0,1] pixel units
+# (the reference takes 0-255 units / 256: its default 64.0 is 0.25 here).
+_C.ATTACK = CN()
+_C.ATTACK.ADV_TRAINING = False     # attack every training batch, train on (adversarial + noise)
+_C.ATTACK.ATTACK = "PGD"           # PGD (Smooth-PGD, step 2 EPSILON / NUM_STEPS) | DDN
+_C.ATTACK.EPSILON = 0.25
+_C.ATTACK.NUM_STEPS = 10
+_C.ATTACK.WARM_UP = 1              # epoch e (0-based) uses min(EPSILON, (e + 1) EPSILON / WARM_UP)
+_C.ATTACK.NUM_NOISE_VEC = 1        # m noise vectors per input (smoothed soft classifier)
+_C.ATTACK.TRAIN_MULTI_NOISE = True  # train on all m noisy copies (else one per input)
+_C.ATTACK.NO_GRAD_ATTACK = False   # PGD direction from the noise alone (Stein estimate), no backward pass
+_C.ATTACK.RANDOM_START = True      # PGD starts from a uniform draw in the epsilon ball
+
 
 def get_default_config() -> CN:
     return _C.clone()
