@@ -53,6 +53,15 @@ models only, ignored by the ResNets):
 | TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size |
 | TEST.MODEL_FILE | R '' | certify a checkpoint by passing it to SRS/code/certify.py; start training from one with MODEL.PRETRAINED |
 | DEBUG.DEBUG | R false | nothing reads it |
+| ATTACK.ADV_TRAINING | W | SmoothAdv training on (DEQ/attacks.py, DEQ/training.py) |
+| ATTACK.ATTACK | W | PGD (Smooth-PGD) or DDN |
+| ATTACK.EPSILON | W | attack radius in [0,1] pixel units |
+| ATTACK.NUM_STEPS | W | attack steps |
+| ATTACK.WARM_UP | W | epochs over which epsilon ramps up |
+| ATTACK.NUM_NOISE_VEC | W | m noise vectors per input |
+| ATTACK.TRAIN_MULTI_NOISE | W | train on all m noisy copies (else one) |
+| ATTACK.NO_GRAD_ATTACK | W | gradient-free (Stein) attack direction |
+| ATTACK.RANDOM_START | W | start the attack from a uniform draw in the ball |
 
 "D" keys keep their values in a ResNet config (the defaults are MDEQ's), so a yaml
 derived from an MDEQ one loads; only the two that would change the training
@@ -60,7 +69,6 @@ objective (Jacobian loss, dropout) are refused there.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional
 
 import yaml
@@ -165,6 +173,20 @@ _C.TEST.MODEL_FILE = ""
 
 _C.DEBUG = CN()
 _C.DEBUG.DEBUG = False
+
+# SmoothAdv training (Salman et al. 2019), keys of the SRS reference's MDEQ code; checked and used by
+# DEQ/attacks.py (SmoothAdvAttack) and DEQ/training.py.  EPSILON is an l2 radius in [0,1] pixel units
+# (the reference takes 0-255 units / 256: its default 64.0 is 0.25 here).
+_C.ATTACK = CN()
+_C.ATTACK.ADV_TRAINING = False     # attack every training batch, train on (adversarial + noise)
+_C.ATTACK.ATTACK = "PGD"           # PGD (Smooth-PGD, step 2 EPSILON / NUM_STEPS) | DDN
+_C.ATTACK.EPSILON = 0.25
+_C.ATTACK.NUM_STEPS = 10
+_C.ATTACK.WARM_UP = 1              # epoch e (0-based) uses min(EPSILON, (e + 1) EPSILON / WARM_UP)
+_C.ATTACK.NUM_NOISE_VEC = 1        # m noise vectors per input (smoothed soft classifier)
+_C.ATTACK.TRAIN_MULTI_NOISE = True  # train on all m noisy copies (else one per input)
+_C.ATTACK.NO_GRAD_ATTACK = False   # PGD direction from the noise alone (Stein estimate), no backward pass
+_C.ATTACK.RANDOM_START = True      # PGD starts from a uniform draw in the epsilon ball
 
 
 def get_default_config() -> CN:

@@ -14,6 +14,13 @@ train through the same loop with the same noise, optimiser and checkpoints; the
 DEQ-only parts (pretraining, Jacobian loss, threshold jitter, solver statistics)
 are skipped for them (``DEQ.models.is_deq``).
 
+SmoothAdv (``ATTACK.ADV_TRAINING True``, Salman et al. 2019): each batch gets m =
+NUM_NOISE_VEC noise vectors per input, the smoothed soft classifier is attacked at the
+noisy points (DEQ/attacks.py: Smooth-PGD or DDN, the model in eval mode, gradients
+through the same forward that training uses at that step), and the optimiser step
+trains on adversarial + noise (all m copies with TRAIN_MULTI_NOISE, else one).  Off, the
+Gaussian training above is unchanged (same random draws).
+
 Resumability: a checkpoint is written atomically after every epoch with the
 model, optimiser, scheduler, AMP scaler and RNG states; the shuffle order of
 epoch e is seeded by (SEED, e), so ``--resume`` replays exactly the run it
@@ -33,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .attacks import SmoothAdvAttack
 from .checkpoint import load_checkpoint, load_pretrained, load_state_dict, remove_stale_temporaries, save_checkpoint
 from .checks import check_input_file, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
@@ -78,10 +86,42 @@ def jac_factor(cfg, train_step: int, epoch: int) -> float:
     return cfg.LOSS.JAC_LOSS_WEIGHT + 0.1 * (deq_steps // cfg.LOSS.JAC_INCREMENTAL)
 
 
-def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, train_step: int, device):
-    """One optimiser step on a noisy batch; returns (loss, jac_loss or None, correct count)."""
+def smoothadv_batch(model, attacker: SmoothAdvAttack, cfg, x, y, epoch: int, train_step: int):
+    """SmoothAdv (Salman et al. 2019, train_pgd.py): draw m noise vectors per input, attack the smoothed
+    soft classifier at the noisy points (the model in eval mode, gradients through the fixed point as
+    training takes them), and return the rows to train on: all m copies of (adversarial + noise) with
+    ATTACK.TRAIN_MULTI_NOISE, else the first copy of each input."""
+    m = attacker.num_noise_vec
+    noise = torch.randn((x.shape[0], m, *x.shape[1:]), device=x.device, dtype=x.dtype) * cfg.TRAIN.NOISE
+    x_adv = attacker(model, x, y, noise, epoch=epoch, train_step=train_step)
+    if attacker.train_multi_noise:
+        return (x_adv.unsqueeze(1) + noise).flatten(0, 1), y.repeat_interleave(m)
+    return x_adv + noise[:, 0], y
+
+
+def smoothadv_attacker(cfg, input_dim: int) -> Optional[SmoothAdvAttack]:
+    """The run's SmoothAdv attack (None unless ATTACK.ADV_TRAINING), with one-line errors for bad ATTACK keys."""
+    if not cfg.ATTACK.ADV_TRAINING:
+        return None
+    attacker = SmoothAdvAttack.from_config(cfg)
+    widest = math.sqrt(input_dim)  # the l2 distance between an all-0 and an all-1 image
+    if attacker.epsilon > widest:
+        raise UserError(f"ATTACK.EPSILON {attacker.epsilon:g} exceeds the largest l2 distance between two inputs "
+                        f"({widest:.3g}): it is in [0,1] pixel units (the SmoothAdv code's 0-255 units divided "
+                        f"by 256, e.g. 64 -> 0.25)")
+    if attacker.no_grad and cfg.TRAIN.NOISE <= 0:
+        raise UserError("ATTACK.NO_GRAD_ATTACK estimates gradients from the Gaussian noise: it needs --noise > 0")
+    return attacker
+
+
+def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, train_step: int, device,
+                  attacker: Optional[SmoothAdvAttack] = None):
+    """One optimiser step on a noisy (with ``attacker``: SmoothAdv-perturbed) batch; returns
+    (loss, jac_loss or None, correct count, rows trained on)."""
     noise = cfg.TRAIN.NOISE
-    if noise > 0:
+    if attacker is not None:
+        x, y = smoothadv_batch(model, attacker, cfg, x, y, epoch, train_step)
+    elif noise > 0:
         x = x + torch.randn_like(x) * noise
     deq = is_deq(model)
     factor = jac_factor(cfg, train_step, epoch) if deq else 0.0
@@ -114,7 +154,7 @@ def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, tr
     if cfg.TRAIN.LR_SCHEDULER != "step":
         scheduler.step()
     correct = (logits.argmax(1) == y).sum().item()
-    return loss.item(), (jac_loss.item() if compute_jac else None), correct
+    return loss.item(), (jac_loss.item() if compute_jac else None), correct, x.shape[0]
 
 
 @torch.no_grad()
@@ -173,6 +213,7 @@ class Trainer:
             if data_dir and not os.path.isdir(data_dir):
                 raise UserError(f"{ds} needs --data-dir: the config's {key} {data_dir!r} does not exist here")
         size = cfg.MODEL.IMAGE_SIZE[0]
+        self.attacker = smoothadv_attacker(cfg, info.in_channels * size * cfg.MODEL.IMAGE_SIZE[1])
         self.train_set = get_dataset(ds, "train", data_dir, augment=cfg.DATASET.AUGMENT, image_size=size)
         self.test_set = get_dataset(ds, "test", data_dir, image_size=size)
         bs = cfg.TRAIN.BATCH_SIZE_PER_GPU
@@ -205,7 +246,7 @@ class Trainer:
         return os.path.join(self.out_dir, "best.pth")
 
     def state(self, stats: Optional[EvalStats] = None) -> dict:
-        return {
+        state = {
             "state_dict": self.model.state_dict(),
             "config": self.cfg.dump(),
             "dataset": self.cfg.DATASET.DATASET,
@@ -220,6 +261,9 @@ class Trainer:
             "best_acc": self.best_acc,
             "eval": vars(stats) if stats else None,
         }
+        if self.attacker is not None:  # SmoothAdv settings and the radius of the last epoch trained
+            state["attack"] = dict(self.attacker.as_dict(), epsilon_last_epoch=self.attacker.epsilon_at(self.epoch - 1))
+        return state
 
     def resume(self, path: Optional[str] = None) -> None:
         """Continue from ``path`` (default: the run folder's last.pth); one-line errors for anything
@@ -268,13 +312,13 @@ class Trainer:
             if i >= self.steps_per_epoch:
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss, jac, c = train_step_fn(self.model, self.optimizer, self.scheduler, self.scaler, cfg, x, y,
-                                         self.epoch, self.train_step, dev)
+            loss, jac, c, rows = train_step_fn(self.model, self.optimizer, self.scheduler, self.scaler, cfg, x, y,
+                                               self.epoch, self.train_step, dev, attacker=self.attacker)
             if not math.isfinite(loss):
                 raise RuntimeError(f"training diverged at step {self.train_step} (loss {loss}); lower TRAIN.LR or set TRAIN.CLIP")
-            n += x.shape[0]
+            n += rows
             correct += c
-            loss_sum += loss * x.shape[0]
+            loss_sum += loss * rows
             if jac is not None:
                 jac_sum, jac_n = jac_sum + jac, jac_n + 1
             if self.writer:
@@ -282,6 +326,8 @@ class Trainer:
                 self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.train_step)
                 if jac is not None:
                     self.writer.add_scalar("train/jac_loss", jac, self.train_step)
+                if self.attacker is not None:
+                    self.writer.add_scalar("train/attack_epsilon", self.attacker.epsilon_at(self.epoch), self.train_step)
             self.train_step += 1
             if cfg.PRINT_FREQ and self.train_step % cfg.PRINT_FREQ == 0:
                 log.info("epoch %d step %d (%d/%d)  loss %.4f  train acc %.2f  lr %.3g", self.epoch + 1, self.train_step,
@@ -323,6 +369,10 @@ class Trainer:
                 log.info("epoch %d/%d  loss %.4f  train acc %.2f%s | test clean %.2f  noisy(%.2f) %.2f%s | %.1fs%s",
                          self.epoch, end, tr["loss"], tr["acc"], jac, stats.clean_acc,
                          self.cfg.TRAIN.NOISE, stats.noisy_acc, solver, time.time() - t0, "  *best" if is_best else "")
+                if self.attacker is not None:
+                    log.info("  SmoothAdv %s: epsilon %.4g (of %.4g), %d steps, m %d", self.attacker.attack,
+                             self.attacker.epsilon_at(self.epoch - 1), self.attacker.epsilon,
+                             self.attacker.num_steps, self.attacker.num_noise_vec)
         finally:
             self.writer.close()
         return stats
@@ -467,6 +517,13 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
                  cfg.MODEL.NAME, device, threads, cfg.TRAIN.NOISE, sum(p.numel() for p in trainer.model.parameters()))
         if trainer.pretrained_sha256 and not (resume or resume_from):
             log.info("initial weights from MODEL.PRETRAINED %s (sha256 %s)", cfg.MODEL.PRETRAINED, trainer.pretrained_sha256)
+        if trainer.attacker is not None:
+            a = trainer.attacker
+            log.info("SmoothAdv training: %s, epsilon %.4g (warm-up %d epochs), %d steps, m %d, %s, %s, %s", a.attack,
+                     a.epsilon, a.warm_up, a.num_steps, a.num_noise_vec,
+                     "train on all m copies" if a.train_multi_noise else "train on one copy",
+                     "gradient-free direction" if a.no_grad else f"gradients: {cfg.DEQ.GRAD}",
+                     "random start" if a.random_start else "start at x")
         try:
             stats = trainer.fit()
         except Exception as exc:

@@ -5,21 +5,26 @@
 Runs random 32x32 (or the config's size) inputs, so no data set is needed.  Reports
 the pretraining (unrolled) step and the DEQ step separately, with and without the
 Jacobian term.
+
+    python scripts/bench_train_step.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --batch 64 --adv
+
+``--adv`` also times SmoothAdv (the config's ATTACK section, or ``--m`` noise vectors): one
+attack step (forward solve and implicit backward on batch x m rows, model in eval mode) and one
+gradient-free step (``ATTACK.NO_GRAD_ATTACK``), each relative to one DEQ training step, and the
+whole adversarial training step (NUM_STEPS attack steps, then the optimiser step on batch x m
+rows with TRAIN_MULTI_NOISE, else batch rows).
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from DEQ.config import load_config  # noqa: E402
-from DEQ.models import build_model  # noqa: E402
-from DEQ.training import build_optimizer  # noqa: E402
-from DEQ.utils import pick_device  # noqa: E402
+from DEQ.config import load_config
+from DEQ.models import build_model
+from DEQ.training import build_optimizer
+from DEQ.utils import pick_device
 
 
 def time_steps(model, opt, x, y, steps, train_step, jac):
@@ -43,6 +48,8 @@ def main():
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--adv", action="store_true", help="also time SmoothAdv attack steps (the config's ATTACK section)")
+    p.add_argument("--m", type=int, default=None, help="with --adv: noise vectors per input (default ATTACK.NUM_NOISE_VEC)")
     args = p.parse_args()
     cfg = load_config(args.cfg)
     dev = pick_device(args.device)
@@ -60,6 +67,44 @@ def main():
     print(f"pretraining step (f unrolled {cfg.MODEL.NUM_LAYERS}x): {pre:.2f} s")
     print(f"DEQ step ({cfg.DEQ.F_SOLVER} {cfg.DEQ.F_THRES} fwd / {cfg.DEQ.B_SOLVER} {cfg.DEQ.B_THRES} bwd): {deq:.2f} s")
     print(f"DEQ step with Jacobian term: {jac:.2f} s")
+    if args.adv:
+        time_adversarial(cfg, model, opt, x, y, args, deq)
+
+
+def time_adversarial(cfg, model, opt, x, y, args, deq_step):
+    from DEQ.attacks import SmoothAdvAttack, smooth_pgd
+
+    a = cfg.ATTACK
+    m = args.m or a.NUM_NOISE_VEC
+    attacker = SmoothAdvAttack.from_config(cfg)
+    noise = torch.randn(x.shape[0], m, *x.shape[1:], device=x.device) * 0.25
+    step = cfg.TRAIN.PRETRAIN_STEPS + 1
+    fn = lambda v: model.forward_train(v, train_step=step).logits  # noqa: E731
+
+    def attack_step(no_grad):
+        times = []
+        for _ in range(args.steps + 1):
+            t0 = time.perf_counter()
+            smooth_pgd(model, x, y, a.EPSILON, noise, steps=1, no_grad=no_grad, logits_fn=fn)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sum(times[1:]) / args.steps
+
+    grad_step, free_step = attack_step(False), attack_step(True)
+    rows = x.shape[0] * m if a.TRAIN_MULTI_NOISE else x.shape[0]
+    xt = x.repeat_interleave(m, 0)[:rows] if a.TRAIN_MULTI_NOISE else x
+    yt = y.repeat_interleave(m, 0)[:rows] if a.TRAIN_MULTI_NOISE else y
+    train_rows = time_steps(model, opt, xt, yt, args.steps, step, False)
+    whole = a.NUM_STEPS * (free_step if a.NO_GRAD_ATTACK else grad_step) + train_rows
+    print(f"SmoothAdv {attacker.attack}, m = {m} noise vectors ({x.shape[0] * m} rows per attack step), "
+          f"DEQ.GRAD {cfg.DEQ.GRAD}:")
+    print(f"  one attack step (solve + {cfg.DEQ.GRAD} backward): {grad_step:.3f} s = {grad_step / deq_step:.2f} "
+          f"DEQ training steps")
+    print(f"  one gradient-free attack step (NO_GRAD_ATTACK): {free_step:.3f} s = {free_step / deq_step:.2f} "
+          f"DEQ training steps")
+    print(f"  adversarial training step ({a.NUM_STEPS} attack steps + optimiser step on {rows} rows): {whole:.3f} s "
+          f"= {whole / deq_step:.2f} DEQ training steps")
 
 
 if __name__ == "__main__":

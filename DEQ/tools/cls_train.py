@@ -7,13 +7,16 @@
     python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume-from other/run/best.pth --out new/run
     python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --overwrite                # delete the folder's checkpoints, start again
     python DEQ/tools/cls_train.py --cfg ... --noise 0.5 TRAIN.END_EPOCH 10 DEQ.F_THRES 6   # yacs overrides
+    python DEQ/tools/cls_train.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --noise 0.25   # SmoothAdv
+    python DEQ/tools/cls_train.py --cfg ... --noise 0.25 ATTACK.ADV_TRAINING True ATTACK.EPSILON 0.5 ATTACK.NUM_STEPS 2
 
 A run folder that already holds last.pth / best.pth is never overwritten silently:
 pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
 (default: OMP_NUM_THREADS if set, else the usable cores shared among torchrun's
 local processes); on a busy machine oversubscribed threads made certification
 ~50x slower, so lower it there.
-Flags go before the KEY VALUE overrides.
+Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
+smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and the README.
 """
 import argparse
 
@@ -22,7 +25,7 @@ from DEQ.training import train_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a noise-augmented MDEQ (Gaussian noise, Jacobian regularisation)")
+    p = argparse.ArgumentParser(description="Train a noise-augmented MDEQ (Gaussian noise, Jacobian regularisation; SmoothAdv with ATTACK.ADV_TRAINING True)")
     p.add_argument("--cfg", required=True, help="yacs yaml, e.g. experiments/digits/cls_mdeq_digits.yaml")
     p.add_argument("--noise", type=float, default=None, help="std of the Gaussian training noise in [0,1] pixel units")
     p.add_argument("--data-dir", "--dataDir", dest="data_dir", default=None, help="local data root (CIFAR-10 or ImageNet)")
