@@ -185,7 +185,7 @@ def attack_main(args) -> Dict[str, float]:
     settings = AttackSettings(args.attack, args.epsilon, args.norm, args.steps, args.step_size, args.restarts,
                               args.num_noise_vec, args.no_grad_attack)
     settings.validate()
-    return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch, args.seed))
+    return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch))
 
 
 __all__ = ["add_common_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec",

@@ -23,6 +23,7 @@ from DEQ.errors import UserError
 
 from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
+from .sampling import derived_seed
 from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS
 from .smooth import Smooth
 
@@ -171,10 +172,11 @@ class AttackSettings:
         return f"Smooth-PGD m={self.num_noise_vec}"
 
 
-def attack_generator(seed: int, idx: int, device) -> torch.Generator:
-    """The attack's own stream for image idx (random starts, Smooth-PGD's noise): independent of the
-    PREDICT noise stream ``SRS.runner.image_generator``, so the prediction's guarantee is untouched."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + idx) ^ 0x5A5A_5A5A_5A5A)
+def attack_generator(image: torch.Generator) -> torch.Generator:
+    """The attack's own stream for an image (random starts, Smooth-PGD's noise), derived from the image
+    generator's seed (``SRS.sampling.derived_seed``) without advancing it: independent of the PREDICT
+    noise, so the prediction's guarantee is untouched."""
+    return torch.Generator(device=image.device).manual_seed(derived_seed(image.initial_seed(), "attack"))
 
 
 @dataclass
@@ -191,7 +193,6 @@ class AttackMode:
     N: int
     alpha: float
     batch: int
-    seed: int = 0
     name: str = "attack"
     columns = ATTACK_COLUMNS
 
@@ -208,11 +209,12 @@ class AttackMode:
             return lambda x: model.forward_train(x, f_thres=budget).logits
         return model_logits(model)
 
-    def attack(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int) -> torch.Tensor:
-        """The attacked input (1, C, H, W) for image ``x`` with true class ``label``."""
-        s, x1 = self.settings, x.unsqueeze(0) if x.dim() == 3 else x
+    def attack(self, smooth: Smooth, x1: torch.Tensor, label: int, generator: torch.Generator) -> torch.Tensor:
+        """The attacked input (1, C, H, W) for the image ``x1`` (1, C, H, W) with true class ``label``
+        (``generator``: the image's noise stream, only read)."""
+        s = self.settings
         y = torch.tensor([label], device=x1.device)
-        g = attack_generator(self.seed, idx, x1.device)
+        g = attack_generator(generator)
         fn = self._logits_fn(smooth)
         if s.attack == "pgd":
             return pgd(smooth.base_classifier, x1, y, s.epsilon, norm=s.norm, steps=s.steps, step_size=s.step_size,
@@ -222,8 +224,8 @@ class AttackMode:
                           no_grad=s.no_grad, generator=g, logits_fn=fn)
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
-        x_adv = self.attack(smooth, x, label, idx)
         x1 = x.unsqueeze(0) if x.dim() == 3 else x
+        x_adv = self.attack(smooth, x1, label, generator)
         base = int(smooth.base_predict(x_adv)[0])
         p = smooth.predict(x_adv[0], self.N, self.alpha, self.batch, generator=generator)
         return {**prediction_row(p, idx, label),

@@ -64,7 +64,6 @@ w.p. >= 1 - 2 alpha), offered so users can rely on the globally consistent one.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -76,7 +75,7 @@ from DEQ.errors import UserError
 
 from .bounds import lower_confidence_bound, radius_from_p
 from .certificates import Certificate
-from .sampling import ABSTAIN, SampleStats
+from .sampling import ABSTAIN, SampleStats, derived_seed
 from .smooth import Smooth
 
 DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO = 0.25, 3.5
@@ -136,11 +135,6 @@ class QCRSSettings:
 
     def validate(self) -> None:
         check_search_settings(self.sigma0, self.left, self.right, self.epsilon, self.epsilon_step, self.gradient_n)
-
-
-def derived_seed(seed: int, tag: str) -> int:
-    """A 63-bit seed for stream ``tag`` of the image whose generator seed is ``seed``."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:qcrs:{tag}".encode()).digest()[:8], "big") & (2 ** 63 - 1)
 
 
 def _generator(device, seed: int) -> torch.Generator:
@@ -246,7 +240,7 @@ class QCRS:
             nonlocal c_hat
             if c_hat is None:
                 counts, bad = self.smooth.with_sigma(sigma0).sample_counts(
-                    x, settings.n_select or gradient_n, batch_size, _generator(device, derived_seed(seed, "select")),
+                    x, settings.n_select or gradient_n, batch_size, _generator(device, derived_seed(seed, "qcrs:select")),
                     stats)
                 c_hat = int(counts.argmax()) if counts.sum() > 0 else ABSTAIN
             return c_hat
@@ -254,7 +248,7 @@ class QCRS:
         def r_hat(s: float) -> float:
             out.evaluations += 1
             return self.radius_estimate(x, s, select(), gradient_n, alpha, batch_size,
-                                        _generator(device, derived_seed(seed, "probe")), stats)
+                                        _generator(device, derived_seed(seed, "qcrs:probe")), stats)
 
         direction = 0
         lo, hi = settings.left, settings.right
@@ -338,5 +332,5 @@ def expected_search_samples(sigma0: float, left: float, right: float, epsilon: f
     return (n_select or gradient_n) + gradient_n * (2 * steps + 2)
 
 
-__all__ = ["QCRS", "QCRSSettings", "QCRSResult", "SearchResult", "check_search_settings", "derived_seed",
+__all__ = ["QCRS", "QCRSSettings", "QCRSResult", "SearchResult", "check_search_settings",
            "bisection_steps", "expected_search_samples", "DEFAULT_LEFT_RATIO", "DEFAULT_RIGHT_RATIO"]

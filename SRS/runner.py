@@ -242,12 +242,11 @@ class Loaded:
     device: torch.device
 
 
-def load(spec: RunSpec, device: Optional[torch.device] = None) -> Loaded:
+def load(spec: RunSpec, device: torch.device) -> Loaded:
     """Model, config, checkpoint hash, data set and device, with a check that the checkpoint fits the data set."""
-    device = pick_device(spec.device) if device is None else device
     loaded = load_model(spec.checkpoint, device, cfg_path=spec.cfg)  # read once: weights and sha256
-    model, cfg, ckpt = loaded
-    trained_on = ckpt.get("dataset", cfg.DATASET.DATASET)
+    cfg = loaded.cfg
+    trained_on = loaded.checkpoint.get("dataset", cfg.DATASET.DATASET)
     info = dataset_info(spec.data.dataset)
     if trained_on != spec.data.dataset:
         raise UserError(f"checkpoint {spec.checkpoint} was trained on {trained_on}, not {spec.data.dataset}: "
@@ -256,20 +255,17 @@ def load(spec: RunSpec, device: Optional[torch.device] = None) -> Loaded:
         raise UserError(f"checkpoint {spec.checkpoint} has {cfg.MODEL.NUM_CLASSES} classes but {spec.data.dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
-    return Loaded(model, cfg, loaded.sha256, dataset, device)
+    return Loaded(loaded.model, cfg, loaded.sha256, dataset, device)
 
 
-def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg, sigma: Optional[float] = None) -> Smooth:
+def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg) -> Smooth:
     """The smoothed classifier of ``spec`` on ``model`` (defaults from the checkpoint config ``cfg``)."""
     default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, cfg.DEQ.F_TOL)
     standard, srs = spec.smoothing.resolve(default)
-    if not is_deq(model):
-        if srs is not None:
-            raise UserError(f"--srs needs a deep equilibrium model, but the checkpoint is a {cfg.MODEL.NAME} (no fixed "
-                            f"point to warm-start); certify it without --srs (standard randomized smoothing)")
-        standard = None
-    return Smooth(model, cfg.MODEL.NUM_CLASSES, spec.sampling.sigma if sigma is None else sigma,
-                  standard=standard, srs=srs)
+    if srs is not None and not is_deq(model):
+        raise UserError(f"--srs needs a deep equilibrium model, but the checkpoint is a {cfg.MODEL.NAME} (no fixed "
+                        f"point to warm-start); certify it without --srs (standard randomized smoothing)")
+    return Smooth(model, cfg.MODEL.NUM_CLASSES, spec.sampling.sigma, standard=standard, srs=srs)
 
 
 def smooth_header(smooth: Smooth) -> Dict[str, object]:
@@ -366,11 +362,13 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
     progress = _Progress(mode.name, len(todo), spec.progress and world.is_main,
                          lambda: sum(count_rows(p) for p in shard_names))
     try:
-        _loop(spec, mode, smooth, loaded, results, deal(todo, world.rank, world.size), progress)
+        try:
+            _loop(spec, mode, smooth, loaded, results, deal(todo, world.rank, world.size), progress)
+        finally:
+            results.close()
+        world.wait_all(progress.refresh)
     finally:
-        results.close()
-    world.wait_all(progress.refresh)
-    progress.close()
+        progress.close()
 
     def merge_all() -> List[Dict[str, str]]:
         consolidate(out, columns, header, resume=True, overwrite=False)

@@ -14,13 +14,14 @@
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from DEQ.interface import DEQOutput, is_deq
+from DEQ.interface import DEQOutput
 
 from .settings import DEQSolve, SRSConfig
 
@@ -207,6 +208,13 @@ def ensure_generator(generator: Optional[torch.Generator], device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2 ** 62, ())))
 
 
+def derived_seed(seed: int, tag: str) -> int:
+    """A 63-bit seed for stream ``tag`` of the image whose generator seed is ``seed``: SHA-256 of
+    "seed:tag", so streams of different tags (QCRS's search, an attack) are independent of the
+    image's noise stream and of each other."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:8], "big") & (2 ** 63 - 1)
+
+
 def noisy_batch(x: torch.Tensor, rows: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
     noisy = x.repeat(rows, 1, 1, 1)
     return noisy + torch.randn(noisy.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma
@@ -249,4 +257,4 @@ def safe_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["ABSTAIN", "SampleStats", "Counts", "PhaseLog", "StandardSolver", "SRSChain", "draw_counts",
-           "ensure_generator", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax", "is_deq"]
+           "ensure_generator", "derived_seed", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax"]

@@ -25,8 +25,10 @@ import torch
 from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
                            eliminate_top_count)
 from .pairing import PairPlan, image_route, pair_cap, plan_pairs
+from DEQ.interface import is_deq
+
 from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, draw_counts, ensure_generator,
-                       is_deq, regenerate, safe_argmax)
+                       regenerate, safe_argmax)
 from .settings import DEQSolve, SRSConfig
 
 
@@ -62,9 +64,9 @@ class Smooth:
         self.is_deq = is_deq(base_classifier)
         if srs is not None and not self.is_deq:
             raise ValueError("SRS needs a DEQ base classifier (a model with a .solve method)")
-        self.standard = standard or (DEQSolve() if self.is_deq else None)
+        self.standard = (standard or DEQSolve()) if self.is_deq else None  # plain modules: their forward
         self.srs = srs
-        self._standard = StandardSolver(base_classifier, self.standard if self.is_deq else None)
+        self._standard = StandardSolver(base_classifier, self.standard)
 
     def with_sigma(self, sigma: float) -> "Smooth":
         """The same base classifier and settings smoothed at another noise level."""

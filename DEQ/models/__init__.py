@@ -10,6 +10,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..interface import is_deq as is_deq_classifier
 from .mdeq import DEQOutput, MDEQClsNet, TrainOutput
 from .resnet import ResNetClassifier, build_resnet, resnet50, resnet_cifar
 
@@ -49,7 +50,7 @@ def is_deq(model: torch.nn.Module) -> bool:
     Returns:
         bool: True for MDEQClsNet (and wrappers exposing its methods), False for plain classifiers.
     """
-    return hasattr(model, "solve") and hasattr(model, "forward_train")
+    return is_deq_classifier(model) and hasattr(model, "forward_train")
 
 
 __all__ = ["MODELS", "MDEQClsNet", "DEQOutput", "TrainOutput", "ResNetClassifier", "build_model", "build_resnet",

@@ -29,7 +29,6 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchdeq.dropout import VariationalDropout2d as _TorchdeqVariationalDropout2d
 from torchdeq.loss import jac_reg
 from torchdeq.norm import apply_norm, reset_norm
