@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
-from .modes import CertifyMode
+from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode
 from .runner import RunSpec, SmoothingSpec, parse_conf_drop, run
 from .settings import DEQSolve, SRSConfig
 from .smooth import Smooth
@@ -68,6 +68,18 @@ def file_name(label: str, sigma: float) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_") + f"_sigma{sigma:g}.tsv"
 
 
+def run_resuming(spec: RunSpec, mode, label: str, log: Callable[[str], None] = print) -> Dict[str, float]:
+    """``run(spec, mode)``, continuing ``spec.outfile`` when it already holds rows; logs what it did."""
+    path = spec.outfile
+    spec = replace(spec, resume=os.path.isfile(path) and os.path.getsize(path) > 0)
+    t0 = time.time()
+    log(f"[sigma {spec.sampling.sigma:g}] {label}: {mode.name} -> {path}")
+    summary = run(spec, mode)
+    log(f"[sigma {spec.sampling.sigma:g}] {label}: {summary['images']} new images in {time.time() - t0:.0f}s "
+        f"({summary['skipped_done']} reused), {summary['seconds_per_image']:.2f} s/image")
+    return summary
+
+
 def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
                 log: Callable[[str], None] = print) -> Dict[str, str]:
     """Certify with every method (resuming files already there); return label -> TSV path.
@@ -82,14 +94,32 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
     s = template.sampling
     for m in methods:
         path = os.path.join(out_dir, file_name(m.label, s.sigma))
-        resume = os.path.isfile(path) and os.path.getsize(path) > 0
-        spec = replace(template, outfile=path, smoothing=m.smoothing(template.smoothing), resume=resume)
-        t0 = time.time()
-        log(f"[sigma {s.sigma:g}] {m.label}: certifying -> {path}")
-        summary = run(spec, CertifyMode(s.N0, s.N, s.alpha, s.batch))
-        log(f"[sigma {s.sigma:g}] {m.label}: {summary['images']} new images in {time.time() - t0:.0f}s "
-            f"({summary['skipped_done']} reused), {summary['seconds_per_image']:.2f} s/image")
+        spec = replace(template, outfile=path, smoothing=m.smoothing(template.smoothing))
+        run_resuming(spec, CertifyMode(s.N0, s.N, s.alpha, s.batch), m.label, log)
         paths[m.label] = path
+    return paths
+
+
+def run_attacks(template: RunSpec, attacks: Sequence[AttackSettings], out_dir: str,
+                log: Callable[[str], None] = print) -> Dict[str, str]:
+    """PREDICT on the clean images, then every attack followed by PREDICT (``SRS.modes.AttackMode``),
+    resuming files already there; return label -> TSV path (read them with
+    ``read_results(path, PREDICTION_COLUMNS)`` for ``SRS.analysis.attack_table``).
+
+    Args:
+        template: the common run (its sampling's N is PREDICT's; N0 is not used).
+        attacks: one run per entry (attack, epsilon, m, ...).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    s = template.sampling
+    path = os.path.join(out_dir, file_name("clean", s.sigma))
+    run_resuming(replace(template, outfile=path), PredictMode(s.N, s.alpha, s.batch), "clean", log)
+    paths = {"clean": path}
+    for a in attacks:
+        label = f"{a.label()} eps={a.epsilon:g}"
+        path = os.path.join(out_dir, file_name(label, s.sigma))
+        run_resuming(replace(template, outfile=path), AttackMode(a, s.sigma, s.N, s.alpha, s.batch), label, log)
+        paths[label] = path
     return paths
 
 
@@ -192,7 +222,7 @@ def summary_markdown(table: "pd.DataFrame") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Method", "standard", "srs", "paper_methods", "run_methods", "comparison", "max_gap", "mean_column",
+__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "run_attacks", "comparison", "max_gap", "mean_column",
            "to_markdown", "sound_speed_limit", "method_summary", "summary_markdown"]
 
 

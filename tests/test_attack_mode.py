@@ -68,3 +68,22 @@ def test_bad_attack_flags_one_line(tiny_checkpoint, tmp_path, extra, match):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert match in proc.stderr and not out.exists()
+
+
+def test_run_attacks_builds_the_table_and_reuses_files(tiny_checkpoint, tmp_path):
+    from SRS.benchmark import run_attacks
+    from SRS.modes import AttackSettings
+    from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
+    template = RunSpec(data=DataSpec("digits", skip=150), checkpoint=tiny_checkpoint, outfile="",
+                       sampling=Sampling(0.25, 60, 0.01, 60), smoothing=SmoothingSpec(tol=0.0), threads=1,
+                       progress=False)
+    attacks = [AttackSettings("pgd", 0.25, steps=2), AttackSettings("smooth_pgd", 0.25, steps=2, num_noise_vec=4),
+               AttackSettings("smooth_pgd", 0.5, steps=2, num_noise_vec=4)]
+    paths = run_attacks(template, attacks, str(tmp_path), log=lambda m: None)
+    assert list(paths) == ["clean", "PGD eps=0.25", "Smooth-PGD m=4 eps=0.25", "Smooth-PGD m=4 eps=0.5"]
+    table = analysis.attack_table({k: read_results(p, PREDICTION_COLUMNS) for k, p in paths.items()})
+    assert list(table.index) == ["PGD", "Smooth-PGD m=4"] and list(table.columns) == ["clean", "0.25", "0.5"]
+    assert table.loc["PGD", "0.5"] != table.loc["PGD", "0.5"]  # not run: NaN, shown as '-'
+    before = {p: open(p).read() for p in paths.values()}
+    run_attacks(template, attacks, str(tmp_path), log=lambda m: None)
+    assert {p: open(p).read() for p in paths.values()} == before
