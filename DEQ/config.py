@@ -16,7 +16,7 @@ models only, ignored by the ResNets):
 | OUTPUT_DIR | W | root of the default run folder OUTPUT_DIR/<dataset>/<cfg>_noise<sigma> |
 | LOG_DIR | R '', 'log', 'log/' | MDEQ's tensorboard root; here train.log and tb/ live in the run folder (--out) |
 | DATA_DIR | W | default data root (before DATASET.ROOT; --data-dir wins over both) |
-| GPUS | R (0,) | training uses one device: pick it with --device cuda:N or CUDA_VISIBLE_DEVICES |
+| GPUS | R (0,) | a process trains on one device: pick it with --device cuda:N or CUDA_VISIBLE_DEVICES; many GPUs: torchrun --nproc_per_node G (DistributedDataParallel) |
 | WORKERS | W | DataLoader worker processes for CIFAR-10/ImageNet (digits is in memory: 0) |
 | PRINT_FREQ | W | train.log gets a step line (loss, accuracy, lr) every PRINT_FREQ steps; 0: off |
 | PIN_MEMORY | W | pinned host memory for the DataLoaders when training on CUDA |
@@ -45,12 +45,13 @@ models only, ignored by the ResNets):
 | DATASET.TRAIN_SET, TEST_SET | R 'train' / 'val' | splits are fixed: ImageNet's train/ and val/ folders, CIFAR-10's train/test batches, digits' fixed split |
 | DATASET.DATA_FORMAT | R 'jpg' | images are read as files (ImageFolder); MDEQ's zipped ImageNet is not supported |
 | DATASET.AUGMENT | W | CIFAR-10: random crop + flip; ImageNet: random resized crop + flip; digits: none (flips change digits) |
-| TRAIN.NOISE, CLIP, LR, LR_SCHEDULER, LR_STEP, LR_FACTOR, OPTIMIZER, WD, BEGIN_EPOCH, END_EPOCH, BATCH_SIZE_PER_GPU, SHUFFLE | W | optimisation |
+| TRAIN.NOISE, CLIP, LR, LR_SCHEDULER, LR_STEP, LR_FACTOR, OPTIMIZER, WD, BEGIN_EPOCH, END_EPOCH, SHUFFLE | W | optimisation |
+| TRAIN.BATCH_SIZE_PER_GPU | W | rows per process and step; under torchrun the global batch is WORLD_SIZE x this |
 | TRAIN.MOMENTUM, NESTEROV | W | SGD only; ignored by Adam as in the MDEQ code (whose yamls set them with Adam) |
 | TRAIN.PRETRAIN_STEPS | W, D | unrolled pretraining steps of a DEQ |
 | TRAIN.AMP | W | mixed precision on CUDA (never on the CPU) |
 | TRAIN.RESUME | R false | pass --resume (or --resume-from CKPT) to DEQ/tools/cls_train.py |
-| TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size |
+| TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size (under torchrun batch b goes to rank b mod WORLD_SIZE) |
 | TEST.MODEL_FILE | R '' | certify a checkpoint by passing it to SRS/code/certify.py; start training from one with MODEL.PRETRAINED |
 | DEBUG.DEBUG | R false | nothing reads it |
 | ATTACK.ADV_TRAINING | W | SmoothAdv training on (DEQ/attacks.py, DEQ/training.py) |
@@ -307,7 +308,8 @@ _NUMBERS = (("TRAIN.NOISE", 0, False, None), ("TRAIN.LR", 0, True, None), ("TRAI
 _REFUSED = (
     ("LOG_DIR", ("", "log", "log/"),
      "train.log and the tensorboard events (tb/) are written to the run folder; choose it with --out"),
-    ("GPUS", ((0,),), "training runs on one device; pick it with --device cuda:N (or CUDA_VISIBLE_DEVICES)"),
+    ("GPUS", ((0,),), "a training process runs on one device; pick it with --device cuda:N (or CUDA_VISIBLE_DEVICES), "
+                      "or train on G GPUs with torchrun --nproc_per_node G DEQ/tools/cls_train.py ..."),
     ("MODEL.EXTRA.FULL_STAGE.NUM_MODULES", (1,), "f_theta is one MDEQ module, as in the MDEQ code"),
     ("MODEL.EXTRA.FULL_STAGE.BLOCK", ("BASIC",), "BASIC is the only residual block of f_theta"),
     ("MODEL.EXTRA.FULL_STAGE.FUSE_METHOD", ("SUM",), "SUM is the only multiscale fusion"),

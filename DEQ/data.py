@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from .errors import UserError
 
@@ -140,7 +140,8 @@ def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: 
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                device: Optional[torch.device] = None, seed: int = 0, pin_memory: bool = True) -> DataLoader:
+                device: Optional[torch.device] = None, seed: int = 0, pin_memory: bool = True,
+                batch_sampler: Optional[Sampler] = None) -> DataLoader:
     """DataLoader with a seeded shuffle (so a resumed run replays the same order).
 
     Args:
@@ -151,6 +152,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int =
         device: where the batches go; memory is pinned only for CUDA.
         seed: seed of the shuffle generator.
         pin_memory: pin host memory when ``device`` is CUDA (the config's PIN_MEMORY).
+        batch_sampler: yields the index lists of the batches (under torchrun, this rank's share:
+            ``DEQ.distributed``); ``batch_size`` and ``shuffle`` are then unused.
 
     Returns:
         DataLoader: with ``.generator`` set (reseed it per epoch for a replayable order).
@@ -158,6 +161,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int =
     in_memory = isinstance(dataset, TensorDataset)
     gen = torch.Generator().manual_seed(seed)
     cuda = device is not None and torch.device(device).type == "cuda"
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=0 if in_memory else workers, pin_memory=bool(pin_memory) and cuda,
-                      persistent_workers=False, drop_last=False)
+    common = dict(generator=gen, num_workers=0 if in_memory else workers, pin_memory=bool(pin_memory) and cuda,
+                  persistent_workers=False)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=False, **common)

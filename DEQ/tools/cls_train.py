@@ -9,17 +9,23 @@
     python DEQ/tools/cls_train.py --cfg ... --noise 0.5 TRAIN.END_EPOCH 10 DEQ.F_THRES 6   # yacs overrides
     python DEQ/tools/cls_train.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --noise 0.25   # SmoothAdv
     python DEQ/tools/cls_train.py --cfg ... --noise 0.25 ATTACK.ADV_TRAINING True ATTACK.EPSILON 0.5 ATTACK.NUM_STEPS 2
+    torchrun --nproc_per_node 8 DEQ/tools/cls_train.py --cfg ... --noise 0.5    # DistributedDataParallel, 8 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29400 --rdzv-id run1 \
+        DEQ/tools/cls_train.py --cfg ... --noise 0.5                           # the same command on every node
 
 A run folder that already holds last.pth / best.pth is never overwritten silently:
 pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
 (default: OMP_NUM_THREADS if set, else the usable cores shared among torchrun's
 local processes); on a busy machine oversubscribed threads made certification
 ~50x slower, so lower it there.
+Under torchrun each process trains on TRAIN.BATCH_SIZE_PER_GPU rows of every global batch
+(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training.py, DEQ/distributed.py).
 Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
 smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and the README.
 """
 import argparse
 
+from DEQ.distributed import DEFAULT_TIMEOUT_MINUTES
 from DEQ.errors import UserError, cli_main
 from DEQ.training import train_main
 
@@ -36,7 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="delete the run folder's last.pth / best.pth and start again")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local processes)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (under torchrun: auto or cuda, "
+                   "rank r on cuda:LOCAL_RANK)")
+    p.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+                   metavar="MINUTES", help="under torchrun: minutes a process waits for the others before the run stops "
+                   f"with an error ({DEFAULT_TIMEOUT_MINUTES:g})")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log (the log file is kept)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     args = p.parse_args(argv)
