@@ -30,7 +30,7 @@ from DEQ.interface import is_deq
 from DEQ.solvers import SOLVERS
 from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 
-from .distributed import World, deal
+from .distributed import World, check_same, deal, wait_all
 from .results import (RESUME_IGNORED_KEYS, ResultsFile, consolidate, count_rows, header_value, provenance, read_rows,
                       shard_files, shard_path)
 from .settings import DEQSolve, SRSConfig
@@ -315,14 +315,14 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
     spec.validate()
     world = World.from_env() if world is None else world
     threads = set_threads(spec.threads)
-    device = world.device(pick_device(spec.device))
+    device = world.pick_device(pick_device(spec.device))
     world.start(device, spec.dist_timeout)
     try:
         loaded = load(spec, device)
         set_seed(spec.seed)
         smooth = build_smooth(spec, loaded.model, loaded.cfg)
         header = run_header(spec, mode, smooth, loaded, threads)
-        world.check_same({k: header_value(v) for k, v in header.items() if k not in RESUME_IGNORED_KEYS})
+        check_same(world, {k: header_value(v) for k, v in header.items() if k not in RESUME_IGNORED_KEYS})
         if not world.distributed and not shard_files(spec.outfile):
             summary = _run_single(spec, mode, smooth, loaded, header)
         else:
@@ -366,7 +366,7 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
             _loop(spec, mode, smooth, loaded, results, deal(todo, world.rank, world.size), progress)
         finally:
             results.close()
-        world.wait_all(progress.refresh)
+        wait_all(world, progress.refresh)
     finally:
         progress.close()
 

@@ -4,19 +4,17 @@ world sizes and after a killed rank, and the one-line error when ranks disagree 
 The end-to-end tests launch ``torchrun --nproc_per_node 2`` with the gloo backend on the CPU and
 compare the merged OUTFILE with a one-process run of the same seed (time column aside)."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 from DEQ.errors import UserError
 from SRS.distributed import deal
-from SRS.results import ResultsFile, consolidate, read_rows, shard_files, shard_path
+from SRS.results import consolidate, read_rows, shard_files, shard_path
 
 CERTIFY = os.path.join(ROOT, "SRS", "code", "certify.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -163,7 +161,7 @@ def test_kill_one_rank_then_resume_loses_and_duplicates_nothing(tiny_checkpoint,
 RANKS_DISAGREE = """
 import os, sys
 from DEQ.errors import UserError, cli_main
-from SRS.distributed import World
+from SRS.distributed import World, check_same
 
 @cli_main
 def main():
@@ -171,7 +169,7 @@ def main():
     import torch
     world.start(torch.device("cpu"), 1.0)
     try:
-        world.check_same({"sigma": "0.25" if world.rank == 0 else "0.5", "N": "100"})
+        check_same(world, {"sigma": "0.25" if world.rank == 0 else "0.5", "N": "100"})
     finally:
         world.stop()
 
