@@ -350,6 +350,15 @@ class MDEQClsNet(nn.Module):
         """The injection tensor of ``x`` (``inject(x)[0]``)."""
         return self.inject(x)[0]
 
+    def head(self, z: torch.Tensor, shapes) -> torch.Tensor:
+        bsz = z.shape[0]
+        ys = [p.view(bsz, *s) for p, s in zip(torch.split(z, [s.numel() for s in shapes], dim=1), shapes)]
+        y = self.incre_modules[0](ys[0])
+        for i, down in enumerate(self.downsamp_modules):
+            y = self.incre_modules[i + 1](ys[i + 1]) + down(y)
+        y = self.final_layer(y)
+        return self.classifier(y.flatten(2).mean(2))
+
     def head_flat(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
         """:meth:`head` with the state shapes taken from ``injection`` (the compiled head)."""
         return self.head(z, self.state_shapes([injection]))
