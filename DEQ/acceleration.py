@@ -99,13 +99,14 @@ def resolve_runtime(compile: str, precision: str, device: torch.device, pad_rows
         pad_rows: rows every compiled call is padded to (the mini-batch size), or None.
 
     Returns:
-        Runtime: CUDA graphs whenever compiling on CUDA.
+        Runtime: CUDA graphs whenever compiling on CUDA (which also turns on ``cudnn.benchmark``, unless
+        ``cudnn.deterministic`` is set, e.g. by a config's CUDNN.DETERMINISTIC).
     """
     check_choice("--compile", compile, COMPILE_CHOICES)
     check_choice("--precision", precision, PRECISIONS)
     on = device.type == "cuda" if compile == "auto" else compile == "on"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every shape repeats (static rows): autotune once per shape
+    if on and device.type == "cuda" and not torch.backends.cudnn.deterministic:
+        torch.backends.cudnn.benchmark = True  # every shape repeats (padded rows): autotune once per shape
     return Runtime(compile=on, precision=precision, cuda_graphs=on and device.type == "cuda",
                    pad_rows=pad_rows if on else None)
 
