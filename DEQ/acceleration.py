@@ -13,9 +13,10 @@ and :func:`apply_runtime` applies it to a model:
   under the same autocast: a compiled backward of every attack step shape is not worth it).
 
 Static shapes.  Every compiled function is ``dynamic=False``; with ``pad_rows`` set (the runner
-sets the mini-batch size) every call is padded to that many rows and the padded
-rows are dropped after, so one shape is compiled per function whatever the last mini-batch or the
-paired-solve chunk holds (the padding repeats the call's own rows, see :func:`pad_to`).  Rows are
+sets :func:`static_rows`: the mini-batch size and the first and last mini-batch of each phase) every
+call is padded to the smallest of those row counts that holds it and the padded rows are dropped
+after, so a few shapes are compiled per function whatever the paired-solve chunks hold (the padding
+repeats the call's own rows, see :func:`pad_to`).  Rows are
 independent in eval mode (GroupNorm per sample, BatchNorm with
 running statistics, dropout off), so padding changes no other row's result; the padded rows cost
 their share of f's arithmetic.  On CUDA the compile uses ``mode="reduce-overhead"`` (CUDA graphs):
@@ -38,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -56,12 +57,20 @@ class Runtime:
         compile: evaluate through ``torch.compile`` (static shapes).
         precision: 'fp32' or 'bf16' (autocast of stem, f and head; the solver stays fp32).
         cuda_graphs: CUDA graphs (``mode="reduce-overhead"``); CUDA and compile only.
-        pad_rows: pad every compiled call to this many rows (None: compile each row count seen).
+        pad_rows: the row counts compiled calls are padded to: a call is padded to the smallest of them that
+            holds it (an int: that one count; None, or a call larger than all: no padding, that row count
+            is compiled as it comes).  :func:`static_rows` gives those of a sampling run.
     """
     compile: bool = False
     precision: str = "fp32"
     cuda_graphs: bool = False
-    pad_rows: Optional[int] = None
+    pad_rows: Optional[Union[int, Tuple[int, ...]]] = None
+
+    def rows_for(self, rows: int) -> Optional[int]:
+        """The row count a call of ``rows`` rows is padded to (None: no padding)."""
+        sizes = (self.pad_rows,) if isinstance(self.pad_rows, int) else (self.pad_rows or ())
+        fits = [n for n in sizes if n >= rows]
+        return min(fits) if fits else None
 
     @property
     def plain(self) -> bool:
@@ -71,6 +80,27 @@ class Runtime:
     def describe(self) -> str:
         """``compile=on cuda_graphs=on`` style text (the results header's ``compile`` entry)."""
         return f"{'on' if self.compile else 'off'}" + (" cuda_graphs" if self.cuda_graphs else "")
+
+
+def static_rows(batch: int, *phases: Optional[int]) -> Tuple[int, ...]:
+    """The row counts a sampling run calls the model with: full mini-batches of ``batch`` rows, and each
+    phase's first (``min(phase, batch)``) and last (``phase % batch``) mini-batch.  Paired-solve chunks
+    and other odd counts are padded to the next of these (at most ``batch``).
+
+    Args:
+        batch: the mini-batch size.
+        phases: sample counts of the phases (N0, N, ...; None entries ignored).
+
+    Returns:
+        tuple: the distinct row counts, ascending.
+    """
+    sizes = {batch}
+    for n in phases:
+        if n:
+            sizes.add(min(n, batch))
+            if n % batch:
+                sizes.add(n % batch)
+    return tuple(sorted(sizes))
 
 
 def check_choice(flag: str, value: str, choices) -> str:
@@ -89,14 +119,15 @@ def check_choice(flag: str, value: str, choices) -> str:
     return value
 
 
-def resolve_runtime(compile: str, precision: str, device: torch.device, pad_rows: Optional[int] = None) -> Runtime:
+def resolve_runtime(compile: str, precision: str, device: torch.device,
+                    pad_rows: Optional[Union[int, Tuple[int, ...]]] = None) -> Runtime:
     """The runtime the flags ask for on ``device``.
 
     Args:
         compile: 'auto' (on for CUDA, off on the CPU), 'on' or 'off'.
         precision: 'fp32' or 'bf16'.
         device: where the model runs.
-        pad_rows: rows every compiled call is padded to (the mini-batch size), or None.
+        pad_rows: row counts compiled calls are padded to (``Runtime.pad_rows``; e.g. :func:`static_rows`).
 
     Returns:
         Runtime: CUDA graphs whenever compiling on CUDA (which also turns on ``cudnn.benchmark``, unless
@@ -118,11 +149,14 @@ def autocast(precision: str, device_type: str):
     return contextlib.nullcontext()
 
 
-def raise_recompile_limit(limit: int = 64) -> None:
-    """Allow dynamo ``limit`` compiled versions per function (a few shapes and precisions per run; the
-    default limit of 8 is shared by every model compiled in one process, e.g. in tests)."""
+def raise_recompile_limit(limit: int = 256) -> None:
+    """Allow dynamo ``limit`` compiled versions per code object.  Stem, f and head of every engine share
+    one code object (``Compiled._eval``), each with a few row counts, and the first solve after
+    compiling recompiles once (the weight-normalised weights are recomputed per solve); dynamo's
+    default limit of 8 would fall back to eager within one run, and every model compiled in one
+    process (tests, benchmarks) adds entries."""
     import torch._dynamo.config as dcfg
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(dcfg, name) and getattr(dcfg, name) < limit:
             setattr(dcfg, name, limit)
 
@@ -246,7 +280,7 @@ class RuntimeClassifier(torch.nn.Module):
             with autocast(self.runtime.precision, self._device_type):
                 return self.model(x).float()
         rows = x.shape[0]
-        return self._compiled(pad_to(x, self.runtime.pad_rows))[:rows]
+        return self._compiled(pad_to(x, self.runtime.rows_for(rows)))[:rows]
 
     compile_seconds = Engine.compile_seconds
     compile_report = Engine.compile_report
@@ -278,5 +312,5 @@ def compile_report(model: torch.nn.Module) -> Optional[str]:
     return engine.compile_report() if engine is not None else None
 
 
-__all__ = ["COMPILE_CHOICES", "PRECISIONS", "Runtime", "resolve_runtime", "apply_runtime", "autocast", "pad_to",
+__all__ = ["COMPILE_CHOICES", "PRECISIONS", "Runtime", "static_rows", "resolve_runtime", "apply_runtime", "autocast", "pad_to",
            "Compiled", "Engine", "RuntimeClassifier", "compile_report", "check_choice", "raise_recompile_limit"]

@@ -73,7 +73,7 @@ from .attacks import SmoothAdvAttack
 from .checkpoint import load_checkpoint, load_pretrained, load_state_dict, remove_stale_temporaries, save_checkpoint
 from .checks import check_input_file, check_number, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
-from .acceleration import COMPILE_CHOICES, check_choice, compile_report, resolve_runtime
+from .acceleration import COMPILE_CHOICES, check_choice, compile_report, resolve_runtime, static_rows
 from .distributed import (DEFAULT_TIMEOUT_MINUTES, RoundRobinBatches, ShardedBatchSampler, World, derived_seed,
                           rank_rng_state, set_rank_rng_state)
 from .errors import UserError
@@ -496,7 +496,7 @@ class Trainer:
         Args:
             compile: 'auto' (on for CUDA), 'on', 'off'.
         """
-        runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=self.cfg.TEST.BATCH_SIZE_PER_GPU)
+        runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set)))
         if self.is_deq and hasattr(self.model, "set_runtime"):
             self.model.set_runtime(runtime)
         elif runtime.compile:

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from DEQ.acceleration import COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, check_choice, compile_report, resolve_runtime
+from DEQ.acceleration import (COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, check_choice, compile_report,
+                              resolve_runtime, static_rows)
 from DEQ.checkpoint import file_sha256, load_model
 from DEQ.checks import check_count, check_number
 from DEQ.data import dataset_info, get_dataset
@@ -264,7 +265,7 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
         raise UserError(f"checkpoint {spec.checkpoint} has {cfg.MODEL.NUM_CLASSES} classes but {spec.data.dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
-    runtime = resolve_runtime(spec.compile, spec.precision, device, pad_rows=spec.sampling.batch)
+    runtime = resolve_runtime(spec.compile, spec.precision, device, pad_rows=static_rows(spec.sampling.batch, spec.sampling.N0, spec.sampling.N))
     return Loaded(apply_runtime(loaded.model.eval(), runtime), cfg, loaded.sha256, dataset, device, runtime)
 
 

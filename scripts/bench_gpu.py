@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from DEQ.acceleration import Engine, Runtime, check_choice
+from DEQ.acceleration import Engine, Runtime, check_choice, static_rows
 from DEQ.errors import UserError, cli_main
 from DEQ.utils import pick_device, set_threads
 
@@ -50,16 +50,19 @@ def build(cfg_path: str, device: torch.device, seed: int):
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
-    """Mean seconds of ``fn()`` over ``reps`` calls after one untimed call (synchronised on CUDA)."""
+    """Median seconds of one ``fn()`` call over ``reps`` calls after one untimed call (synchronised on
+    CUDA); the median, not the mean, so that a busy neighbour's bursts on a shared machine do not count."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    times = []
+    for _ in range(max(1, reps)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / reps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def flops_per_sample(model, x: torch.Tensor) -> float:
@@ -179,7 +182,7 @@ def main(argv=None):
             for prec in args.precision:
                 on = comp == "on"
                 runtime = Runtime(compile=on, precision=prec, cuda_graphs=on and device.type == "cuda",
-                                  pad_rows=args.batch if on else None)
+                                  pad_rows=static_rows(args.batch, args.N0, args.N) if on else None)
                 rows.append(measure(model, shape, device, runtime, args))
                 r = rows[-1]
                 print(f"{cfg_path} compile {comp} {prec}: f {r['f_ms']:.2f} ms, step {r['step_ms']:.2f} ms, "

@@ -395,7 +395,7 @@ class MDEQClsNet(nn.Module):
         """:meth:`solve` through the runtime's engine: rows padded to the static size, state and solver fp32,
         stem / f / head as the runtime says, padded rows dropped from every output."""
         engine, rows = self.engine, x.shape[0]
-        pad = engine.runtime.pad_rows
+        pad = engine.runtime.rows_for(rows)
         xp = pad_to(x, pad)
         injection = engine.inject(xp)
         if z0 is None:
