@@ -496,7 +496,8 @@ class Trainer:
         Args:
             compile: 'auto' (on for CUDA), 'on', 'off'.
         """
-        runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set)))
+        rows = static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set))  # full and last test batch
+        runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=rows)
         if self.is_deq and hasattr(self.model, "set_runtime"):
             self.model.set_runtime(runtime)
         elif runtime.compile:

@@ -201,6 +201,7 @@ def attack_main(args) -> Dict[str, float]:
     return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch))
 
 
-__all__ = ["add_common_args", "add_runtime_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec",
+__all__ = ["add_common_args", "add_runtime_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args",
+           "run_spec",
            "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
            "attack_main"]

@@ -189,7 +189,8 @@ class RunSpec:
         progress: show a progress bar (rank 0 only under torchrun, counting every rank's rows).
         dist_timeout: minutes a torchrun rank waits for the others (process group timeout).
         compile: 'auto' (on for CUDA), 'on', 'off': evaluate the model through torch.compile
-            (``DEQ.acceleration``; compiled calls are padded to ``sampling.batch`` rows).
+            (``DEQ.acceleration``; the row counts of ``static_rows(batch, N0, N)`` are compiled, other calls
+            padded to the next of them).
         precision: 'fp32' or 'bf16': the certified model's precision (a header entry, checked on --resume).
     """
     data: DataSpec
