@@ -89,10 +89,10 @@ class _Tracker:
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_diff, self.best_abs)
         self.best_rel = torch.where(better, rel_diff, self.best_rel)
+        if self.tol <= 0:  # exact budget: no residual is below 0, so nsteps stays max_iter; no early
+            return False   # stop, hence no host-device sync and no bookkeeping in the loop
         newly = (res < self.tol) & (self.nsteps == self.max_iter)
         self.nsteps = torch.where(newly, torch.full_like(self.nsteps, self.nfe), self.nsteps)
-        if self.tol <= 0:  # exact budget: no early stop, so no host-device sync in the loop
-            return False
         return bool((self.best_res < self.tol).all())  # one sync per step buys early stopping
 
     def result(self, shape) -> SolverResult:
@@ -142,8 +142,11 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
     x = _work(z0)
     bsz, dim = x.shape
     m = max(1, min(m, max_iter - 1))  # a k-step solve never mixes more than k-1 pairs: smaller buffers for SRS
-    X = torch.zeros(bsz, m, dim, dtype=x.dtype, device=x.device)
-    F = torch.zeros_like(X)
+    # Stored per pair: F = f(x_i) and G = f(x_i) - x_i (computed once when the pair is stored, not
+    # recomputed for every pair at every step); X only when beta != 1 mixes the iterates in.
+    X = torch.zeros(bsz, m, dim, dtype=x.dtype, device=x.device) if beta != 1 else None
+    F = torch.zeros(bsz, m, dim, dtype=x.dtype, device=x.device)
+    G = torch.zeros_like(F)
     H = torch.zeros(bsz, m + 1, m + 1, dtype=x.dtype, device=x.device)
     H[:, 0, 1:] = H[:, 1:, 0] = 1
     y = torch.zeros(bsz, m + 1, 1, dtype=x.dtype, device=x.device)
@@ -153,12 +156,17 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
     for k in range(max_iter):
         if k > 0:
             n = min(k, m)
-            G = F[:, :n] - X[:, :n]
-            H[:, 1:n + 1, 1:n + 1] = torch.bmm(G, G.transpose(1, 2)) + eye[:, :n, :n]
+            Gn = G[:, :n]
+            H[:, 1:n + 1, 1:n + 1] = torch.bmm(Gn, Gn.transpose(1, 2)) + eye[:, :n, :n]
             alpha = torch.linalg.solve(H[:, :n + 1, :n + 1], y[:, :n + 1])[:, 1:n + 1, 0]
-            x = beta * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+            x = (alpha[:, None] @ F[:, :n])[:, 0]
+            if X is not None:
+                x = beta * x + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
         fx = g(x)
-        X[:, k % m], F[:, k % m] = x, fx
+        F[:, k % m] = fx
+        torch.sub(fx, x, out=G[:, k % m])
+        if X is not None:
+            X[:, k % m] = x
         if track.update(fx, x):
             break
     return track.result(shape)
@@ -238,6 +246,22 @@ SOLVERS: Dict[str, Callable[..., SolverResult]] = {
     "torchdeq_broyden": _torchdeq("broyden"),
     "torchdeq_naive": _torchdeq("fixed_point_iter"),
 }
+
+
+def trim_result(res: SolverResult, rows: int) -> SolverResult:
+    """The result of the first ``rows`` problems of a batch (padding rows dropped; ``nfe`` unchanged).
+
+    Args:
+        res: a solve's result on B >= rows problems.
+        rows: how many leading problems to keep.
+
+    Returns:
+        SolverResult: ``res`` itself when it has ``rows`` rows.
+    """
+    if res.z.shape[0] == rows:
+        return res
+    return SolverResult(res.z[:rows], res.nsteps[:rows], res.residual[:rows], res.abs_residual[:rows],
+                        res.rel_residual[:rows], res.nfe, res.converged[:rows])
 
 
 def register_solver(name: str, solver: Callable[..., SolverResult]) -> None:

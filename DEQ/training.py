@@ -73,6 +73,7 @@ from .attacks import SmoothAdvAttack
 from .checkpoint import load_checkpoint, load_pretrained, load_state_dict, remove_stale_temporaries, save_checkpoint
 from .checks import check_input_file, check_number, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
+from .acceleration import COMPILE_CHOICES, check_choice, compile_report, resolve_runtime, static_rows
 from .distributed import (DEFAULT_TIMEOUT_MINUTES, RoundRobinBatches, ShardedBatchSampler, World, derived_seed,
                           rank_rng_state, set_rank_rng_state)
 from .errors import UserError
@@ -483,6 +484,25 @@ class Trainer:
                  self.steps_per_epoch, saved if saved is not None else "another number", pos, total, lrs[0])
 
     # --------------------------------------------------------------- the loop
+    def set_eval_runtime(self, compile: str = "off") -> None:
+        """Evaluate (``evaluate``'s solves) through the compiled f of ``DEQ.acceleration`` (fp32).
+
+        Only the evaluation passes: the training forward stays eager, because every training step
+        changes what a static graph would have to hold (a jittered solver budget when the Jacobian
+        term is computed, fresh dropout masks, the implicit-gradient backward hook, the unrolled
+        pretraining, AMP's autocast on CUDA), so a compiled training forward would recompile or break
+        its graph where the time goes, and its f is already fused by cuDNN/AMP on CUDA.
+
+        Args:
+            compile: 'auto' (on for CUDA), 'on', 'off'.
+        """
+        rows = static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set))  # full and last test batch
+        runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=rows)
+        if self.is_deq and hasattr(self.model, "set_runtime"):
+            self.model.set_runtime(runtime)
+        elif runtime.compile:
+            log.info("--compile: %s is not a DEQ; its evaluation stays eager", self.cfg.MODEL.NAME)
+
     def train_epoch(self) -> dict:
         cfg, dev = self.cfg, self.device
         self.model.train()
@@ -544,6 +564,9 @@ class Trainer:
                 tr = self.train_epoch()
                 self.world.sync_buffers(self.model)  # rank 0's BatchNorm statistics everywhere (evaluation, checkpoint)
                 stats = evaluate(self.model, self.test_loader, self.cfg.TRAIN.NOISE, self.device, world=self.world)
+                note = compile_report(self.model)  # --compile: once, after the first evaluation compiled f
+                if note:
+                    log.info("evaluation: %s", note.replace("the first image's time", "the first epoch's time"))
                 self.epoch += 1
                 if self.writer:
                     for k, v in vars(stats).items():
@@ -677,14 +700,14 @@ def train_main(args) -> Optional[EvalStats]:
     """The whole of ``DEQ/tools/cls_train.py``: :func:`train` with the parsed flags."""
     return train(args.cfg, args.noise, args.opts, out=args.out, data_dir=args.data_dir, resume=args.resume,
                  resume_from=args.resume_from, overwrite=args.overwrite, device=args.device, threads=args.threads,
-                 quiet=args.quiet, dist_timeout=args.dist_timeout).stats
+                 quiet=args.quiet, dist_timeout=args.dist_timeout, compile=args.compile).stats
 
 
 def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = (), out: Optional[str] = None,
           data_dir: Optional[str] = None, resume: bool = False, resume_from: Optional[str] = None,
           overwrite: bool = False, device: str = "auto", threads: Optional[int] = None,
           quiet: bool = False, progress: Optional[bool] = None,
-          dist_timeout: float = DEFAULT_TIMEOUT_MINUTES) -> TrainOutcome:
+          dist_timeout: float = DEFAULT_TIMEOUT_MINUTES, compile: str = "auto") -> TrainOutcome:
     """Check everything, then train (or continue) one run; the training CLI and ``scripts/reproduce.py``.
 
     Under torchrun (RANK / WORLD_SIZE in the environment) every process calls this: DistributedDataParallel
@@ -694,6 +717,8 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
         cfg_path: yacs yaml; ``opts`` KEY VALUE overrides; ``noise`` overrides TRAIN.NOISE.
         out: run folder (default OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>); under torchrun on a file system
             every rank reads (``--resume``).
+        compile: 'auto' (on for CUDA), 'on', 'off': the evaluation passes solve through the compiled f
+            (``Trainer.set_eval_runtime``; the training forward stays eager).
         resume, resume_from, overwrite: continue the folder's last.pth / another checkpoint, or start again
             (a folder holding checkpoints is never overwritten silently).
         device, threads, quiet: as the CLI flags.
@@ -708,6 +733,7 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
 
     threads = set_threads(threads)
     check_number("--dist-timeout", dist_timeout, 0, strict=True, hint=" (minutes)")
+    check_choice("--compile", compile, COMPILE_CHOICES)
     world = World.from_env()
     cfg = load_config(cfg_path, list(opts), noise=noise)
     device = world.pick_device(pick_device(device))
@@ -716,7 +742,8 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
     try:
         if world.distributed:
             _check_same_run(world, cfg, out, resume, resume_from, overwrite)
-        return _train(world, cfg, out, data_dir, resume, resume_from, overwrite, device, threads, quiet, progress)
+        return _train(world, cfg, out, data_dir, resume, resume_from, overwrite, device, threads, quiet, progress,
+                      compile)
     finally:
         world.stop()
 
@@ -739,13 +766,14 @@ def _check_same_run(world: World, cfg, out: str, resume: bool, resume_from: Opti
 
 
 def _train(world: World, cfg, out: str, data_dir, resume, resume_from, overwrite, device, threads, quiet,
-           progress) -> TrainOutcome:
+           progress, compile: str = "auto") -> TrainOutcome:
     """:func:`train` after the checks of its arguments (and, under torchrun, inside the process group)."""
     world.on_rank0(lambda: check_run_folder(out, resume, resume_from, overwrite))
     top, before = _snapshot(out)
     try:
         trainer = Trainer(cfg, device, out, data_dir=data_dir, show_progress=not quiet if progress is None else progress,
                           world=world)
+        trainer.set_eval_runtime(compile)
         if world.is_main:
             setup_logging(out, quiet=quiet)
         else:

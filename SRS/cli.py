@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Dict
 
+from DEQ.acceleration import COMPILE_CHOICES, PRECISIONS
 from DEQ.data import DATASETS
 from DEQ.solvers import SOLVERS
 
@@ -76,6 +77,18 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local "
                         "processes); lower it on a busy machine")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--compile and --precision (``DEQ.acceleration``); a bad value is refused by ``RunSpec.validate`` in one
+    line (``error: --compile must be one of auto, on, off, got 'x'``), as every other setting."""
+    p.add_argument("--compile", default="auto", metavar="{" + ",".join(COMPILE_CHOICES) + "}",
+                   help="torch.compile the model's stem, f and head (static shapes; CUDA graphs on CUDA): auto (on "
+                        "for CUDA, off on the CPU), on, off; the compile time is printed and counted in s/image")
+    p.add_argument("--precision", default="fp32", metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="precision of the certified model: fp32, or bf16 (stem, f and head under bf16 autocast; "
+                        "the solver state and arithmetic stay fp32)")
 
 
 def certify_parser() -> argparse.ArgumentParser:
@@ -151,7 +164,7 @@ def run_spec(args) -> RunSpec:
                    checkpoint=args.base_classifier, outfile=args.outfile, sampling=sampling,
                    smoothing=smoothing_spec(args), cfg=args.cfg, seed=args.seed, device=args.device,
                    threads=args.threads, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                   dist_timeout=args.dist_timeout)
+                   dist_timeout=args.dist_timeout, compile=args.compile, precision=args.precision)
     spec.validate()
     if spec.smoothing.srs and spec.smoothing.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
@@ -188,6 +201,7 @@ def attack_main(args) -> Dict[str, float]:
     return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch))
 
 
-__all__ = ["add_common_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec",
+__all__ = ["add_common_args", "add_runtime_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args",
+           "run_spec",
            "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
            "attack_main"]

@@ -109,8 +109,13 @@ def provenance() -> Dict[str, object]:
 # solvers, certificate, data set path, QCRS search settings, ... and any key added later) must match on
 # --resume, and a key present on only one side is refused too.  checkpoint is the path: the file itself
 # is checked through checkpoint_sha256.
+# compile: eager and compiled evaluation of the same model at the same precision give the same certificates up to
+# floating-point rounding (tests/test_compile.py), like another device; precision changes the certified model.
 RESUME_IGNORED_KEYS = frozenset({"command", "versions", "date", "max", "device", "checkpoint", "quiet", "threads",
-                                 "guarantee"})
+                                 "guarantee", "compile"})
+# Header entries added later, with the value every file written before them had: a file without the line
+# resumes when this run has that value (and is refused otherwise).
+RESUME_DEFAULTS = {"precision": "fp32"}
 
 
 @dataclass
@@ -192,6 +197,7 @@ class ResultsFile:
     def _check_settings(self, old_meta: Dict[str, str]) -> None:
         """Every header entry outside RESUME_IGNORED_KEYS must be the same, in one line naming the key."""
         new_meta = {k: header_value(v).strip() for k, v in self.meta.items()}
+        old_meta = {**{k: v for k, v in RESUME_DEFAULTS.items() if k in new_meta}, **old_meta}
         for key in list(new_meta) + [k for k in old_meta if k not in new_meta]:
             if key in RESUME_IGNORED_KEYS:
                 continue

@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from DEQ.acceleration import (COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, check_choice, compile_report,
+                              resolve_runtime, static_rows)
 from DEQ.checkpoint import file_sha256, load_model
 from DEQ.checks import check_count, check_number
 from DEQ.data import dataset_info, get_dataset
@@ -186,6 +188,10 @@ class RunSpec:
         resume, overwrite: continue / replace an existing OUTFILE.
         progress: show a progress bar (rank 0 only under torchrun, counting every rank's rows).
         dist_timeout: minutes a torchrun rank waits for the others (process group timeout).
+        compile: 'auto' (on for CUDA), 'on', 'off': evaluate the model through torch.compile
+            (``DEQ.acceleration``; the row counts of ``static_rows(batch, N0, N)`` are compiled, other calls
+            padded to the next of them).
+        precision: 'fp32' or 'bf16': the certified model's precision (a header entry, checked on --resume).
     """
     data: DataSpec
     checkpoint: str
@@ -200,9 +206,13 @@ class RunSpec:
     overwrite: bool = False
     progress: bool = True
     dist_timeout: float = 120.0
+    compile: str = "auto"
+    precision: str = "fp32"
 
     def validate(self) -> None:
         """Every error in the description, one line each, before any work."""
+        check_choice("--compile", self.compile, COMPILE_CHOICES)
+        check_choice("--precision", self.precision, PRECISIONS)
         self.sampling.validate()
         self.data.validate()
         check_count("--threads", self.threads, 1)
@@ -240,6 +250,7 @@ class Loaded:
     checkpoint_sha256: str
     dataset: object
     device: torch.device
+    runtime: Runtime = Runtime()
 
 
 def load(spec: RunSpec, device: torch.device) -> Loaded:
@@ -255,7 +266,8 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
         raise UserError(f"checkpoint {spec.checkpoint} has {cfg.MODEL.NUM_CLASSES} classes but {spec.data.dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
-    return Loaded(loaded.model, cfg, loaded.sha256, dataset, device)
+    runtime = resolve_runtime(spec.compile, spec.precision, device, pad_rows=static_rows(spec.sampling.batch, spec.sampling.N0, spec.sampling.N))
+    return Loaded(apply_runtime(loaded.model.eval(), runtime), cfg, loaded.sha256, dataset, device, runtime)
 
 
 def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg) -> Smooth:
@@ -289,7 +301,8 @@ def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, thread
             "checkpoint": spec.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
             "cfg_sha256": file_sha256(spec.cfg) if spec.cfg else None,
             "data_dir": os.path.abspath(d.data_dir) if d.data_dir and d.dataset != "digits" else None,
-            "device": str(loaded.device), "threads": threads, **smooth_header(smooth)}
+            "device": str(loaded.device), "threads": threads, **smooth_header(smooth),
+            "precision": loaded.runtime.precision, "compile": loaded.runtime.describe()}
 
 
 def image_generator(seed: int, idx: int, device) -> torch.Generator:
@@ -418,7 +431,10 @@ def _loop(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, results: Re
                 raise
             raise UserError(f"out of memory on {device} at image {idx}: lower --batch (now {spec.sampling.batch}) "
                             f"(the {len(results.rows)} rows written so far are kept; continue with --resume)") from None
-        row["time"] = time.time() - t0
+        row["time"] = time.time() - t0  # the first image's time includes compiling (--compile)
+        note = compile_report(smooth.base_classifier)
+        if note:
+            print(note, flush=True)
         results.write(row)
         progress.image_done(row)
     return progress.new

@@ -33,10 +33,11 @@ from torchdeq.dropout import VariationalDropout2d as _TorchdeqVariationalDropout
 from torchdeq.loss import jac_reg
 from torchdeq.norm import apply_norm, reset_norm
 
+from ..acceleration import Engine, Runtime, pad_to
 from ..interface import DEQOutput
 from ..data import dataset_info
 from ..implicit import attach_implicit_backward
-from ..solvers import SolverResult, solve
+from ..solvers import SolverResult, solve, trim_result
 
 BN_MOMENTUM = 0.1
 
@@ -235,6 +236,7 @@ class MDEQClsNet(nn.Module):
         self.f_thres, self.b_thres = deq.F_THRES, deq.B_THRES
         self.f_tol, self.b_tol = deq.F_TOL, deq.B_TOL
         self.stop_mode, self.grad_mode = deq.STOP_MODE, deq.GRAD
+        self.engine = None  # set_runtime: compiled / bf16 evaluation of solve (DEQ.acceleration)
         self.in_channels = info.in_channels
         init = self.num_channels[0]
         ds = m.DOWNSAMPLE_TIMES
@@ -321,14 +323,32 @@ class MDEQClsNet(nn.Module):
                         b.drop.reset_mask(bsz_like.new_empty(bsz_like.shape[0], c, 1, 1))
 
     def make_func(self, injection):
+        """(f as a function of the flat state z alone, the per-branch state shapes) for ``injection``."""
         shapes = self.state_shapes(injection)
-        sizes = [s.numel() for s in shapes]
 
         def func(z: torch.Tensor) -> torch.Tensor:
-            bsz = z.shape[0]
-            zs = [part.view(bsz, *s) for part, s in zip(torch.split(z.reshape(bsz, -1), sizes, dim=1), shapes)]
-            return torch.cat([o.reshape(bsz, -1) for o in self.fullstage(zs, injection)], dim=1)
+            return self.f_flat(z.reshape(z.shape[0], -1), injection[0])
         return func, shapes
+
+    def f_flat(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        """f_theta on the flat state: the function ``torch.compile`` sees (built once, no closure).
+
+        Args:
+            z: (B, D) flat state (the branches' states concatenated).
+            injection: (B, C, H, W) injection into the highest-resolution branch (``inject(x)[0]``).
+
+        Returns:
+            (B, D) f(z).
+        """
+        shapes = self.state_shapes([injection])
+        bsz = z.shape[0]
+        zs = [part.view(bsz, *s) for part, s in zip(torch.split(z, [s.numel() for s in shapes], dim=1), shapes)]
+        inj = [injection] + [None] * (self.num_branches - 1)
+        return torch.cat([o.reshape(bsz, -1) for o in self.fullstage(zs, inj)], dim=1)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The injection tensor of ``x`` (``inject(x)[0]``)."""
+        return self.inject(x)[0]
 
     def head(self, z: torch.Tensor, shapes) -> torch.Tensor:
         bsz = z.shape[0]
@@ -339,19 +359,53 @@ class MDEQClsNet(nn.Module):
         y = self.final_layer(y)
         return self.classifier(y.flatten(2).mean(2))
 
+    def head_flat(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` with the state shapes taken from ``injection`` (the compiled head)."""
+        return self.head(z, self.state_shapes([injection]))
+
     # --------------------------------------------------------------- inference
+    def set_runtime(self, runtime: Optional[Runtime]) -> None:
+        """Evaluate stem, f and head of later :meth:`solve` calls under ``runtime`` (compiled and/or bf16,
+        ``DEQ.acceleration``); None or the eager fp32 runtime restores the plain path.  Training
+        (``forward_train``) is never affected."""
+        if runtime is None or runtime.plain:
+            self.engine = None
+            return
+        device = next(self.parameters()).device
+        self.engine = Engine(self.stem, self.f_flat, self.head_flat, runtime, device.type)
+
     def solve(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
               z0: Optional[torch.Tensor] = None, tol: Optional[float] = None) -> DEQOutput:
         """Solve for the fixed point (no gradient) from z0 (zeros if None) and classify."""
         self._reset(x)
+        solver, max_iter = solver or self.f_solver, max_iter or self.f_thres
+        tol = self.f_tol if tol is None else tol
         with torch.no_grad():
+            if getattr(self, "engine", None) is not None:
+                return self._solve_engine(x, solver, max_iter, z0, tol)
             injection = self.inject(x)
             func, shapes = self.make_func(injection)
             if z0 is None:
                 z0 = x.new_zeros(x.shape[0], sum(s.numel() for s in shapes))
-            res = solve(solver or self.f_solver, func, z0, max_iter or self.f_thres,
-                        tol=self.f_tol if tol is None else tol, stop_mode=self.stop_mode)
+            res = solve(solver, func, z0, max_iter, tol=tol, stop_mode=self.stop_mode)
             return DEQOutput(self.head(res.z, shapes), res.z, res)
+
+    def _solve_engine(self, x: torch.Tensor, solver: str, max_iter: int, z0: Optional[torch.Tensor],
+                      tol: float) -> DEQOutput:
+        """:meth:`solve` through the runtime's engine: rows padded to the static size, state and solver fp32,
+        stem / f / head as the runtime says, padded rows dropped from every output."""
+        engine, rows = self.engine, x.shape[0]
+        pad = engine.runtime.rows_for(rows)
+        xp = pad_to(x, pad)
+        injection = engine.inject(xp)
+        if z0 is None:
+            z0 = xp.new_zeros(xp.shape[0], self.state_dim([injection]), dtype=torch.float32)
+        else:
+            z0 = pad_to(z0.float(), pad)
+        res = solve(solver, lambda z: engine.f(z, injection), z0, max_iter, tol=tol, stop_mode=self.stop_mode)
+        logits = engine.head(res.z, injection)
+        res = trim_result(res, rows)
+        return DEQOutput(logits[:rows], res.z, res)
 
     def forward(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
                 z0: Optional[torch.Tensor] = None) -> torch.Tensor:

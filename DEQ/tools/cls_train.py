@@ -25,6 +25,7 @@ smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and th
 """
 import argparse
 
+from DEQ.acceleration import COMPILE_CHOICES
 from DEQ.distributed import DEFAULT_TIMEOUT_MINUTES
 from DEQ.errors import UserError, cli_main
 from DEQ.training import train_main
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                    metavar="MINUTES", help="under torchrun: minutes a process waits for the others before the run stops "
                    f"with an error ({DEFAULT_TIMEOUT_MINUTES:g})")
+    p.add_argument("--compile", default="auto", metavar="{" + ",".join(COMPILE_CHOICES) + "}",
+                   help="evaluation passes through torch.compile of f: auto (on for CUDA, off on the CPU), on, off "
+                        "(the training forward stays eager)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log (the log file is kept)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     args = p.parse_args(argv)
