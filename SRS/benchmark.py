@@ -44,17 +44,20 @@ def standard(k: int, solver: str = "anderson") -> Method:
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
         warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
-        step_tol: Optional[float] = None, step_cost: Optional[float] = None) -> Method:
+        step_tol: Optional[float] = None, step_cost: Optional[float] = None, refine_margin: float = 0.0) -> Method:
     """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
-    step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>')."""
+    step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>');
+    refine_margin: low-margin samples re-solved by the standard model (label gets ' refine<m>')."""
     suffix = "" if certificate == "eliminated" else f" ({certificate})"
+    if refine_margin > 0:
+        suffix = f" refine{refine_margin:g}" + suffix
     if conf_drop != "auto" and certificate != "none":
         suffix = f" K={conf_drop}" + suffix
     budget = f"{k}{_LETTER[solver]}" if step_tol is None else f"tol{step_tol:g}-{k}{_LETTER[solver]}"
     settings = (("srs", True), ("f_solver", solver), ("f_thresh", k), ("warmup_solver", warmup[0]),
                 ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]),
                 ("conf_drop", parse_conf_drop(conf_drop)), ("certificate", certificate),
-                ("step_tol", step_tol), ("step_cost", step_cost))
+                ("step_tol", step_tol), ("step_cost", step_cost), ("refine_margin", refine_margin))
     return Method(f"SRS-MDEQ-{budget}{suffix}", settings)
 
 

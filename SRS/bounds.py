@@ -31,31 +31,36 @@ def radius_from_p(p_lower: float, sigma: float) -> float:
     return float(sigma * norm.ppf(p_lower))
 
 
-def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float) -> Tuple[float, int]:
+def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float, exact: int = 0) -> Tuple[float, int]:
     """Steps 3-4 of the correlation-eliminated certificate.
 
     Args:
         n_A: estimation samples whose SRS prediction is c_A.
-        K_A: paired samples among them (a uniform subsample of those n_A, see ``SRS.pairing``).
+        K_A: paired samples among the n_A - exact unchecked ones (a uniform subsample of those, see
+            ``SRS.pairing``).
         M: pairs among the K_A whose standard prediction is not c_A.
         alpha_1: failure probability spent on the misalignment bound.
+        exact: samples among the n_A whose prediction *is* the standard model's (rows the chain
+            re-solved with the standard model, ``SRSConfig.refine_margin``): they cannot be misaligned,
+            so only the other n_A - exact need the bound.
 
     Returns:
         (p_m_upper, N_A_E): the one-sided (1 - alpha_1) Clopper-Pearson upper bound on the misaligned
-        fraction M / K_A (1 when K_A = 0), and N_A_E = floor(n_A (1 - p_m_upper)), a count that with
-        probability >= 1 - alpha_1 is at most the number of the n i.i.d. standard predictions equal to c_A.
+        fraction M / K_A of the unchecked samples (1 when K_A = 0), and
+        N_A_E = exact + floor((n_A - exact) (1 - p_m_upper)), a count that with probability
+        >= 1 - alpha_1 is at most the number of the n i.i.d. standard predictions equal to c_A.
     """
     p_m_upper = upper_confidence_bound(M, K_A, alpha_1)
-    return p_m_upper, int(math.floor(n_A * (1.0 - p_m_upper)))
+    return p_m_upper, int(exact) + int(math.floor((n_A - exact) * (1.0 - p_m_upper)))
 
 
-def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float) -> Tuple[float, int, float]:
+def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: int = 0) -> Tuple[float, int, float]:
     """The whole eliminated certificate with the reference split alpha_1 = alpha_2 = alpha / 2.
 
     Returns:
         (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha/2) lower bound of N_A_E / n.
     """
-    p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2)
+    p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2, exact)
     return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2)
 
 

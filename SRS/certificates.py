@@ -39,7 +39,8 @@ class Certificate:
     status: str = "ok"
     route: str = "standard"          # standard | srs | fallback (SRS selection, standard estimation)
     std_calls: int = 0               # solver calls of the standard model (pairs, fallback, standard mode)
-    std_rows: int = 0                # samples solved by the standard model
+    std_rows: int = 0                # samples solved by the standard model (pairs, refinement, fallback)
+    refined: int = 0                 # SRS samples re-solved by the standard model (low margin, refine_margin)
     counts: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator:
@@ -60,6 +61,7 @@ class Prediction:
     K_A: int = 0
     M: int = 0
     std_calls: int = 0
+    refined: int = 0
 
     def __int__(self):
         return self.prediction
@@ -70,10 +72,13 @@ def bound_standard(cert: Certificate, alpha: float) -> None:
     cert.p_A_lower = lower_confidence_bound(cert.n_A, cert.n, alpha)
 
 
-def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, variant: str = "eliminated") -> None:
+def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, variant: str = "eliminated",
+                     exact: int = 0) -> None:
     """SRS CERTIFY: correct n_A by the misalignment of the K_A pairs (M misaligned), then bound.
 
     Args:
+        exact: samples of the n_A re-solved by the standard model (never misaligned; the pairs come
+            from the others, see ``SRS.bounds.eliminated_count``).  'eliminated' only.
         variant: 'eliminated' (sound: alpha / 2 for the misalignment bound, alpha / 2 for
             p_A_lower, see ``SRS.bounds.eliminated_p_lower``) or 'reference' (the reference code's
             weaker variant: Clopper-Pearson of (n_A r) / (n r), r = 1 - p_m_upper).
@@ -85,7 +90,7 @@ def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, 
         cert.N_A_E = cert.n_A * r
         cert.p_A_lower = lower_confidence_bound(cert.n_A * r, cert.n * r, alpha / 2) if r > 0 else 0.0
     else:
-        cert.p_m_upper, n_a_e, cert.p_A_lower = eliminated_p_lower(cert.n_A, cert.n, K_A, M, alpha)
+        cert.p_m_upper, n_a_e, cert.p_A_lower = eliminated_p_lower(cert.n_A, cert.n, K_A, M, alpha, exact)
         cert.N_A_E = float(n_a_e)
 
 
@@ -98,8 +103,10 @@ def decide(cert: Certificate, c_hat: int, sigma: float) -> Certificate:
     return cert
 
 
-def eliminate_top_count(out: Prediction, K: int, K_A: int, M: int, alpha: float) -> Tuple[int, int, float]:
+def eliminate_top_count(out: Prediction, K: int, K_A: int, M: int, alpha: float, exact: int = 0) -> Tuple[int, int, float]:
     """SRS PREDICT: the eliminated top count at alpha / 2, the discarded part counted for the runner-up.
+
+    ``exact``: samples of the top count re-solved by the standard model (see ``SRS.bounds.eliminated_count``).
 
     Records K, K_A, M and p_m_upper in ``out`` (whose n1, n2 stay the raw SRS counts).
 
@@ -107,7 +114,7 @@ def eliminate_top_count(out: Prediction, K: int, K_A: int, M: int, alpha: float)
         (n1_E, n2 + n1 - n1_E, alpha / 2): the counts and the level left for the test.
     """
     out.K, out.K_A, out.M = K, K_A, M
-    out.p_m_upper, n1_e = eliminated_count(out.n1, K_A, M, alpha / 2)
+    out.p_m_upper, n1_e = eliminated_count(out.n1, K_A, M, alpha / 2, exact)
     return n1_e, out.n2 + (out.n1 - n1_e), alpha / 2
 
 

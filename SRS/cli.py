@@ -56,6 +56,9 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--step_cost", type=float, default=None,
                    help="adaptive pairing: evaluations of f one SRS step is expected to cost, for the fallback's cost "
                         "model (default --f_thresh; set it with --step_tol, where --f_thresh is only a cap)")
+    p.add_argument("--refine_margin", type=float, default=0.0,
+                   help="with --srs: re-solve with the standard model the SRS samples whose top-two logit margin is "
+                        "below this (their prediction is then exact, never misaligned); 0 (default) turns it off")
     p.add_argument("--step_tol", type=float, default=None,
                    help="with --srs: tolerance of the SRS step from the warm start (default --tol); with a tolerance "
                         "--f_thresh is a cap and the step stops once every sample's residual is below it")
@@ -153,7 +156,8 @@ def smoothing_spec(args) -> SmoothingSpec:
         warmup_thresh=args.warmup_thresh, warmup_interval=args.warmup_interval,
         conf_drop=parse_conf_drop(args.conf_drop), certificate=args.certificate,
         chain_across_phases=not args.no_chain_across_phases, radius_slack=args.radius_slack,
-        max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost)
+        max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost,
+        refine_margin=args.refine_margin)
 
 
 def run_spec(args) -> RunSpec:

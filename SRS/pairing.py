@@ -62,13 +62,13 @@ def _z(p: float) -> float:
     return float(norm.ppf(p)) if p >= 0.5 else -math.inf
 
 
-def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0) -> float:
+def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: int = 0) -> float:
     """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains)."""
-    return _z(eliminated_p_lower(n_A, n, K_A, M, alpha)[2])
+    return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact)[2])
 
 
 def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
-                 z_goal: Optional[float] = None) -> Optional[int]:
+                 z_goal: Optional[float] = None, exact: int = 0) -> Optional[int]:
     """Fewest pairs K_A with which, if none is misaligned, the eliminated certificate comes within
     ``slack`` (in units of sigma) of the radius the SRS counts alone would give at level alpha.
 
@@ -77,6 +77,7 @@ def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
         slack: allowed radius loss in units of sigma (``--radius_slack``).
         cap: most pairs allowed (``--max_pairs`` and the cost budget); at most n_A are usable.
         z_goal: aim within ``slack`` of this radius / sigma instead of the SRS counts' own.
+        exact: samples of the n_A re-solved by the standard model (never paired, never misaligned).
 
     Returns:
         0 when the SRS counts alone abstain (so would the eliminated certificate: no pairs needed);
@@ -86,33 +87,35 @@ def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
     if z_target == -math.inf:
         return 0
     z_target = max(z_target - slack, 0.0)     # at least certify radius 0 (not abstain)
-    hi = min(cap, n_A)
-    if hi < 1 or eliminated_z(n_A, n, hi, alpha) < z_target:
+    if n_A - exact <= 0:
+        return 0                               # every sample of A is exact: nothing to pair
+    hi = min(cap, n_A - exact)
+    if hi < 1 or eliminated_z(n_A, n, hi, alpha, 0, exact) < z_target:
         return None
     lo = 1                                     # eliminated_z is non-decreasing in K_A (M = 0)
     while lo < hi:
         mid = (lo + hi) // 2
-        if eliminated_z(n_A, n, mid, alpha) >= z_target:
+        if eliminated_z(n_A, n, mid, alpha, 0, exact) >= z_target:
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: float, cap: int) -> int:
+def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: float, cap: int, exact: int = 0) -> int:
     """K_A of adaptive pairing: ``pairs_needed``; where the cap makes that target unreachable, the
     fewest pairs within ``slack`` of what the cap itself would give (the radius saturates in K_A, so
-    the last pairs before the cap buy almost nothing).  A function of n_A alone (see above)."""
-    need = pairs_needed(n_A, n, alpha, slack, cap)
+    the last pairs before the cap buy almost nothing).  A function of n_A and ``exact`` (see above)."""
+    need = pairs_needed(n_A, n, alpha, slack, cap, exact=exact)
     if need is not None:
         return need
-    top = min(cap, n_A)
+    top = min(cap, n_A - exact)
     if top < 1:
         return 0
-    z_top = eliminated_z(n_A, n, top, alpha)
+    z_top = eliminated_z(n_A, n, top, alpha, 0, exact)
     if z_top == -math.inf:
         return 0                               # abstains even with every pair allowed
-    return pairs_needed(n_A, n, alpha, slack, cap, z_goal=z_top) or top
+    return pairs_needed(n_A, n, alpha, slack, cap, z_goal=z_top, exact=exact) or top
 
 
 @dataclass
@@ -123,10 +126,12 @@ class PairPlan:
         positions: sorted positions (0..n-1) that get a standard solve, all in A.
         K: positions of the permutation scanned (the size of the uniform subsample they come from).
         K_A: len(positions).
+        exact: samples of A re-solved by the standard model (not pairable, never misaligned).
     """
     positions: torch.Tensor
     K: int
     K_A: int
+    exact: int = 0
 
 
 def fixed_pairs(perm: torch.Tensor, in_A: torch.Tensor, K: int) -> PairPlan:
@@ -191,32 +196,38 @@ def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: Ro
 
 
 # ----------------------------------------------------------------- the decisions of one image
-def route_costs(cfg: SRSConfig, standard: DEQSolve) -> RouteCosts:
-    """The cost model of ``cfg`` with the standard model ``standard`` (evaluations of f per sample)."""
+def route_costs(cfg: SRSConfig, standard: DEQSolve, refine_rate: float = 0.0) -> RouteCosts:
+    """The cost model of ``cfg`` with the standard model ``standard`` (evaluations of f per sample);
+    ``refine_rate``: the expected fraction of SRS samples re-solved by the standard model."""
     step = cfg.step.max_iter if cfg.step_cost is None else cfg.step_cost
-    return RouteCosts(standard.max_iter + cfg.overhead, step + cfg.overhead, cfg.warmup.max_iter + cfg.overhead)
+    std = standard.max_iter + cfg.overhead
+    return RouteCosts(std, step + cfg.overhead + refine_rate * std, cfg.warmup.max_iter + cfg.overhead)
 
 
-def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int) -> str:
+def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int,
+                refine_rate: float = 0.0) -> str:
     """'srs', or 'fallback' (standard model for the estimation samples) when adaptive pairing with the
-    fallback on predicts, from the selection count k0 alone, that SRS would cost more."""
+    fallback on predicts, from the selection samples alone (their count k0 of c_A and the fraction
+    ``refine_rate`` of them that were re-solved), that SRS would cost more."""
     if not (cfg.adaptive and cfg.fallback and cfg.pairs):
         return "srs"
-    route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard), warm_rows, cfg.max_pairs or n)
+    route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard, refine_rate), warm_rows,
+                         cfg.max_pairs or n)
     return "srs" if route == "srs" else "fallback"
 
 
-def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_budget: bool = True) -> int:
+def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_budget: bool = True,
+             refine_rate: float = 0.0) -> int:
     """Most pairs an image may spend: ``max_pairs``, and in adaptive mode with the fallback on, no more
     than keeps the SRS route cheaper than the standard model (``use_budget``; PREDICT has no fallback)."""
     cap = min(cfg.max_pairs or n, n)
     if cfg.adaptive and cfg.fallback and use_budget:
-        cap = min(cap, max(route_costs(cfg, standard).pair_budget(n, warm_rows), 1))
+        cap = min(cap, max(route_costs(cfg, standard, refine_rate).pair_budget(n, warm_rows), 1))
     return cap
 
 
 def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int, alpha: float,
-               generator: torch.Generator, cap: int) -> PairPlan:
+               generator: torch.Generator, cap: int, exact: Optional[torch.Tensor] = None) -> PairPlan:
     """The paired positions of a phase whose SRS predictions are ``preds``: the uniform order is drawn
     from ``generator`` after the pass; fixed K (``cfg.conf_drop``) or adaptive K_A from n_A alone.
 
@@ -224,15 +235,24 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
         preds: (n,) SRS predictions of the phase; A = the positions predicting ``c_hat``.
         n_A: |A|.
         cap: most pairs (:func:`pair_cap`), adaptive mode only.
+        exact: (n,) bool, positions whose prediction is the standard model's own (re-solved by
+            ``refine_margin``): they are left out of A's pairable part, and counted as ``exact``.
 
     Returns:
-        :class:`PairPlan` (sorted positions, all in A; K scanned; K_A solved).
+        :class:`PairPlan` (sorted positions, all in A and not exact; K scanned; K_A solved; exact).
     """
     in_A = (preds == c_hat).cpu()
+    n_exact = 0
+    if exact is not None:
+        n_exact = int((in_A & exact).sum())
+        in_A = in_A & ~exact
     perm = pair_permutation(n, generator)
     if not cfg.adaptive:
-        return fixed_pairs(perm, in_A, cfg.conf_drop)
-    return first_in_A(perm, in_A, adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap))
+        plan = fixed_pairs(perm, in_A, cfg.conf_drop)
+    else:
+        plan = first_in_A(perm, in_A, adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap, n_exact))
+    plan.exact = n_exact
+    return plan
 
 
 __all__ = ["pair_permutation", "eliminated_z", "pairs_needed", "adaptive_pair_count", "PairPlan", "fixed_pairs", "first_in_A",

@@ -121,6 +121,7 @@ class SmoothingSpec:
     max_pairs: Optional[int] = None
     fallback: bool = True
     step_cost: Optional[float] = None
+    refine_margin: float = 0.0
 
     def validate(self, n: int, n_name: str = "N") -> None:
         """Every setting error, one line each (``n``: the samples the pairs are drawn from)."""
@@ -153,6 +154,9 @@ class SmoothingSpec:
                                          ("--max_pairs", self.max_pairs is not None),
                                          ("--no_fallback", not self.fallback),
                                          ("--step_cost", self.step_cost is not None)) if on]
+        check_number("--refine_margin", self.refine_margin, 0, hint=" (a logit margin; 0 turns it off)")
+        if self.refine_margin > 0 and not self.srs:
+            raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
         if adaptive_only and (not self.srs or self.conf_drop is not None):
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
 
@@ -168,7 +172,7 @@ class SmoothingSpec:
         return standard, SRSConfig(step=step, warmup=warm, warmup_interval=self.warmup_interval, conf_drop=self.conf_drop,
                                    certificate=self.certificate, chain_across_phases=self.chain_across_phases,
                                    radius_slack=self.radius_slack, max_pairs=self.max_pairs, fallback=self.fallback,
-                                   step_cost=self.step_cost)
+                                   step_cost=self.step_cost, refine_margin=self.refine_margin)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ class SampleStats:
         self.nfe = 0.0                  # evaluations of f summed over samples
         self.std_calls = 0              # solver calls of the standard model (any phase)
         self.std_rows = 0               # ... and the samples they solved
+        self.refined = 0                # SRS samples re-solved by the standard model (refine_margin)
         self._res_sum = None
         self._res_n = None
 
@@ -95,15 +96,36 @@ class PhaseLog:
     def __init__(self):
         self.batches: List[Tuple[int, int, torch.Tensor]] = []   # (start, rows, generator state)
         self._preds: List[torch.Tensor] = []
+        self._flags: List[torch.Tensor] = []
+        self.exact: Optional[torch.Tensor] = None   # (n,) bool: predictions that are the standard model's own
 
     def record(self, start: int, rows: int, generator: torch.Generator):
         self.batches.append((start, rows, generator.get_state()))
 
-    def add_preds(self, preds: torch.Tensor):
+    def add_preds(self, preds: torch.Tensor, flags: Optional[torch.Tensor] = None):
+        """Record a batch's predictions, and which of its rows are to be re-solved (``flags``)."""
         self._preds.append(preds)
+        if flags is not None:
+            self._flags.append(flags)
 
     def preds(self) -> torch.Tensor:
-        return torch.cat(self._preds)
+        if len(self._preds) > 1:
+            self._preds = [torch.cat(self._preds)]
+        return self._preds[0]
+
+    def flagged(self) -> torch.Tensor:
+        """Sorted positions (CPU) flagged for re-solving; empty when none were flagged."""
+        if not self._flags:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(torch.cat(self._flags).cpu()).flatten()
+
+    def replace(self, positions: torch.Tensor, preds: torch.Tensor):
+        """The standard model's predictions at ``positions``: they replace the chain's and are exact."""
+        merged = self.preds().clone()
+        merged[positions.to(merged.device)] = preds
+        self._preds = [merged]
+        self.exact = torch.zeros(merged.numel(), dtype=torch.bool)
+        self.exact[positions] = True
 
 
 # ----------------------------------------------------------------- classifiers of a batch
@@ -173,15 +195,24 @@ class SRSChain:
 
 
 # ----------------------------------------------------------------- a phase of samples
+def small_margin(logits: torch.Tensor, margin: float) -> torch.Tensor:
+    """(B,) bool: rows with finite logits whose top-two logit gap is below ``margin``."""
+    top = logits.topk(2, dim=1).values
+    gap = top[:, 0] - top[:, 1]
+    return torch.isfinite(gap) & (gap < margin)
+
+
 def draw_counts(x: torch.Tensor, num: int, batch_size: int, sigma: float, generator: torch.Generator,
                 classify: Callable[[torch.Tensor], torch.Tensor], num_classes: int,
-                log: Optional[PhaseLog] = None) -> Counts:
+                log: Optional[PhaseLog] = None, refine_margin: float = 0.0) -> Counts:
     """Draw ``num`` noisy copies of x in mini-batches, classify each batch, count the predictions.
 
     Args:
         x: (1, C, H, W) input.
         classify: noisy batch -> logits (a :class:`StandardSolver` or :class:`SRSChain` bound to stats).
         log: if given, records the generator state before each batch and every prediction (pairing).
+        refine_margin: with a log, also flags the rows whose top-two logit gap is below it (re-solved
+            later by the standard model, ``SRSConfig.refine_margin``).
 
     Returns:
         :class:`Counts` of the phase.
@@ -193,9 +224,10 @@ def draw_counts(x: torch.Tensor, num: int, batch_size: int, sigma: float, genera
             b = min(batch_size, num - done)
             if log is not None:
                 log.record(done, b, generator)
-            preds = counts.add(classify(noisy_batch(x, b, sigma, generator)))
+            logits = classify(noisy_batch(x, b, sigma, generator))
+            preds = counts.add(logits)
             if log is not None:
-                log.add_preds(preds)
+                log.add_preds(preds, small_margin(logits, refine_margin) if refine_margin > 0 else None)
             done += b
     return counts
 
@@ -257,4 +289,4 @@ def safe_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["ABSTAIN", "SampleStats", "Counts", "PhaseLog", "StandardSolver", "SRSChain", "draw_counts",
-           "ensure_generator", "derived_seed", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax"]
+           "small_margin", "ensure_generator", "derived_seed", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax"]

@@ -47,6 +47,12 @@ class SRSConfig:
         overhead: stem, head and noise of one sample in evaluations of f (cost model of the fallback).
         step_cost: evaluations of f an SRS step is expected to spend (cost model only; None: its
             budget). Set it for a step with a tolerance, whose budget is only a cap.
+        refine_margin: SRS samples whose top-two logit margin after the step is below this are
+            re-solved by the standard model (after the pass, in full batches), and their prediction
+            is the standard model's own: such samples cannot be misaligned, so the pairs come from
+            the others only (``SRS.bounds.eliminated_count``).  Misaligned samples sit almost all at
+            small margins, so this removes most misalignment for the cost of the re-solved rows.
+            0 turns it off (the paper's chain).
     """
     step: DEQSolve = DEQSolve("anderson", 1)
     warmup: DEQSolve = DEQSolve("anderson", 10)
@@ -59,6 +65,7 @@ class SRSConfig:
     fallback: bool = True
     overhead: float = 1.0
     step_cost: Optional[float] = None
+    refine_margin: float = 0.0
 
     @property
     def adaptive(self) -> bool:
@@ -78,6 +85,8 @@ class SRSConfig:
             text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs} fallback={self.fallback}"
         if self.step_cost is not None:
             text += f" step_cost={self.step_cost}"
+        if self.refine_margin > 0:
+            text += f" refine_margin={self.refine_margin}"
         return text
 
 

@@ -135,7 +135,8 @@ class Smooth:
             if not srs.chain_across_phases:
                 chain = chain.restart()
             warm = chain.warmup_rows(n, batch_size)
-            route = image_route(srs, self.standard, int(sel[c_hat]), n0, n, alpha, warm)
+            rate = stats.refined / n0 if n0 else 0.0
+            route = image_route(srs, self.standard, int(sel[c_hat]), n0, n, alpha, warm, rate)
             log = PhaseLog() if route == "srs" and srs.pairs else None
         counts, bad1 = self._phase(x, n, batch_size, generator, stats, chain if route == "srs" else None,
                                    log).numpy()
@@ -143,15 +144,16 @@ class Smooth:
         if bad0 or bad1:
             cert.status = f"nonfinite_logits({bad0 + bad1})"
         elif log is not None:
+            exact = exact_mask(log, srs)
             plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
-                              pair_cap(srs, self.standard, n, warm))
+                              pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact)
             M = self._misaligned(x, log, plan, c_hat, batch_size, stats)
-            bound_eliminated(cert, plan.K, plan.K_A, M, alpha, srs.certificate)
+            bound_eliminated(cert, plan.K, plan.K_A, M, alpha, srs.certificate, plan.exact)
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, self.sigma)
         cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
-        cert.std_calls, cert.std_rows = stats.std_calls, stats.std_rows
+        cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
         return cert
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
@@ -182,10 +184,10 @@ class Smooth:
         n1, n2, level = out.n1, out.n2, alpha
         if log is not None and not bad:
             plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
-                              pair_cap(srs, self.standard, n, 0, use_budget=False))
+                              pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs))
             M = self._misaligned(x, log, plan, top, batch_size, stats)
-            n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha)
-        out.nfe, out.std_calls = stats.nfe_per_sample, stats.std_calls
+            n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha, plan.exact)
+        out.nfe, out.std_calls, out.refined = stats.nfe_per_sample, stats.std_calls, stats.refined
         if bad:
             out.status = f"nonfinite_logits({bad})"
             return out
@@ -208,14 +210,47 @@ class Smooth:
     # ------------------------------------------------------------- internals
     def _phase(self, x, num: int, batch_size: int, generator, stats: SampleStats, chain: Optional[SRSChain],
                log: Optional[PhaseLog] = None):
-        """One phase of ``num`` samples through the chain, or the standard model if ``chain`` is None."""
+        """One phase of ``num`` samples through the chain, or the standard model if ``chain`` is None.
+
+        With ``refine_margin`` > 0 the chain's low-margin samples are re-solved by the standard model
+        after the pass (:meth:`_refine`): the phase's counts and ``log`` then hold those exact predictions."""
         if chain is None:
             def classify(noisy):
                 return self._standard(noisy, stats)
         else:
             def classify(noisy):
                 return chain(noisy, stats)
-        return draw_counts(x, num, batch_size, self.sigma, generator, classify, self.num_classes, log)
+        margin = self.srs.refine_margin if chain is not None else 0.0
+        if margin > 0 and log is None:
+            log = PhaseLog()
+        counts = draw_counts(x, num, batch_size, self.sigma, generator, classify, self.num_classes, log, margin)
+        if margin > 0:
+            self._refine(x, log, counts, batch_size, stats)
+        return counts
+
+    def _refine(self, x, log: PhaseLog, counts, batch_size: int, stats: SampleStats) -> None:
+        """Re-solve the flagged samples with the standard model (regenerated noise, full batches) and
+        replace their predictions, in ``log`` and in ``counts``, by the standard model's.
+
+        Soundness: the chain's prediction at a flagged position becomes f_D's own prediction on the
+        same noise; which positions are flagged is a function of the noise and the chain.  So the SRS
+        predictions are still functions of the noise (the pairing argument of ``SRS.pairing`` holds
+        unchanged), and the flagged samples are known not to be misaligned (``log.exact``)."""
+        positions = log.flagged()
+        if positions.numel() == 0:
+            log.exact = torch.zeros(log.preds().numel(), dtype=torch.bool)
+            return
+        old = log.preds()[positions.to(x.device)]
+        new = []
+        with torch.no_grad():
+            for chunk in regenerate(x, self.sigma, log, positions, batch_size):
+                new.append(safe_argmax(self._standard(chunk, stats, paired=True)))
+        new = torch.cat(new)
+        stats.refined += int(positions.numel())
+        k = self.num_classes + 1
+        counts.counts += (torch.bincount(new + 1, minlength=k) - torch.bincount(old + 1, minlength=k))[1:]
+        counts.bad += (new == ABSTAIN).sum() - (old == ABSTAIN).sum()
+        log.replace(positions, new)
 
     def _misaligned(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, batch_size: int,
                     stats: SampleStats) -> int:
@@ -231,6 +266,12 @@ class Smooth:
                 std = safe_argmax(self._standard(chunk, stats, paired=True))
                 misaligned += (std != c_hat).sum()
         return int(misaligned)
+
+
+def exact_mask(log: PhaseLog, srs: SRSConfig) -> Optional[torch.Tensor]:
+    """The positions whose prediction is the standard model's own (re-solved), for the 'eliminated'
+    certificate; None otherwise (the reference variant pairs over all of A, as its code does)."""
+    return log.exact if srs.certificate == "eliminated" else None
 
 
 __all__ = ["ABSTAIN", "Smooth"]

@@ -11,7 +11,8 @@ the radii (default sigma * 0, 0.5, ..., 3), mean K and K_A, the misalignment rat
 standard-solve calls per image, fallbacks to the standard model, and the sound speed limit computed
 from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) with the fraction of it
 reached.  ``--step_tol T`` adds SRS-MDEQ-tolT-30A (the SRS step runs to tolerance T from the warm start,
-30 evaluations as a cap), the low-misalignment option.  Every budget is exact (--tol 0), so "kA" means
+30 evaluations as a cap), the low-misalignment option; ``--refine_margin M`` adds SRS-1A/-3A/-1N whose
+samples with a top-two logit margin below M are re-solved by the standard model (exact, never misaligned).  Every budget is exact (--tol 0), so "kA" means
 k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running resumes finished files.
 
 ``--random-init CFG`` times seeded random-init weights of a config on seeded synthetic images instead
@@ -39,6 +40,8 @@ def main():
     p.add_argument("--step_cost", type=float, default=8.0,
                    help="with --step_tol: evaluations per SRS step assumed by the fallback's cost model (about 7 "
                         "measured at tol 1e-3 on the digits model)")
+    p.add_argument("--refine_margin", type=float, default=None,
+                   help="also run SRS-1A, -3A and -1N with low-margin samples re-solved by the standard model")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
@@ -76,6 +79,9 @@ def main():
         methods.append(srs(1, conf_drop=args.fixed_K))
     if args.step_tol is not None:
         methods.append(srs(30, step_tol=args.step_tol, step_cost=args.step_cost))
+    if args.refine_margin:
+        methods += [srs(1, refine_margin=args.refine_margin), srs(3, refine_margin=args.refine_margin),
+                    srs(1, "naive", refine_margin=args.refine_margin)]
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:

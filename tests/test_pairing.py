@@ -203,3 +203,62 @@ def test_step_cost_prices_a_tolerance_step_by_its_expected_evaluations():
     routes = {name: {s.certify(x, 20, 600, 0.1, 50, generator=torch.Generator().manual_seed(k)).route for k in range(8)}
               for name, s in (("capped", capped), ("priced", priced))}
     assert routes["capped"] == {"fallback"} and "srs" in routes["priced"]
+
+
+# ------------------------------------------------------------ re-solved low-margin samples
+def test_refining_every_sample_gives_the_standard_counts_and_needs_no_pairs():
+    """With a margin no sample passes, every SRS prediction is re-solved: the counts are the standard
+    model's on the same noise, every sample of A is exact, no pair is solved and the certificate is the
+    eliminated one with p_m_upper multiplying nothing (N_A_E = n_A)."""
+    model, x, _, _ = _deq_setup(a=0.95)
+    std = DEQSolve("anderson", 50, 1e-10)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None, fallback=False)
+    standard = Smooth(model, 2, 0.5, standard=std).certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(5))
+    srs = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, refine_margin=1e9))
+    c = srs.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(5))
+    assert np.array_equal(c.counts, standard.counts)
+    assert c.K_A == 0 and c.M == 0 and c.N_A_E == c.n_A and c.refined == 420
+    assert c.p_A_lower == lower_confidence_bound(c.n_A, 400, 0.005)
+    # re-solves run after each phase in full batches: ceil(20/40) + ceil(400/40) standard calls
+    assert c.std_calls == 1 + 10 and c.std_rows == 420
+
+
+def test_refined_samples_are_exact_and_the_pairs_come_from_the_others():
+    model, x, _, _ = _deq_setup(a=0.95)
+    counting = CountingDEQ(model)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None, fallback=False)
+    s = Smooth(counting, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, refine_margin=0.5))
+    c = s.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(7))
+    assert 0 < c.refined < 420
+    assert c.std_rows == c.refined + c.K_A
+    # every pair is an unrefined sample of A: K_A is at most the unrefined part of A
+    assert c.K_A <= c.n_A
+    # re-solving removes misalignment: the one-step chain of a = 0.95 has misaligned pairs without it
+    plain = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw))
+    assert c.M <= plain.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(7)).M
+
+
+def test_refine_margin_keeps_adaptive_pairing_sound_on_a_misaligned_chain():
+    """The misaligned chain of the test above, with low-margin samples re-solved: at or below alpha,
+    and far fewer misaligned pairs than without re-solving."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None)
+    std = DEQSolve("anderson", 50, 1e-10)
+    refined = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, refine_margin=1.0))
+    plain = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw))
+    assert violation_rate(refined, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+    m_plain = m_refined = 0
+    for rep in range(10):
+        m_plain += plain.certify(x, 20, 400, 0.05, 40, generator=torch.Generator().manual_seed(rep)).M
+        m_refined += refined.certify(x, 20, 400, 0.05, 40, generator=torch.Generator().manual_seed(rep)).M
+    assert m_refined < m_plain
+
+
+def test_eliminated_count_with_exact_samples():
+    from SRS.bounds import eliminated_count, upper_confidence_bound
+    p_m, n_a_e = eliminated_count(900, 100, 1, 0.01, exact=300)
+    assert p_m == upper_confidence_bound(1, 100, 0.01)
+    assert n_a_e == 300 + math.floor(600 * (1 - p_m))
+    assert eliminated_count(900, 0, 0, 0.01, exact=900) == (1.0, 900)
+    # fewer pairs are needed when part of A is exact
+    assert pairs_needed(9000, 10000, 0.001, 0.05, 9000, exact=4000) < pairs_needed(9000, 10000, 0.001, 0.05, 9000)
