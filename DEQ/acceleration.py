@@ -43,7 +43,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .errors import UserError
+from .checks import check_choice
 
 COMPILE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
@@ -103,22 +103,6 @@ def static_rows(batch: int, *phases: Optional[int]) -> Tuple[int, ...]:
             if n % batch:
                 sizes.add(n % batch)
     return tuple(sorted(sizes))
-
-
-def check_choice(flag: str, value: str, choices) -> str:
-    """One-line error for a value outside ``choices`` (for callers that bypass argparse).
-
-    Args:
-        flag: the flag's name, for the message.
-        value: the given value.
-        choices: the allowed values.
-
-    Returns:
-        str: ``value``.
-    """
-    if value not in choices:
-        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def resolve_runtime(compile: str, precision: str, device: torch.device,
@@ -315,4 +299,4 @@ def compile_report(model: torch.nn.Module) -> Optional[str]:
 
 
 __all__ = ["COMPILE_CHOICES", "PRECISIONS", "Runtime", "static_rows", "resolve_runtime", "apply_runtime", "autocast", "pad_to",
-           "Compiled", "Engine", "RuntimeClassifier", "compile_report", "check_choice", "raise_recompile_limit"]
+           "Compiled", "Engine", "RuntimeClassifier", "compile_report", "raise_recompile_limit"]

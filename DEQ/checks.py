@@ -82,3 +82,19 @@ def check_writable_dir(folder: str, flag: str) -> None:
 
 
 __all__ = ["check_number", "check_count", "check_input_file", "writable_dir_problem", "check_writable_dir"]
+
+
+def check_choice(flag: str, value: str, choices) -> str:
+    """One-line error for a value outside ``choices`` (for callers that bypass argparse).
+
+    Args:
+        flag: the flag's name, for the message.
+        value: the given value.
+        choices: the allowed values.
+
+    Returns:
+        str: ``value``.
+    """
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -71,9 +71,9 @@ from tqdm import tqdm
 
 from .attacks import SmoothAdvAttack
 from .checkpoint import load_checkpoint, load_pretrained, load_state_dict, remove_stale_temporaries, save_checkpoint
-from .checks import check_input_file, check_number, check_writable_dir
+from .checks import check_choice, check_input_file, check_number, check_writable_dir
 from .data import dataset_info, get_dataset, make_loader
-from .acceleration import COMPILE_CHOICES, check_choice, compile_report, resolve_runtime, static_rows
+from .acceleration import COMPILE_CHOICES, compile_report, resolve_runtime, static_rows
 from .distributed import (DEFAULT_TIMEOUT_MINUTES, RoundRobinBatches, ShardedBatchSampler, World, derived_seed,
                           rank_rng_state, set_rank_rng_state)
 from .errors import UserError

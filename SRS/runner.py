@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from DEQ.acceleration import (COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, check_choice, compile_report,
+from DEQ.acceleration import (COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, compile_report,
                               resolve_runtime, static_rows)
 from DEQ.checkpoint import file_sha256, load_model
-from DEQ.checks import check_count, check_number
+from DEQ.checks import check_choice, check_count, check_number
 from DEQ.data import dataset_info, get_dataset
 from DEQ.errors import UserError
 from DEQ.interface import is_deq
@@ -150,13 +150,13 @@ class SmoothingSpec:
                             f"got {self.max_pairs}")
         check_number("--step_tol", self.step_tol, 0)
         check_number("--step_cost", self.step_cost, 0, strict=True, hint=" (evaluations of f)")
+        check_number("--refine_margin", self.refine_margin, 0, hint=" (a logit margin; 0 turns it off)")
+        if self.refine_margin > 0 and not self.srs:
+            raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
         adaptive_only = [f for f, on in (("--radius_slack", self.radius_slack != 0.05),
                                          ("--max_pairs", self.max_pairs is not None),
                                          ("--no_fallback", not self.fallback),
                                          ("--step_cost", self.step_cost is not None)) if on]
-        check_number("--refine_margin", self.refine_margin, 0, hint=" (a logit margin; 0 turns it off)")
-        if self.refine_margin > 0 and not self.srs:
-            raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
         if adaptive_only and (not self.srs or self.conf_drop is not None):
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
 

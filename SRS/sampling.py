@@ -84,6 +84,13 @@ class Counts:
         self.bad += binned[0]
         return preds
 
+    def replace(self, old: torch.Tensor, new: torch.Tensor):
+        """Move samples counted as predictions ``old`` to predictions ``new`` (same rows, re-solved)."""
+        k = self.num_classes + 1
+        binned = torch.bincount(new + 1, minlength=k) - torch.bincount(old + 1, minlength=k)
+        self.counts += binned[1:]
+        self.bad += binned[0]
+
     def numpy(self) -> Tuple[np.ndarray, int]:
         """(counts per class, samples with non-finite logits)."""
         return self.counts.cpu().numpy(), int(self.bad)
@@ -97,7 +104,6 @@ class PhaseLog:
         self.batches: List[Tuple[int, int, torch.Tensor]] = []   # (start, rows, generator state)
         self._preds: List[torch.Tensor] = []
         self._flags: List[torch.Tensor] = []
-        self.exact: Optional[torch.Tensor] = None   # (n,) bool: predictions that are the standard model's own
 
     def record(self, start: int, rows: int, generator: torch.Generator):
         self.batches.append((start, rows, generator.get_state()))
@@ -113,19 +119,25 @@ class PhaseLog:
             self._preds = [torch.cat(self._preds)]
         return self._preds[0]
 
+    def exact(self) -> Optional[torch.Tensor]:
+        """(n,) bool on the CPU: the flagged positions, whose predictions the phase replaces by the
+        standard model's own (``Smooth._refine``); None when the phase flagged nothing."""
+        if not self._flags:
+            return None
+        if len(self._flags) > 1:
+            self._flags = [torch.cat(self._flags).cpu()]
+        return self._flags[0].cpu()
+
     def flagged(self) -> torch.Tensor:
         """Sorted positions (CPU) flagged for re-solving; empty when none were flagged."""
-        if not self._flags:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.nonzero(torch.cat(self._flags).cpu()).flatten()
+        exact = self.exact()
+        return torch.zeros(0, dtype=torch.long) if exact is None else torch.nonzero(exact).flatten()
 
     def replace(self, positions: torch.Tensor, preds: torch.Tensor):
-        """The standard model's predictions at ``positions``: they replace the chain's and are exact."""
+        """The standard model's predictions at ``positions`` replace the chain's."""
         merged = self.preds().clone()
         merged[positions.to(merged.device)] = preds
         self._preds = [merged]
-        self.exact = torch.zeros(merged.numel(), dtype=torch.bool)
-        self.exact[positions] = True
 
 
 # ----------------------------------------------------------------- classifiers of a batch

@@ -235,10 +235,9 @@ class Smooth:
         Soundness: the chain's prediction at a flagged position becomes f_D's own prediction on the
         same noise; which positions are flagged is a function of the noise and the chain.  So the SRS
         predictions are still functions of the noise (the pairing argument of ``SRS.pairing`` holds
-        unchanged), and the flagged samples are known not to be misaligned (``log.exact``)."""
+        unchanged), and the flagged samples are known not to be misaligned (``log.exact()``)."""
         positions = log.flagged()
         if positions.numel() == 0:
-            log.exact = torch.zeros(log.preds().numel(), dtype=torch.bool)
             return
         old = log.preds()[positions.to(x.device)]
         new = []
@@ -247,9 +246,7 @@ class Smooth:
                 new.append(safe_argmax(self._standard(chunk, stats, paired=True)))
         new = torch.cat(new)
         stats.refined += int(positions.numel())
-        k = self.num_classes + 1
-        counts.counts += (torch.bincount(new + 1, minlength=k) - torch.bincount(old + 1, minlength=k))[1:]
-        counts.bad += (new == ABSTAIN).sum() - (old == ABSTAIN).sum()
+        counts.replace(old, new)
         log.replace(positions, new)
 
     def _misaligned(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, batch_size: int,
@@ -271,7 +268,7 @@ class Smooth:
 def exact_mask(log: PhaseLog, srs: SRSConfig) -> Optional[torch.Tensor]:
     """The positions whose prediction is the standard model's own (re-solved), for the 'eliminated'
     certificate; None otherwise (the reference variant pairs over all of A, as its code does)."""
-    return log.exact if srs.certificate == "eliminated" else None
+    return log.exact() if srs.certificate == "eliminated" else None
 
 
 __all__ = ["ABSTAIN", "Smooth"]

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from DEQ.acceleration import Engine, Runtime, check_choice, static_rows
+from DEQ.acceleration import Engine, Runtime, static_rows
+from DEQ.checks import check_choice
 from DEQ.errors import UserError, cli_main
 from DEQ.utils import pick_device, set_threads
 
