@@ -8,7 +8,6 @@ serialized model with k Anderson / naive evaluations from the warm start.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
+from .pairing import pairs_needed
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode
 from .runner import RunSpec, SmoothingSpec, parse_conf_drop, run
 from .settings import DEQSolve, SRSConfig
@@ -149,20 +149,34 @@ def _col(df, column: str, default: float = 0.0) -> np.ndarray:
     return df[column].astype(float).to_numpy() if column in df.columns else np.full(len(df), default)
 
 
-def sound_speed_limit(base, run, samples: int, alpha: float) -> Tuple[float, float]:
-    """The speed limit of sound SRS at equal certified accuracy, from the standard run of the same images.
+def table_goal(radius: float, correct: bool, radii: Sequence[float]) -> Optional[float]:
+    """The largest table radius an image is certified at (None: it counts at none of them)."""
+    if not correct or radius < 0:
+        return None
+    below = [r for r in radii if r <= radius + 1e-12]
+    return max(below) if below else None
 
-    Per image i with standard time t_i and standard p_i = p_A_lower: matching the standard radius
-    sigma PhiInv(p_i) with the eliminated certificate needs at least about ln(2/alpha) / (1 - p_i)
-    paired standard solves (no misaligned pair: p_m_upper = 1 - (alpha/2)^(1/K_A) must stay below
-    1 - p_i), on top of the SRS pass; the standard model outright costs t_i.  So the cheapest sound
-    cost is min(pass_i + ln(2/alpha) / (1 - p_i) * t_i / samples, t_i), and the limit is
-    sum(t_i) / sum(that).  The SRS pass time per sample is measured from ``run`` itself: its rows that
-    took the SRS route, less their standard solves (costed at the standard run's time per sample).
+
+def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[float],
+                      sigma: float) -> Tuple[float, float]:
+    """The speed limit of sound SRS at equal certified accuracy on the table's radii, from the
+    standard run of the same images.
+
+    Per image i with standard time t_i and standard counts n_A of n: equal certified accuracy means
+    certifying it at the largest table radius r_i at or below its standard radius (nothing where
+    the standard run certifies it at none).  If the SRS counts were the standard ones and no pair
+    were misaligned, the eliminated certificate reaches r_i with K_i = ``pairs_needed(n_A, n,
+    alpha, 0, n_A, z_goal=r_i / sigma)`` paired standard solves (None: not even with every sample
+    paired), on top of the SRS pass; the standard model outright costs t_i.  So the cheapest sound
+    cost is min(pass_i + K_i t_i / samples, t_i) (pass_i alone where nothing is to reach), and the
+    limit is sum(t_i) / sum(that).  The SRS pass time per sample is measured from ``run`` itself: its
+    rows that took the SRS route, less their standard solves (costed at the standard run's time per
+    sample).  A method whose accuracy falls short of the standard run's can exceed its limit.
 
     Args:
         base, run: result frames (standard and SRS) over the same images, in the same order.
         samples: N0 + N, the noisy samples per image of both runs.
+        radii: the table's radii; sigma: the noise level (radii / sigma = PhiInv(p)).
 
     Returns:
         (limit, pass_seconds_per_sample).
@@ -175,15 +189,21 @@ def sound_speed_limit(base, run, samples: int, alpha: float) -> Tuple[float, flo
         return float("nan"), float("nan")
     pass_time = (run["time"].to_numpy(dtype=float) - _col(run, "std_rows") * per_sample)[on_srs] / samples
     pass_per_sample = float(max(np.mean(pass_time), 0.0))
-    p = np.clip(base["p_A_lower"].to_numpy(dtype=float) if "p_A_lower" in base.columns else np.full(len(base), 0.5),
-                0.5, 1 - 1e-12)
-    pairs = math.log(2 / alpha) / (1 - p)
-    cheapest = np.minimum(samples * pass_per_sample + pairs * per_sample, t_std)
-    return float(t_std.sum() / cheapest.sum()), pass_per_sample
+    cheapest = []
+    for i in range(len(base)):
+        goal = table_goal(float(base["radius"].iloc[i]), bool(base["correct"].iloc[i]), radii)
+        pass_cost = samples * pass_per_sample
+        if goal is None:
+            cheapest.append(min(pass_cost, t_std[i]))
+            continue
+        n_A, n = int(base["n_A"].iloc[i]), int(base["n"].iloc[i])
+        K = pairs_needed(n_A, n, alpha, 0.0, n_A, z_goal=goal / sigma)
+        cheapest.append(t_std[i] if K is None else min(pass_cost + K * per_sample[i], t_std[i]))
+    return float(t_std.sum() / sum(cheapest)), pass_per_sample
 
 
 def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequence[float], samples: int,
-                   alpha: float) -> "pd.DataFrame":
+                   alpha: float, sigma: float) -> "pd.DataFrame":
     """Per method: s/image, speedup over the baseline (wall clock, and in evaluations of f per image,
     which no machine load changes), largest certified-accuracy gap over the radii,
     mean K and K_A, misalignment rate sum(M) / sum(K_A), standard-solve calls per image, fallbacks, and
@@ -198,7 +218,7 @@ def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequen
         speedup = base["time"].sum() / df["time"].sum()
         K_A = _col(df, "K_A")
         is_srs = "route" in df.columns and (df["route"].astype(str) != "standard").any()
-        limit = sound_speed_limit(base, df, samples, alpha)[0] if is_srs else float("nan")
+        limit = sound_speed_limit(base, df, samples, alpha, radii, sigma)[0] if is_srs else float("nan")
         evals = _col(base, "nfe", float("nan")).mean() / _col(df, "nfe", float("nan")).mean()
         rows.append({"method": label, "s/image": df["time"].mean(), "speedup": speedup, "f-eval speedup": evals,
                      "largest gap (points)": gap, "at radius": at, "mean K": _col(df, "K").mean(),

@@ -41,6 +41,7 @@ class Certificate:
     std_calls: int = 0               # solver calls of the standard model (pairs, fallback, standard mode)
     std_rows: int = 0                # samples solved by the standard model (pairs, refinement, fallback)
     refined: int = 0                 # SRS samples re-solved by the standard model (low margin, refine_margin)
+    pilot: int = 0                   # SRS samples of the route pilot (route_pilot; in no certificate)
     counts: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator:

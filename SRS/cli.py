@@ -59,6 +59,10 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--refine_margin", type=float, default=0.0,
                    help="with --srs: re-solve with the standard model the SRS samples whose top-two logit margin is "
                         "below this (their prediction is then exact, never misaligned); 0 (default) turns it off")
+    p.add_argument("--route_pilot", type=float, default=0.1,
+                   help="adaptive pairing: where the N0 selection samples send an image to the standard model, this "
+                        "fraction of N further SRS samples (own noise stream, in no certificate) refine that decision; "
+                        "0 turns it off (default 0.1)")
     p.add_argument("--step_tol", type=float, default=None,
                    help="with --srs: tolerance of the SRS step from the warm start (default --tol); with a tolerance "
                         "--f_thresh is a cap and the step stops once every sample's residual is below it")
@@ -157,7 +161,7 @@ def smoothing_spec(args) -> SmoothingSpec:
         conf_drop=parse_conf_drop(args.conf_drop), certificate=args.certificate,
         chain_across_phases=not args.no_chain_across_phases, radius_slack=args.radius_slack,
         max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost,
-        refine_margin=args.refine_margin)
+        refine_margin=args.refine_margin, route_pilot=args.route_pilot)
 
 
 def run_spec(args) -> RunSpec:

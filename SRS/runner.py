@@ -122,6 +122,7 @@ class SmoothingSpec:
     fallback: bool = True
     step_cost: Optional[float] = None
     refine_margin: float = 0.0
+    route_pilot: float = 0.1
 
     def validate(self, n: int, n_name: str = "N") -> None:
         """Every setting error, one line each (``n``: the samples the pairs are drawn from)."""
@@ -153,12 +154,16 @@ class SmoothingSpec:
         check_number("--refine_margin", self.refine_margin, 0, hint=" (a logit margin; 0 turns it off)")
         if self.refine_margin > 0 and not self.srs:
             raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
+        check_number("--route_pilot", self.route_pilot, 0, hint=" (a fraction of N; 0 turns the pilot off)")
         adaptive_only = [f for f, on in (("--radius_slack", self.radius_slack != 0.05),
                                          ("--max_pairs", self.max_pairs is not None),
                                          ("--no_fallback", not self.fallback),
-                                         ("--step_cost", self.step_cost is not None)) if on]
+                                         ("--step_cost", self.step_cost is not None),
+                                         ("--route_pilot", self.route_pilot != 0.1)) if on]
         if adaptive_only and (not self.srs or self.conf_drop is not None):
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
+        if self.route_pilot != 0.1 and not self.fallback:
+            raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
 
     def resolve(self, default: DEQSolve) -> Tuple[DEQSolve, Optional[SRSConfig]]:
         """(standard model, SRS settings or None), the None fields filled from ``default`` (the checkpoint
@@ -172,7 +177,8 @@ class SmoothingSpec:
         return standard, SRSConfig(step=step, warmup=warm, warmup_interval=self.warmup_interval, conf_drop=self.conf_drop,
                                    certificate=self.certificate, chain_across_phases=self.chain_across_phases,
                                    radius_slack=self.radius_slack, max_pairs=self.max_pairs, fallback=self.fallback,
-                                   step_cost=self.step_cost, refine_margin=self.refine_margin)
+                                   step_cost=self.step_cost, refine_margin=self.refine_margin,
+                                   route_pilot=self.route_pilot)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class SampleStats:
         self.std_calls = 0              # solver calls of the standard model (any phase)
         self.std_rows = 0               # ... and the samples they solved
         self.refined = 0                # SRS samples re-solved by the standard model (refine_margin)
+        self.pilot = 0                  # SRS samples of the route pilot (route_pilot; in no certificate)
         self._res_sum = None
         self._res_n = None
 

@@ -53,6 +53,14 @@ class SRSConfig:
             the others only (``SRS.bounds.eliminated_count``).  Misaligned samples sit almost all at
             small margins, so this removes most misalignment for the cost of the re-solved rows.
             0 turns it off (the paper's chain).
+        route_pilot: adaptive pairing with the fallback: where the n0 selection samples alone send
+            an image to the standard model, ceil(route_pilot * n) further SRS samples (a fraction
+            of the estimation samples n), drawn from a stream of their own
+            (``derived_seed(seed, 'route_pilot')``) and used by no certificate, refine the decision
+            (``SRS.pairing.choose_route`` on selection + pilot counts).  100 selection samples
+            cannot tell p = 0.99 (a few thousand pairs, SRS pays) from p = 0.9995 (more pairs than
+            N); 1000 more (0.1 of N 10000) can, for about 0.7% of a standard run at SRS-1A.  0 turns
+            it off.
     """
     step: DEQSolve = DEQSolve("anderson", 1)
     warmup: DEQSolve = DEQSolve("anderson", 10)
@@ -66,6 +74,7 @@ class SRSConfig:
     overhead: float = 1.0
     step_cost: Optional[float] = None
     refine_margin: float = 0.0
+    route_pilot: float = 0.1
 
     @property
     def adaptive(self) -> bool:
@@ -83,6 +92,8 @@ class SRSConfig:
                 f"certificate={self.certificate} chain_across_phases={self.chain_across_phases}")
         if self.adaptive and self.pairs:
             text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs} fallback={self.fallback}"
+            if self.fallback:
+                text += f" route_pilot={self.route_pilot}"
         if self.step_cost is not None:
             text += f" step_cost={self.step_cost}"
         if self.refine_margin > 0:

@@ -17,6 +17,7 @@ With a DEQ (:class:`DEQ.interface.DEQClassifier`) it samples in two ways:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -27,8 +28,8 @@ from .certificates import (Certificate, Prediction, binomial_decision, bound_eli
 from .pairing import PairPlan, image_route, pair_cap, plan_pairs
 from DEQ.interface import is_deq
 
-from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, draw_counts, ensure_generator,
-                       regenerate, safe_argmax)
+from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, derived_seed, draw_counts,
+                       ensure_generator, regenerate, safe_argmax)
 from .settings import DEQSolve, SRSConfig
 
 
@@ -132,11 +133,10 @@ class Smooth:
         c_hat = int(sel.argmax())
         route, warm, log = "standard", 0, None
         if srs is not None:
-            if not srs.chain_across_phases:
-                chain = chain.restart()
-            warm = chain.warmup_rows(n, batch_size)
-            rate = stats.refined / n0 if n0 else 0.0
-            route = image_route(srs, self.standard, int(sel[c_hat]), n0, n, alpha, warm, rate)
+            estimation_chain = chain if srs.chain_across_phases else chain.restart()
+            warm = estimation_chain.warmup_rows(n, batch_size)
+            route, rate = self._route(x, sel, c_hat, n0, n, alpha, batch_size, generator, stats, chain, warm)
+            chain = estimation_chain
             log = PhaseLog() if route == "srs" and srs.pairs else None
         counts, bad1 = self._phase(x, n, batch_size, generator, stats, chain if route == "srs" else None,
                                    log).numpy()
@@ -154,6 +154,7 @@ class Smooth:
         decide(cert, c_hat, self.sigma)
         cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
         cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
+        cert.pilot = stats.pilot
         return cert
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
@@ -227,6 +228,42 @@ class Smooth:
         if margin > 0:
             self._refine(x, log, counts, batch_size, stats)
         return counts
+
+    def _route(self, x, sel: np.ndarray, c_hat: int, n0: int, n: int, alpha: float, batch_size: int,
+               generator: torch.Generator, stats: SampleStats, chain: SRSChain, warm: int) -> Tuple[str, float]:
+        """('srs' or 'fallback', the refined fraction of the samples the decision saw).
+
+        The selection samples decide first (``SRS.pairing.image_route``).  Where they send the image
+        to the standard model and ``route_pilot`` > 0, a pilot of ceil(route_pilot * n) SRS samples
+        continues the chain on a stream of its own (``derived_seed(seed, 'route_pilot')``: not the
+        image's noise stream, whose draws are therefore the same with and without the pilot) and the
+        rule is applied
+        again to the selection and pilot counts together.  Pilot samples are counted as SRS samples
+        (their refine flags are counted, not re-solved) and enter no certificate.
+
+        Soundness: the decision is a function of the selection and pilot noise (and the chain run on
+        it) only, both independent of the estimation samples the SRS certificate uses and of the fresh
+        samples the fallback uses; given the decision, each branch fails with probability <= alpha,
+        so the reported certificate does (the argument of ``SRS.pairing`` with a larger selection set).
+        The pilot's chain state may warm-start the estimation chain: the estimation predictions stay
+        functions of the noise, which is all the pairing argument needs."""
+        srs = self.srs
+        k, seen, rate = int(sel[c_hat]), n0, (stats.refined / n0 if n0 else 0.0)
+        route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate)
+        size = math.ceil(srs.route_pilot * n)
+        if route == "srs" or size <= 0:
+            return route, rate
+        pilot_gen = torch.Generator(device=generator.device).manual_seed(
+            derived_seed(generator.initial_seed(), "route_pilot"))
+        margin = srs.refine_margin
+        log = PhaseLog() if margin > 0 else None
+        pilot = draw_counts(x, size, batch_size, self.sigma, pilot_gen,
+                            lambda noisy: chain(noisy, stats), self.num_classes, log, margin).numpy()[0]
+        stats.pilot += size
+        flagged = int(log.flagged().numel()) if log is not None else 0
+        k, seen = k + int(pilot[c_hat]), n0 + size
+        rate = (stats.refined + flagged) / seen
+        return image_route(srs, self.standard, k, seen, n, alpha, warm, rate), rate
 
     def _refine(self, x, log: PhaseLog, counts, batch_size: int, stats: SampleStats) -> None:
         """Re-solve the flagged samples with the standard model (regenerated noise, full batches) and

@@ -95,7 +95,7 @@ def main():
     print(to_markdown(table))
     print(f"\nimages: {len(runs['MDEQ-30A'])}, N0={args.N0}, N={args.N}, alpha={args.alpha}, sigma={args.sigma}, "
           f"batch={args.batch}, tol=0, device={pick_device(args.device)}\n")
-    print(summary_markdown(method_summary(runs, "MDEQ-30A", radii, args.N0 + args.N, args.alpha)))
+    print(summary_markdown(method_summary(runs, "MDEQ-30A", radii, args.N0 + args.N, args.alpha, args.sigma)))
 
 
 if __name__ == "__main__":

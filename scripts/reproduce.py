@@ -74,7 +74,7 @@ def section(sigma, paths, radii, out_dir, train_secs, ckpt, samples, alpha=0.001
              "mean K_A paired standard solves, misaligned fraction), standard-solver calls per image, images "
              "certified by the standard model outright (fallbacks), and the sound speed limit at equal accuracy "
              "computed from the MDEQ-30A rows (README) with the fraction of it reached.", "",
-             summary_markdown(method_summary(runs, "MDEQ-30A", radii, samples, alpha)), "",
+             summary_markdown(method_summary(runs, "MDEQ-30A", radii, samples, alpha, sigma)), "",
              "| model | f evaluations / sample |", "|---|---:|"]
     for label, df in runs.items():
         lines.append(f"| {label} | {mean_column(df, 'nfe'):.2f} |")

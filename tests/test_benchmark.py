@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 from conftest import ROOT
-import math
 
 import pandas as pd
 import pytest
@@ -30,7 +29,7 @@ def test_suite_runs_resumes_and_tabulates(tmp_path, tiny_checkpoint):
     table, runs = comparison(paths, [0.0, 0.1], baseline="MDEQ-3A")
     assert list(table.index) == ["MDEQ-3A", "SRS-MDEQ-1A K=10", "SRS-MDEQ-1A"] and len(runs["MDEQ-3A"]) == 5
     assert runs["SRS-MDEQ-1A K=10"]["K"].max() == 10
-    summary = method_summary(runs, "MDEQ-3A", [0.0, 0.1], 50, 0.001)
+    summary = method_summary(runs, "MDEQ-3A", [0.0, 0.1], 50, 0.001, 0.25)
     assert list(summary["method"]) == list(table.index) and (summary["std calls/image"] >= 1).all()
     gap, at = max_gap(runs, "SRS-MDEQ-1A K=10", "MDEQ-3A", [0.0, 0.1])
     assert 0.0 <= gap <= 100.0 and at in (0.0, 0.1)
@@ -47,20 +46,33 @@ def test_paper_setting_without_cifar_stops_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "reports")
 
 
-def test_sound_speed_limit_closed_form():
-    """Two images, standard 10 s each over 1000 samples; SRS pass 1 ms/sample.  Image 0 has p = 0.9:
-    ln(2000)/0.1 = 76 pairs at 10 ms -> 1 + 0.76 s.  Image 1 sits at the cap (p = 0.9999): pairs
-    would cost 760 s, so its cheapest sound certificate is the standard run, 10 s."""
-    base = pd.DataFrame({"idx": [0, 1], "time": [10.0, 10.0], "p_A_lower": [0.9, 0.9999]})
-    run = pd.DataFrame({"idx": [0, 1], "time": [1.0 + 0.5, 10.2], "route": ["srs", "fallback"],
-                        "std_rows": [50, 1000]})
-    limit, pass_per_sample = sound_speed_limit(base, run, 1000, 0.001)
+def test_sound_speed_limit_at_the_table_radii():
+    """Three images, standard 10 s each over 1000 samples (10 ms/sample); SRS pass 1 ms/sample;
+    sigma 0.5, table radii 0, 0.125, ..., 1.5.  Image 0 (n_A 900 of 1000, radius 0.58) counts at 0.5:
+    the fewest pairs whose eliminated radius (no misaligned pair) reaches 0.5 cost K * 10 ms on top
+    of the 1 s pass.  Image 1 sits at the cap (n_A = n = 1000, radius 1.23, counted at 1.125): no
+    pairing of its 1000 samples reaches 1.125, so the standard run's 10 s.  Image 2 is wrong: the
+    pass alone."""
+    from SRS.bounds import lower_confidence_bound
+    from SRS.pairing import eliminated_z
+    from scipy.stats import norm
+    sigma, radii, alpha = 0.5, [0.125 * k for k in range(13)], 0.001
+    r0 = sigma * norm.ppf(lower_confidence_bound(900, 1000, alpha))
+    r1 = sigma * norm.ppf(lower_confidence_bound(1000, 1000, alpha))
+    base = pd.DataFrame({"idx": [0, 1, 2], "time": [10.0] * 3, "n_A": [900, 1000, 990], "n": [1000] * 3,
+                         "radius": [r0, r1, 0.9], "correct": [1, 1, 0]})
+    run = pd.DataFrame({"idx": [0, 1, 2], "time": [1.0 + 0.5, 10.2, 1.0], "route": ["srs", "fallback", "srs"],
+                        "std_rows": [50, 1000, 0]})
+    assert 0.5 < r0 < 0.625 and 1.125 < r1 < 1.25
+    K = next(k for k in range(1, 901) if eliminated_z(900, 1000, k, alpha) >= 0.5 / sigma)
+    assert max(eliminated_z(1000, 1000, k, alpha) for k in (1, 500, 1000)) < 1.125 / sigma
+    limit, pass_per_sample = sound_speed_limit(base, run, 1000, alpha, radii, sigma)
     assert pass_per_sample == pytest.approx(0.001)
-    assert limit == pytest.approx(20.0 / (1.0 + math.log(2000) / 0.1 * 0.01 + 10.0))
+    assert limit == pytest.approx(30.0 / ((1.0 + K * 0.01) + 10.0 + 1.0))
 
 
 def test_summary_refuses_different_images():
     a = pd.DataFrame({"idx": [0, 1], "time": [1.0, 1.0], "radius": [0.1, 0.2], "correct": [1, 1], "predict": [0, 0]})
     b = a.assign(idx=[0, 2])
     with pytest.raises(ValueError, match="different images"):
-        method_summary({"A": a, "B": b}, "A", [0.0], 10, 0.001)
+        method_summary({"A": a, "B": b}, "A", [0.0], 10, 0.001, 0.25)

@@ -178,6 +178,48 @@ def test_fallback_mixes_both_routes_and_stays_sound():
     assert bad / 150 <= binomial_slack(0.1, 150)
 
 
+@pytest.mark.parametrize("a", [0.5, 0.95])
+def test_route_pilot_moves_images_to_srs_and_stays_sound(a):
+    """An input at true radius 0.36 (sigma 0.5; the one-step chain's p is about 0.9): its 20 selection
+    samples often cannot rule out p near 1 (no affordable pairing), so they alone send a part of the
+    images to the standard model, while a pilot of 0.5 n SRS samples can.  Violations over both routes stay at or below alpha with and without the pilot, also
+    with the deliberately misaligned chain (a = 0.95, one naive step); with the well-aligned chain
+    (a = 0.5) the pilot sends more images to SRS."""
+    model, x, _, _ = _deq_setup(a=a)
+    x = x * 1.2
+    r, c = model.true_radius_and_class(x)
+    std = DEQSolve("naive", 100, 1e-12) if a == 0.5 else DEQSolve("anderson", 50, 1e-10)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3 if a == 0.5 else 2, 0.0), conf_drop=None)
+    reps, alpha, n = 80, 0.1, 800
+    on_srs = {}
+    for pilot in (0.0, 0.5):
+        s = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, route_pilot=pilot))
+        routes, bad = [], 0
+        for rep in range(reps):
+            cert = s.certify(x, 20, n, alpha, 100, generator=torch.Generator().manual_seed(40_000 + rep))
+            routes.append(cert.route)
+            assert cert.pilot in ((0,) if pilot == 0 else (0, math.ceil(pilot * n)))
+            bad += cert.prediction != ABSTAIN and (cert.prediction != c or cert.radius > r)
+        assert bad / reps <= binomial_slack(alpha, reps), (pilot, bad)
+        on_srs[pilot] = routes.count("srs")
+    if a == 0.5:
+        assert on_srs[0.5] > on_srs[0.0], on_srs
+
+
+def test_route_pilot_leaves_the_image_noise_alone():
+    """The pilot draws from its own stream: an image that falls back with and without it gets the
+    same fallback counts (same estimation noise), and the pilot's samples are reported."""
+    model, x, _, _ = _deq_setup(a=0.5)
+    x = x * 5     # far inside the radius cap: the standard model either way
+    certs = {}
+    for pilot in (0.0, 0.1):
+        s = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None, route_pilot=pilot))
+        certs[pilot] = s.certify(x, 100, 1000, 0.001, 250, generator=torch.Generator().manual_seed(3))
+    assert certs[0.0].route == certs[0.1].route == "fallback"
+    assert certs[0.0].pilot == 0 and certs[0.1].pilot == 100
+    assert np.array_equal(certs[0.0].counts, certs[0.1].counts) and certs[0.0].radius == certs[0.1].radius
+
+
 def test_fallback_route_is_ordinary_certify_on_the_standard_model():
     model, x, r, c = _deq_setup(a=0.5)
     x = x * 5
