@@ -211,7 +211,8 @@ class Compiled:
 
 
 class Engine:
-    """The stem, f and head of a DEQ evaluated under a :class:`Runtime` (what ``model.solve`` uses).
+    """The stem, f and head of a DEQ evaluated under a :class:`Runtime` (what ``model.solve`` uses), and
+    optionally f for the no-gradient fixed-point solve of training (``forward_train``).
 
     Args:
         inject: x -> injection tensor (the stem).
@@ -219,15 +220,22 @@ class Engine:
         head: (z, injection) -> logits.
         runtime: how to evaluate them.
         device_type: the model's device type.
+        train: also build ``train_f``: the same ``f_flat`` under the same runtime, called by the training
+            solve with its rows as they come (never padded: the dropout masks have the batch dimension)
+            and timed on its own clock (``train_clock``; the train-mode graphs differ from the eval-mode
+            ones anyway, dropout being on).  Only with ``runtime.compile`` (None otherwise).
     """
 
-    def __init__(self, inject: Callable, f_flat: Callable, head: Callable, runtime: Runtime, device_type: str):
+    def __init__(self, inject: Callable, f_flat: Callable, head: Callable, runtime: Runtime, device_type: str,
+                 train: bool = False):
         self.runtime = runtime
         self.clock: Dict[str, float] = {}
         self.inject = Compiled(inject, runtime, device_type, "stem", self.clock)
         self.f = Compiled(f_flat, runtime, device_type, "f", self.clock)
         self.head = Compiled(head, runtime, device_type, "head", self.clock)
-        self.reported = False
+        self.train_clock: Dict[str, float] = {}
+        self.train_f = Compiled(f_flat, runtime, device_type, "f", self.train_clock) if train and runtime.compile else None
+        self.reported = self.train_reported = False
 
     @property
     def compile_seconds(self) -> float:
@@ -241,6 +249,15 @@ class Engine:
         self.reported = True
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.clock.items())
         return f"compiled f in {self.clock['f']:.1f} s ({parts}; included in the first image's time)"
+
+    def train_compile_report(self) -> Optional[str]:
+        """One line on the training solve's compile time, the first time there is one (None otherwise)."""
+        if self.train_reported or self.train_f is None or "f" not in self.train_clock:
+            return None
+        self.train_reported = True
+        shapes = ", ".join(str(n) for n in sorted({key[0][0][0] for key in self.train_f.seen}))
+        return (f"compiled the training solve's f in {self.train_clock['f']:.1f} s (rows {shapes}; "
+                f"included in the first DEQ training step's time)")
 
 
 class RuntimeClassifier(torch.nn.Module):

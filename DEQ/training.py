@@ -484,14 +484,23 @@ class Trainer:
                  self.steps_per_epoch, saved if saved is not None else "another number", pos, total, lrs[0])
 
     # --------------------------------------------------------------- the loop
-    def set_eval_runtime(self, compile: str = "off") -> None:
-        """Evaluate (``evaluate``'s solves) through the compiled f of ``DEQ.acceleration`` (fp32).
+    def set_runtime(self, compile: str = "off") -> None:
+        """Solve through the compiled f of ``DEQ.acceleration`` (fp32): the evaluation passes and the
+        training steps' no-gradient fixed-point solves (``cls_train.py --compile``).
 
-        Only the evaluation passes: the training forward stays eager, because every training step
-        changes what a static graph would have to hold (a jittered solver budget when the Jacobian
-        term is computed, fresh dropout masks, the implicit-gradient backward hook, the unrolled
-        pretraining, AMP's autocast on CUDA), so a compiled training forward would recompile or break
-        its graph where the time goes, and its f is already fused by cuDNN/AMP on CUDA.
+        * Evaluation (``evaluate``'s ``model.solve``): stem, f and head compiled, rows padded to the full
+          and the last test batch.
+        * Training (``forward_train``, ``MDEQClsNet.set_runtime(runtime, train=True)``): the no-gradient
+          fixed-point solve, most of a DEQ step's f evaluations, evaluates f through the same compiled
+          ``f_flat``, the rows as they come (the dropout masks have the batch dimension, so no padding;
+          each row count compiles once, at its first DEQ step, after pretraining) and under the run's
+          AMP autocast on CUDA as the eager f would be.  Everything with a gradient stays eager: the
+          differentiable f(z*), the Jacobian term, the implicit backward and the unrolled pretraining
+          (a compiled backward, called repeatedly with ``retain_graph`` by the implicit-backward hook,
+          is not worth its compile time).  The fresh dropout masks and weight-normalised weights of
+          every step are graph inputs: no recompiles per step.
+
+        Nothing of it is saved in checkpoints: a run may be resumed with another ``--compile``.
 
         Args:
             compile: 'auto' (on for CUDA), 'on', 'off'.
@@ -499,9 +508,9 @@ class Trainer:
         rows = static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set))  # full and last test batch
         runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=rows)
         if self.is_deq and hasattr(self.model, "set_runtime"):
-            self.model.set_runtime(runtime)
+            self.model.set_runtime(runtime, train=True)
         elif runtime.compile:
-            log.info("--compile: %s is not a DEQ; its evaluation stays eager", self.cfg.MODEL.NAME)
+            log.info("--compile: %s is not a DEQ; its training and evaluation stay eager", self.cfg.MODEL.NAME)
 
     def train_epoch(self) -> dict:
         cfg, dev = self.cfg, self.device
@@ -567,6 +576,10 @@ class Trainer:
                 note = compile_report(self.model)  # --compile: once, after the first evaluation compiled f
                 if note:
                     log.info("evaluation: %s", note.replace("the first image's time", "the first epoch's time"))
+                engine = getattr(self.model, "engine", None)
+                note = engine.train_compile_report() if engine is not None else None
+                if note:  # once, after the first epoch with DEQ steps (pretraining is eager)
+                    log.info("training: %s", note)
                 self.epoch += 1
                 if self.writer:
                     for k, v in vars(stats).items():
@@ -717,8 +730,9 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
         cfg_path: yacs yaml; ``opts`` KEY VALUE overrides; ``noise`` overrides TRAIN.NOISE.
         out: run folder (default OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>); under torchrun on a file system
             every rank reads (``--resume``).
-        compile: 'auto' (on for CUDA), 'on', 'off': the evaluation passes solve through the compiled f
-            (``Trainer.set_eval_runtime``; the training forward stays eager).
+        compile: 'auto' (on for CUDA), 'on', 'off': the evaluation passes and the training steps'
+            no-gradient fixed-point solves evaluate f through torch.compile (``Trainer.set_runtime``;
+            gradients, the Jacobian term and pretraining stay eager).
         resume, resume_from, overwrite: continue the folder's last.pth / another checkpoint, or start again
             (a folder holding checkpoints is never overwritten silently).
         device, threads, quiet: as the CLI flags.
@@ -773,7 +787,7 @@ def _train(world: World, cfg, out: str, data_dir, resume, resume_from, overwrite
     try:
         trainer = Trainer(cfg, device, out, data_dir=data_dir, show_progress=not quiet if progress is None else progress,
                           world=world)
-        trainer.set_eval_runtime(compile)
+        trainer.set_runtime(compile)
         if world.is_main:
             setup_logging(out, quiet=quiet)
         else:

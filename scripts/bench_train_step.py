@@ -6,6 +6,14 @@ Runs random 32x32 (or the config's size) inputs, so no data set is needed.  Repo
 the pretraining (unrolled) step and the DEQ step separately, with and without the
 Jacobian term.
 
+    python scripts/bench_train_step.py --cfg experiments/digits/cls_mdeq_digits.yaml --batch 32 --compile both
+
+``--compile`` times the DEQ step with the no-gradient fixed-point solve evaluating f eagerly (off),
+through ``torch.compile`` (on, as ``cls_train.py --compile on``: ``MDEQClsNet.set_runtime(runtime,
+train=True)``), or both.  The compile time (the compiled f's first call: compilation plus one
+evaluation) is reported on its own line and is not in the per-step figures (each figure is the mean
+of ``--steps`` steps after one untimed warm-up step, which holds the compile).
+
     python scripts/bench_train_step.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --batch 64 --adv
 
 ``--adv`` also times SmoothAdv (the config's ATTACK section, or ``--m`` noise vectors): one
@@ -21,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from DEQ.acceleration import resolve_runtime
 from DEQ.config import load_config
 from DEQ.models import build_model
 from DEQ.training import build_optimizer
@@ -48,6 +57,8 @@ def main():
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default="off", choices=("off", "on", "both"),
+                   help="the DEQ step's no-gradient solve eager (off), compiled (on), or both, timed one after the other")
     p.add_argument("--adv", action="store_true", help="also time SmoothAdv attack steps (the config's ATTACK section)")
     p.add_argument("--m", type=int, default=None, help="with --adv: noise vectors per input (default ATTACK.NUM_NOISE_VEC)")
     args = p.parse_args()
@@ -62,13 +73,26 @@ def main():
     print(f"{args.cfg}: {sum(p.numel() for p in model.parameters())} parameters, batch {args.batch}, "
           f"{size}x{size}, device {dev}, {torch.get_num_threads()} threads")
     pre = time_steps(model, opt, x, y, args.steps, 0, False)
-    deq = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, False)
-    jac = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, True)
-    print(f"pretraining step (f unrolled {cfg.MODEL.NUM_LAYERS}x): {pre:.2f} s")
-    print(f"DEQ step ({cfg.DEQ.F_SOLVER} {cfg.DEQ.F_THRES} fwd / {cfg.DEQ.B_SOLVER} {cfg.DEQ.B_THRES} bwd): {deq:.2f} s")
-    print(f"DEQ step with Jacobian term: {jac:.2f} s")
+    print(f"pretraining step (f unrolled {cfg.MODEL.NUM_LAYERS}x, always eager): {pre:.3f} s")
+    runs = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.compile]
+    figures = {}
+    for mode in runs:
+        if mode == "on":
+            model.set_runtime(resolve_runtime("on", "fp32", dev), train=True)
+        deq = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, False)
+        jac = time_steps(model, opt, x, y, args.steps, cfg.TRAIN.PRETRAIN_STEPS + 1, True)
+        figures[mode] = deq
+        label = "compiled solve" if mode == "on" else "eager solve"
+        if mode == "on":
+            print(f"compile: the training solve's f compiled in {model.engine.train_clock['f']:.1f} s (first call: "
+                  f"compilation plus one evaluation; in the untimed warm-up step, not in the figures below)")
+        print(f"DEQ step, {label} ({cfg.DEQ.F_SOLVER} {cfg.DEQ.F_THRES} fwd / {cfg.DEQ.B_SOLVER} {cfg.DEQ.B_THRES} "
+              f"bwd): {deq:.3f} s")
+        print(f"DEQ step with Jacobian term, {label}: {jac:.3f} s")
+    if len(figures) == 2:
+        print(f"compiled / eager DEQ step: {figures['on'] / figures['off']:.2f}")
     if args.adv:
-        time_adversarial(cfg, model, opt, x, y, args, deq)
+        time_adversarial(cfg, model, opt, x, y, args, figures[runs[-1]])
 
 
 def time_adversarial(cfg, model, opt, x, y, args, deq_step):

@@ -5,18 +5,24 @@
 * Padding a call to the static row count changes no real row's result.
 * bf16 runs end to end; the header records precision and compile; --resume refuses a precision change
   (and accepts a file made before the precision entry existed as fp32); bad values are one-line errors.
+* Training (``cls_train.py --compile``): a DEQ training step whose no-gradient solve goes through the
+  compiled f gives the eager step's logits and gradients (same dropout masks); the next step, with fresh
+  masks and updated weights, still does and compiles nothing new.
 """
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from DEQ.acceleration import Runtime, apply_runtime, pad_to, resolve_runtime
 from DEQ.checkpoint import load_model
+from DEQ.config import load_config
 from DEQ.data import get_dataset
 from SRS.results import parse_header
 from SRS.settings import DEQSolve, SRSConfig
 from SRS.smooth import Smooth
+from conftest import DIGITS_CFG, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMA = 0.25
@@ -179,3 +185,102 @@ def test_plain_classifier_is_wrapped_and_agrees():
     assert out.shape == (3, 10) and out.dtype == torch.float32
     assert torch.allclose(out, net(x), atol=0.05)
     assert apply_runtime(net, Runtime()) is net
+
+
+# ----------------------------------------------------------------- the training solve
+def _tiny_train_model(device):
+    """The tiny digits MDEQ in train mode with dropout 0.2 (masks matter), seeded alike every call."""
+    from DEQ.models import build_model
+    cfg = load_config(DIGITS_CFG, TINY + ["MODEL.DROPOUT", "0.2"], noise=0.25)
+    torch.manual_seed(0)
+    return build_model(cfg).to(device).train()
+
+
+def _train_step(model, x, y, step, amp=False):
+    """(logits, gradients, solver result) of DEQ training step ``step`` (the second with the Jacobian term),
+    its dropout masks (and Hutchinson vector) drawn from a seed of its own."""
+    torch.manual_seed(100 + step)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=x.device.type, enabled=amp):
+        res = model.forward_train(x, train_step=model.pretrain_steps + 1, compute_jac_loss=step == 1)
+        loss = F.cross_entropy(res.logits.float(), y) + 0.5 * res.jac_loss
+    loss.backward()
+    return res.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], res.result
+
+
+def _close(a, b, rtol, atol):
+    """Whether ``b`` is ``a`` to ``rtol`` of ``a``'s largest magnitude plus ``atol`` (per tensor, not per element:
+    the solver's rounding differences move a gradient element by ~1e-5 of the gradient's scale, whatever
+    the element's own size)."""
+    return bool((a - b).abs().max() <= rtol * a.abs().max() + atol)
+
+
+def _compiled_training_agrees(device, runtime, amp=False, rtol=5e-5, atol=1e-6):
+    """Two training steps, eager and with the compiled training solve, from the same weights (the eager
+    model's, an SGD step apart: new weights and weight-normalised weights for the second step) and the
+    same dropout masks (fresh for the second step): the solve's state fp32 with the same evaluation
+    count, logits and gradients close, and no graph compiled for the second step.
+
+    The input is seeded: an untrained MDEQ's gradient can amplify a 1e-6 change of z* a thousandfold for
+    some inputs, eager or compiled alike (the f-side gradients then move by ~5%; measured by perturbing
+    the eager z* by 1e-6); on this seeded input eager and compiled agree to ~1e-5 of each tensor's scale."""
+    from torch._dynamo.utils import counters
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 8, 8, generator=gen).to(device)
+    y = torch.randint(0, 10, (6,), generator=gen).to(device)
+    eager, model = _tiny_train_model(device), _tiny_train_model(device)
+    model.set_runtime(runtime, train=True)
+    assert model.engine.train_f is not None
+    opt = torch.optim.SGD(eager.parameters(), lr=0.05)
+    graphs, logits = [counters["stats"]["unique_graphs"]], []
+    for step in range(2):
+        model.load_state_dict(eager.state_dict())
+        l0, g0, r0 = _train_step(eager, x, y, step, amp)
+        l1, g1, r1 = _train_step(model, x, y, step, amp)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert r0.z.dtype == r1.z.dtype == torch.float32 and r0.nfe == r1.nfe
+        assert _close(r0.z, r1.z, rtol, atol) and _close(l0, l1, rtol, atol), ((r0.z - r1.z).abs().max(), (l0 - l1).abs().max())
+        assert len(g0) == len(g1)
+        for a, b in zip(g0, g1):
+            assert _close(a, b, rtol, atol), ((a - b).abs().max(), a.abs().max())
+        masks = [b.drop.mask for br in model.fullstage.branches for b in br.blocks]
+        assert all(m.shape[0] == 6 for m in masks) and any(bool((m == 0).any()) for m in masks)
+        logits.append(l0)
+        opt.step()
+    assert graphs[1] > graphs[0], "the first step compiled nothing"
+    assert graphs[2] == graphs[1], "the second step (fresh masks, new weights) recompiled"
+    assert len(model.engine.train_f.seen) == 1 and "rows 6" in model.engine.train_compile_report()
+    assert (logits[0] - logits[1]).abs().max() > 1e-3  # the steps differ (masks, weights): a real check
+    return model
+
+
+def test_compiled_training_step_agrees_cpu(inductor):
+    """forward_train + backward with the no-grad solve through the compiled f (inductor C++) against eager:
+    logits and gradients within 5e-5 of their scale (measured: under 1e-5), two steps, one compiled graph."""
+    model = _compiled_training_agrees(torch.device("cpu"), resolve_runtime("on", "fp32", torch.device("cpu")))
+    model.set_runtime(resolve_runtime("on", "fp32", torch.device("cpu")))  # certify.py / attack.py: training eager
+    assert model.engine.train_f is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled training solve, CUDA graphs)")
+def test_compiled_training_step_agrees_cuda():
+    """The same on the GPU (CUDA graphs), fp32 and under AMP's fp16 autocast (state fp32 in both)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    _compiled_training_agrees(dev, resolve_runtime("on", "fp32", dev))
+    _compiled_training_agrees(dev, resolve_runtime("on", "fp32", dev), amp=True, rtol=2e-2, atol=1e-3)
+
+
+def test_trainer_compile_flag_covers_the_training_solve(tiny_opts, tmp_path):
+    """Trainer.set_runtime (cls_train.py --compile): 'on' compiles evaluation and the training solve,
+    'auto' on the CPU and 'off' leave the model eager."""
+    from DEQ.training import Trainer
+    cfg = load_config(DIGITS_CFG, tiny_opts, noise=0.25)
+    trainer = Trainer(cfg, torch.device("cpu"), str(tmp_path), show_progress=False)
+    trainer.set_runtime("on")
+    engine = trainer.model.engine
+    assert engine.runtime.compile and engine.train_f is not None and engine.runtime.pad_rows
+    for flag in ("auto", "off"):
+        trainer.set_runtime(flag)
+        assert trainer.model.engine is None

@@ -364,15 +364,22 @@ class MDEQClsNet(nn.Module):
         return self.head(z, self.state_shapes([injection]))
 
     # --------------------------------------------------------------- inference
-    def set_runtime(self, runtime: Optional[Runtime]) -> None:
+    def set_runtime(self, runtime: Optional[Runtime], train: bool = False) -> None:
         """Evaluate stem, f and head of later :meth:`solve` calls under ``runtime`` (compiled and/or bf16,
-        ``DEQ.acceleration``); None or the eager fp32 runtime restores the plain path.  Training
-        (``forward_train``) is never affected."""
+        ``DEQ.acceleration``); None or the eager fp32 runtime restores the plain path.
+
+        Args:
+            runtime: how :meth:`solve` evaluates the model.
+            train: with a compiling runtime, :meth:`forward_train`'s no-gradient fixed-point solve also
+                evaluates f through the engine's compiled ``f_flat`` (``Engine.train_f``; see
+                :meth:`forward_train` for what stays eager).  False (the default, e.g. certify.py and
+                attack.py): ``forward_train`` is untouched.
+        """
         if runtime is None or runtime.plain:
             self.engine = None
             return
         device = next(self.parameters()).device
-        self.engine = Engine(self.stem, self.f_flat, self.head_flat, runtime, device.type)
+        self.engine = Engine(self.stem, self.f_flat, self.head_flat, runtime, device.type, train=train)
 
     def solve(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
               z0: Optional[torch.Tensor] = None, tol: Optional[float] = None) -> DEQOutput:
@@ -416,7 +423,21 @@ class MDEQClsNet(nn.Module):
     # ---------------------------------------------------------------- training
     def forward_train(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
                       f_thres: Optional[int] = None) -> TrainOutput:
-        """Training forward.  train_step < PRETRAIN_STEPS (and >= 0): unroll f NUM_LAYERS times."""
+        """Training forward.  train_step < PRETRAIN_STEPS (and >= 0): unroll f NUM_LAYERS times.
+
+        With a training runtime (``set_runtime(runtime, train=True)``, ``cls_train.py --compile``) the
+        no-gradient fixed-point solve, most of a DEQ step's f evaluations, evaluates f through the
+        engine's compiled ``f_flat`` (``Engine.train_f``): the rows as they come (no padding: the
+        dropout masks drawn in :meth:`_reset` have the batch dimension; each row count compiles once),
+        the state fp32 as the solver expects, and under AMP's autocast the compiled f is traced under
+        the same autocast as the eager one (dynamo guards on the autocast state; its output is cast
+        to fp32 as the eager ``_flat`` wrapper does).  The masks and the weight-normalised weights are
+        graph inputs, so each step's fresh ones are used without recompiling.  Everything with a
+        gradient stays eager: the differentiable ``new_z = f(z*)``, the Jacobian term, the implicit
+        backward (its hook calls the backward of ``new_z`` repeatedly with ``retain_graph``) and the
+        unrolled pretraining steps; a compiled backward called like that, once per step for a few f
+        evaluations, is not worth its compile time and memory.
+        """
         self._reset(x)
         injection = self.inject(x)
         func, shapes = self.make_func(injection)
@@ -432,8 +453,14 @@ class MDEQClsNet(nn.Module):
                 z2 = z.detach().requires_grad_()
                 jac_loss = jac_reg(func(z2), z2, vecs=1)
         else:
+            train_f = self.engine.train_f if getattr(self, "engine", None) is not None else None
             with torch.no_grad():
-                result = solve(self.f_solver, func, z0, f_thres or self.f_thres, tol=self.f_tol, stop_mode=self.stop_mode)
+                if train_f is not None:
+                    inj = injection[0].detach()
+                    fn = lambda z: train_f(z, inj)  # noqa: E731
+                else:
+                    fn = func
+                result = solve(self.f_solver, fn, z0, f_thres or self.f_thres, tol=self.f_tol, stop_mode=self.stop_mode)
             z_star = result.z.detach().requires_grad_()
             new_z = func(z_star)
             if compute_jac_loss:

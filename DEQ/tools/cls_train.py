@@ -49,8 +49,9 @@ def parse_args(argv=None):
                    metavar="MINUTES", help="under torchrun: minutes a process waits for the others before the run stops "
                    f"with an error ({DEFAULT_TIMEOUT_MINUTES:g})")
     p.add_argument("--compile", default="auto", metavar="{" + ",".join(COMPILE_CHOICES) + "}",
-                   help="evaluation passes through torch.compile of f: auto (on for CUDA, off on the CPU), on, off "
-                        "(the training forward stays eager)")
+                   help="torch.compile of f for the evaluation passes and the no-gradient fixed-point solve of "
+                        "every DEQ training step: auto (on for CUDA, off on the CPU), on, off (gradients, the "
+                        "Jacobian term and the unrolled pretraining stay eager)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log (the log file is kept)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     args = p.parse_args(argv)
