@@ -44,11 +44,18 @@ def standard(k: int, solver: str = "anderson") -> Method:
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
         warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
-        step_tol: Optional[float] = None, step_cost: Optional[float] = None, refine_margin: float = 0.0) -> Method:
+        step_tol: Optional[float] = None, step_cost: Optional[float] = None, refine_margin: float = 0.0,
+        radius_grid: Optional[float] = None, second_look: float = 0.0) -> Method:
     """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
     step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>');
-    refine_margin: low-margin samples re-solved by the standard model (label gets ' refine<m>')."""
+    refine_margin: low-margin samples re-solved by the standard model (label gets ' refine<m>');
+    radius_grid: adaptive pairs aim at that radius grid (label gets ' grid<g>');
+    second_look: a second look at the pairs (label gets ' look<G>')."""
     suffix = "" if certificate == "eliminated" else f" ({certificate})"
+    if radius_grid is not None:
+        suffix = f" grid{radius_grid:g}" + suffix
+    if second_look:
+        suffix = f" look{second_look:g}" + suffix
     if refine_margin > 0:
         suffix = f" refine{refine_margin:g}" + suffix
     if conf_drop != "auto" and certificate != "none":
@@ -57,7 +64,8 @@ def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30
     settings = (("srs", True), ("f_solver", solver), ("f_thresh", k), ("warmup_solver", warmup[0]),
                 ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]),
                 ("conf_drop", parse_conf_drop(conf_drop)), ("certificate", certificate),
-                ("step_tol", step_tol), ("step_cost", step_cost), ("refine_margin", refine_margin))
+                ("step_tol", step_tol), ("step_cost", step_cost), ("refine_margin", refine_margin),
+                ("radius_grid", radius_grid), ("second_look", second_look))
     return Method(f"SRS-MDEQ-{budget}{suffix}", settings)
 
 

@@ -54,13 +54,20 @@ def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float, exact: int = 0)
     return p_m_upper, int(exact) + int(math.floor((n_A - exact) * (1.0 - p_m_upper)))
 
 
-def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: int = 0) -> Tuple[float, int, float]:
+def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: int = 0,
+                       looks: int = 1) -> Tuple[float, int, float]:
     """The whole eliminated certificate with the reference split alpha_1 = alpha_2 = alpha / 2.
+
+    Args:
+        looks: the misalignment bound may be read at this many pair counts fixed in advance (the
+            second look of ``SRSConfig.second_look``); each look's bound is then taken at
+            alpha_1 / looks, so by the union bound all of them hold at once with probability
+            >= 1 - alpha_1, whichever look is reported.
 
     Returns:
         (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha/2) lower bound of N_A_E / n.
     """
-    p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2, exact)
+    p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2 / looks, exact)
     return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2)
 
 

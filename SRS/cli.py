@@ -49,6 +49,12 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
                         "chosen per image from the SRS counts) or a fixed K of the N samples (reference: 400)")
     p.add_argument("--radius_slack", type=float, default=0.05,
                    help="adaptive pairing: aim within this many sigma of the radius the SRS counts alone give (0.05)")
+    p.add_argument("--radius_grid", type=float, default=None,
+                   help="adaptive pairing: aim at the largest multiple of this radius (pixel units, e.g. the step of "
+                        "your certified-accuracy table) at or below the SRS counts' radius, instead of --radius_slack")
+    p.add_argument("--second_look", type=float, default=0.0,
+                   help="adaptive pairing: G > 1 plans a second look of up to G times the first look's pairs, solved "
+                        "only when the first finds a misaligned pair (each look's bound at half the level); 0 (default) off")
     p.add_argument("--max_pairs", type=int, default=None, help="adaptive pairing: most paired standard solves per image (default N)")
     p.add_argument("--no_fallback", action="store_true",
                    help="adaptive pairing: never certify an image with the standard model outright, even where SRS "
@@ -161,7 +167,8 @@ def smoothing_spec(args) -> SmoothingSpec:
         conf_drop=parse_conf_drop(args.conf_drop), certificate=args.certificate,
         chain_across_phases=not args.no_chain_across_phases, radius_slack=args.radius_slack,
         max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost,
-        refine_margin=args.refine_margin, route_pilot=args.route_pilot)
+        refine_margin=args.refine_margin, route_pilot=args.route_pilot, radius_grid=args.radius_grid,
+        second_look=args.second_look)
 
 
 def run_spec(args) -> RunSpec:

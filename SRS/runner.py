@@ -14,6 +14,7 @@ the same rows as an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -123,6 +124,8 @@ class SmoothingSpec:
     step_cost: Optional[float] = None
     refine_margin: float = 0.0
     route_pilot: float = 0.1
+    radius_grid: Optional[float] = None
+    second_look: float = 0.0
 
     def validate(self, n: int, n_name: str = "N") -> None:
         """Every setting error, one line each (``n``: the samples the pairs are drawn from)."""
@@ -155,13 +158,24 @@ class SmoothingSpec:
         if self.refine_margin > 0 and not self.srs:
             raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
         check_number("--route_pilot", self.route_pilot, 0, hint=" (a fraction of N; 0 turns the pilot off)")
-        adaptive_only = [f for f, on in (("--radius_slack", self.radius_slack != 0.05),
+        check_number("--radius_grid", self.radius_grid, 0, strict=True, hint=" (pixel units, e.g. a table's radius step)")
+        if not (self.second_look == 0 or (math.isfinite(self.second_look) and self.second_look > 1)):
+            raise UserError(f"--second_look must be 0 (off) or a factor > 1 (pairs of both looks over the first "
+                            f"look's), got {self.second_look}")
+        if self.second_look and self.certificate != "eliminated":
+            raise UserError("--second_look splits the eliminated certificate's misalignment bound; it needs "
+                            "--certificate eliminated")
+        adaptive_only = [f for f, on in (("--radius_grid", self.radius_grid is not None),
+                                         ("--second_look", self.second_look != 0),
+                                         ("--radius_slack", self.radius_slack != 0.05),
                                          ("--max_pairs", self.max_pairs is not None),
                                          ("--no_fallback", not self.fallback),
                                          ("--step_cost", self.step_cost is not None),
                                          ("--route_pilot", self.route_pilot != 0.1)) if on]
         if adaptive_only and (not self.srs or self.conf_drop is not None):
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
+        if self.radius_grid is not None and self.radius_slack != 0.05:
+            raise UserError("--radius_grid replaces --radius_slack (pairs aim at grid radii); give one of them")
         if self.route_pilot != 0.1 and not self.fallback:
             raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
 
@@ -178,7 +192,8 @@ class SmoothingSpec:
                                    certificate=self.certificate, chain_across_phases=self.chain_across_phases,
                                    radius_slack=self.radius_slack, max_pairs=self.max_pairs, fallback=self.fallback,
                                    step_cost=self.step_cost, refine_margin=self.refine_margin,
-                                   route_pilot=self.route_pilot)
+                                   route_pilot=self.route_pilot, radius_grid=self.radius_grid,
+                                   second_look=self.second_look)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,20 @@ class SRSConfig:
             the others only (``SRS.bounds.eliminated_count``).  Misaligned samples sit almost all at
             small margins, so this removes most misalignment for the cost of the re-solved rows.
             0 turns it off (the paper's chain).
+        radius_grid: adaptive pairing aims at radii on this grid (pixel units; e.g. the 0.25 steps of
+            a certified-accuracy table) instead of within ``radius_slack`` of the SRS counts' radius:
+            the fewest pairs with which, if none is misaligned, the eliminated radius reaches the
+            largest grid radius at or below that radius (``SRS.pairing.grid_pair_count``).  An image
+            then keeps its place in a table on that grid at a fraction of the pairs the slack costs
+            when its radius is not just above a grid radius; the reported radius is the certificate's
+            own (at least that grid radius when no pair is misaligned).  None: the slack rule.
+        second_look: adaptive pairing: G > 1 plans a second look at the pairs, up to G times the first
+            look's in all, solved only when the first look finds a misaligned pair (one misaligned pair
+            among the fewest pairs that reach the target is enough to miss it).  Both looks' sizes are
+            fixed before any pair is solved and each look's misalignment bound is taken at
+            alpha_1 / 2, so all hold at once with probability >= 1 - alpha_1 whichever is reported
+            (union bound; ``SRS.bounds.eliminated_p_lower``).  The first look then needs about
+            ln(4/alpha) / ln(2/alpha) (9% at alpha 0.001) more pairs.  0 turns it off.
         route_pilot: adaptive pairing with the fallback: where the n0 selection samples alone send
             an image to the standard model, ceil(route_pilot * n) further SRS samples (a fraction
             of the estimation samples n), drawn from a stream of their own
@@ -75,10 +89,17 @@ class SRSConfig:
     step_cost: Optional[float] = None
     refine_margin: float = 0.0
     route_pilot: float = 0.1
+    radius_grid: Optional[float] = None
+    second_look: float = 0.0
 
     @property
     def adaptive(self) -> bool:
         return self.conf_drop is None
+
+    @property
+    def looks(self) -> int:
+        """Looks at the misalignment bound planned per image (2 with ``second_look``)."""
+        return 2 if self.adaptive and self.second_look > 1 else 1
 
     @property
     def pairs(self) -> bool:
@@ -94,6 +115,10 @@ class SRSConfig:
             text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs} fallback={self.fallback}"
             if self.fallback:
                 text += f" route_pilot={self.route_pilot}"
+            if self.radius_grid is not None:
+                text += f" radius_grid={self.radius_grid}"
+            if self.second_look > 1:
+                text += f" second_look={self.second_look}"
         if self.step_cost is not None:
             text += f" step_cost={self.step_cost}"
         if self.refine_margin > 0:

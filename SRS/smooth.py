@@ -25,7 +25,7 @@ import torch
 
 from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
                            eliminate_top_count)
-from .pairing import PairPlan, image_route, pair_cap, plan_pairs
+from .pairing import image_route, pair_cap, plan_pairs
 from DEQ.interface import is_deq
 
 from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, derived_seed, draw_counts,
@@ -146,9 +146,14 @@ class Smooth:
         elif log is not None:
             exact = exact_mask(log, srs)
             plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
-                              pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact)
-            M = self._misaligned(x, log, plan, c_hat, batch_size, stats)
-            bound_eliminated(cert, plan.K, plan.K_A, M, alpha, srs.certificate, plan.exact)
+                              pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact, self.sigma)
+            M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
+            K, K_A = plan.K, plan.K_A
+            if plan.more is not None and M > 0:     # second look: only when the first found a misaligned pair
+                M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
+                K, K_A = plan.K_more, plan.K_A + int(plan.more.numel())
+            bound_eliminated(cert, K, K_A, M, alpha, srs.certificate, plan.exact, plan.looks)
+            cert.looks = plan.looks
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, self.sigma)
@@ -185,8 +190,8 @@ class Smooth:
         n1, n2, level = out.n1, out.n2, alpha
         if log is not None and not bad:
             plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
-                              pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs))
-            M = self._misaligned(x, log, plan, top, batch_size, stats)
+                              pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs), self.sigma)
+            M = self._misaligned(x, log, plan.positions, top, batch_size, stats)
             n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha, plan.exact)
         out.nfe, out.std_calls, out.refined = stats.nfe_per_sample, stats.std_calls, stats.refined
         if bad:
@@ -249,7 +254,7 @@ class Smooth:
         functions of the noise, which is all the pairing argument needs."""
         srs = self.srs
         k, seen, rate = int(sel[c_hat]), n0, (stats.refined / n0 if n0 else 0.0)
-        route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate)
+        route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma)
         size = math.ceil(srs.route_pilot * n)
         if route == "srs" or size <= 0:
             return route, rate
@@ -263,7 +268,7 @@ class Smooth:
         flagged = int(log.flagged().numel()) if log is not None else 0
         k, seen = k + int(pilot[c_hat]), n0 + size
         rate = (stats.refined + flagged) / seen
-        return image_route(srs, self.standard, k, seen, n, alpha, warm, rate), rate
+        return image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma), rate
 
     def _refine(self, x, log: PhaseLog, counts, batch_size: int, stats: SampleStats) -> None:
         """Re-solve the flagged samples with the standard model (regenerated noise, full batches) and
@@ -286,17 +291,17 @@ class Smooth:
         counts.replace(old, new)
         log.replace(positions, new)
 
-    def _misaligned(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, batch_size: int,
+    def _misaligned(self, x, log: PhaseLog, positions: torch.Tensor, c_hat: int, batch_size: int,
                     stats: SampleStats) -> int:
-        """M: paired positions whose standard prediction is not c_hat (all paired positions are in A).
+        """M: paired positions (sorted, all in A) whose standard prediction is not c_hat.
 
         The paired noisy inputs are regenerated from the recorded generator states and solved by the
         standard model in full mini-batches of ``batch_size`` rows: ceil(K_A / batch_size) calls."""
-        if plan.K_A == 0:
+        if positions.numel() == 0:
             return 0
         misaligned = torch.zeros((), dtype=torch.long, device=x.device)
         with torch.no_grad():
-            for chunk in regenerate(x, self.sigma, log, plan.positions, batch_size):
+            for chunk in regenerate(x, self.sigma, log, positions, batch_size):
                 std = safe_argmax(self._standard(chunk, stats, paired=True))
                 misaligned += (std != c_hat).sum()
         return int(misaligned)

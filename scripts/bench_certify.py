@@ -42,6 +42,11 @@ def main():
                         "measured at tol 1e-3 on the digits model)")
     p.add_argument("--refine_margin", type=float, default=None,
                    help="also run SRS-1A, -3A and -1N with low-margin samples re-solved by the standard model")
+    p.add_argument("--radius_grid", type=float, default=None,
+                   help="also run SRS-1A, -3A and -1N whose adaptive pairs aim at this radius grid (the table's "
+                        "step, sigma / 2 by default radii); with --refine_margin those rows re-solve low margins too")
+    p.add_argument("--second_look", type=float, default=0.0,
+                   help="with --radius_grid: the grid rows plan a second look of up to this factor of pairs")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
@@ -82,6 +87,10 @@ def main():
     if args.refine_margin:
         methods += [srs(1, refine_margin=args.refine_margin), srs(3, refine_margin=args.refine_margin),
                     srs(1, "naive", refine_margin=args.refine_margin)]
+    if args.radius_grid:
+        margin = args.refine_margin or 0.0
+        grid = dict(refine_margin=margin, radius_grid=args.radius_grid, second_look=args.second_look)
+        methods += [srs(1, **grid), srs(3, **grid), srs(1, "naive", **grid)]
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:

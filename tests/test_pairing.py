@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from SRS.bounds import eliminated_p_lower, lower_confidence_bound
+from SRS.bounds import eliminated_p_lower, lower_confidence_bound, upper_confidence_bound
 from SRS.sampling import safe_argmax as _safe_argmax
 from SRS.settings import DEQSolve, SRSConfig
 from SRS.smooth import ABSTAIN, Smooth
 from SRS.pairing import (RouteCosts, route_costs, adaptive_pair_count, choose_route, eliminated_z, first_in_A, fixed_pairs, pair_permutation,
-                         pairs_needed, predicted_n_A)
+                         grid_goal, grid_pair_count, pairs_needed, predicted_n_A, two_looks)
 from test_smoothing import _deq_setup, binomial_slack, violation_rate
 
 
@@ -130,6 +130,57 @@ def test_adaptive_count_stops_where_the_cap_saturates():
     assert adaptive_pair_count(3000, n, alpha, slack, 100) == 0        # abstains anyway
 
 
+def test_grid_pairs_reach_the_grid_radius_with_the_fewest_pairs():
+    """--radius_grid: K_A reaches the largest grid radius at or below the SRS counts' radius (no
+    misaligned pair) and K_A - 1 does not; far above a grid radius that is far fewer pairs than the
+    0.05-sigma slack asks; under a cap it settles one grid radius down (or None without descent)."""
+    from scipy.stats import norm
+    n, alpha, grid = 10000, 0.001, 0.5
+    for n_A in (8347, 9516, 9939):
+        z_counts = norm.ppf(lower_confidence_bound(n_A, n, alpha))
+        goal = grid_goal(n_A, n, alpha, grid)
+        assert goal <= z_counts < goal + grid and abs(goal / grid - round(goal / grid)) < 1e-9
+        K = grid_pair_count(n_A, n, alpha, grid, n_A)
+        assert eliminated_z(n_A, n, K, alpha) >= goal > eliminated_z(n_A, n, K - 1, alpha)
+        slack = pairs_needed(n_A, n, alpha, 0.05, n_A)
+        assert slack is None or K <= slack
+    assert grid_pair_count(9939, n, alpha, grid, 9939) < pairs_needed(9939, n, alpha, 0.05, 9939) / 10
+    K = grid_pair_count(9939, n, alpha, grid, 300)
+    assert K <= 300 and 1.5 <= eliminated_z(9939, n, K, alpha) < 2.0
+    assert grid_pair_count(9939, n, alpha, grid, 300, descend=False) is None
+    assert grid_pair_count(3000, n, alpha, grid, 100) == 0          # the counts abstain: no pairs
+    assert adaptive_pair_count(9939, n, alpha, 0.05, 9939, grid=grid) == grid_pair_count(9939, n, alpha, grid, 9939)
+
+
+def test_grid_route_falls_back_where_the_grid_radius_may_be_out_of_reach():
+    """On a grid, the route checks the pairs at the point estimate of n_A and at cautious predictions
+    on both sides: an image at the radius cap, or whose counts may sit just above a grid radius
+    (few pairs at the point estimate, too many a little lower), goes to the standard model; one far
+    from both takes SRS."""
+    costs, n, alpha = RouteCosts(standard=31, srs=4, warmup=11), 10000, 0.001
+    assert choose_route(1100, 1100, n, alpha, 0.05, costs, 1000, n, grid=0.5) == "standard"
+    assert choose_route(1004, 1100, n, alpha, 0.05, costs, 1000, n, grid=0.5) == "srs"
+    assert grid_pair_count(9127, n, alpha, 0.5, 9127, descend=False) < 200
+
+
+def test_two_looks_are_prefixes_of_one_uniform_order():
+    perm = pair_permutation(1000, torch.Generator().manual_seed(5))
+    in_A = torch.rand(1000, generator=torch.Generator().manual_seed(6)) < 0.7
+    plan, whole = two_looks(perm, in_A, 40, 120), first_in_A(perm, in_A, 120)
+    both = torch.cat([plan.positions, plan.more]).sort().values
+    assert plan.K_A == 40 and plan.more.numel() == 80 and plan.looks == 2
+    assert torch.equal(both, whole.positions) and plan.K_more == whole.K
+    assert torch.equal(plan.positions, first_in_A(perm, in_A, 40).positions) and plan.K == first_in_A(perm, in_A, 40).K
+
+
+def test_looks_split_the_misalignment_level():
+    """Two planned looks: each look's misalignment bound at alpha / 4 (alpha_1 / 2), p_A at alpha / 2."""
+    p_m, n_a_e, p = eliminated_p_lower(900, 1000, 300, 2, 0.001, looks=2)
+    assert p_m == upper_confidence_bound(2, 300, 0.00025) and n_a_e == math.floor(900 * (1 - p_m))
+    assert p == lower_confidence_bound(n_a_e, 1000, 0.0005)
+    assert pairs_needed(9000, 10000, 0.001, 0.05, 10000, looks=2) > pairs_needed(9000, 10000, 0.001, 0.05, 10000)
+
+
 def test_route_prefers_the_standard_model_near_the_radius_cap():
     costs = RouteCosts(standard=31, srs=2, warmup=11)
     assert choose_route(100, 100, 10000, 0.001, 0.05, costs, 0, 10000) == "standard"
@@ -162,6 +213,37 @@ def test_adaptive_pairing_catches_a_misaligned_chain(fallback):
                    srs=SRSConfig(**kw, conf_drop=None, fallback=fallback))
     assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
     assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+
+
+@pytest.mark.parametrize("a", [0.5, 0.95])
+def test_grid_pairing_is_sound(a):
+    """Adaptive pairing on a radius grid (K_A from n_A and the grid), with the fallback and the route
+    pilot: violations stay at or below alpha, also for the deliberately misaligned chain (a = 0.95)."""
+    model, x, r, c = _deq_setup(a=a)
+    std = DEQSolve("naive", 100, 1e-12) if a == 0.5 else DEQSolve("anderson", 50, 1e-10)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3 if a == 0.5 else 2, 0.0))
+    sound = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=None, radius_grid=0.05))
+    assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+
+
+@pytest.mark.parametrize("grid", [None, 0.05])
+def test_second_look_is_sound_on_a_misaligned_chain(grid):
+    """The deliberately misaligned chain (a = 0.95, one naive step): the first look often finds a
+    misaligned pair, so the second look is solved (fallback off, so that every image pairs);
+    violations stay at or below alpha, second looks happened, and the pairs solved are the pairs
+    reported."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
+    s = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10),
+               srs=SRSConfig(**kw, conf_drop=None, second_look=3.0, radius_grid=grid, fallback=False))
+    reps, alpha, bad, second = 60, 0.05, 0, 0
+    for rep in range(reps):
+        cert = s.certify(x, 20, 400, alpha, 40, generator=torch.Generator().manual_seed(rep))
+        bad += cert.prediction != ABSTAIN and (cert.prediction != c or cert.radius > r)
+        assert cert.std_rows == cert.K_A
+        second += cert.looks == 2 and cert.M > 0
+    assert bad / reps <= binomial_slack(alpha, reps)
+    assert second > 0
 
 
 def test_fallback_mixes_both_routes_and_stays_sound():
