@@ -197,10 +197,9 @@ def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[flo
         return float("nan"), float("nan")
     pass_time = (run["time"].to_numpy(dtype=float) - _col(run, "std_rows") * per_sample)[on_srs] / samples
     pass_per_sample = float(max(np.mean(pass_time), 0.0))
-    cheapest = []
+    pass_cost, cheapest = samples * pass_per_sample, []
     for i in range(len(base)):
         goal = table_goal(float(base["radius"].iloc[i]), bool(base["correct"].iloc[i]), radii)
-        pass_cost = samples * pass_per_sample
         if goal is None:
             cheapest.append(min(pass_cost, t_std[i]))
             continue

@@ -87,6 +87,7 @@ def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, 
             weaker variant: Clopper-Pearson of (n_A r) / (n r), r = 1 - p_m_upper).
     """
     cert.K, cert.K_A, cert.M = K, K_A, M
+    cert.looks = looks if variant == "eliminated" else 1
     if variant == "reference":
         cert.p_m_upper = upper_confidence_bound(M, K_A, alpha / 2)
         r = 1.0 - cert.p_m_upper

@@ -24,7 +24,7 @@ from DEQ.solvers import SOLVERS
 
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode
 from .qcrs import DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO, QCRSSettings
-from .runner import DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
+from .runner import SRS_DEFAULTS, DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
 
 
 def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None:
@@ -47,7 +47,7 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--conf_drop", default="auto",
                    help="paired standard solves of the correlation-eliminated bound: 'auto' (default: adaptive, "
                         "chosen per image from the SRS counts) or a fixed K of the N samples (reference: 400)")
-    p.add_argument("--radius_slack", type=float, default=0.05,
+    p.add_argument("--radius_slack", type=float, default=SRS_DEFAULTS.radius_slack,
                    help="adaptive pairing: aim within this many sigma of the radius the SRS counts alone give (0.05)")
     p.add_argument("--radius_grid", type=float, default=None,
                    help="adaptive pairing: aim at the largest multiple of this radius (pixel units, e.g. the step of "
@@ -65,7 +65,7 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--refine_margin", type=float, default=0.0,
                    help="with --srs: re-solve with the standard model the SRS samples whose top-two logit margin is "
                         "below this (their prediction is then exact, never misaligned); 0 (default) turns it off")
-    p.add_argument("--route_pilot", type=float, default=0.1,
+    p.add_argument("--route_pilot", type=float, default=SRS_DEFAULTS.route_pilot,
                    help="adaptive pairing: where the N0 selection samples send an image to the standard model, this "
                         "fraction of N further SRS samples (own noise stream, in no certificate) refine that decision; "
                         "0 turns it off (default 0.1)")

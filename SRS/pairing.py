@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from scipy.stats import norm
@@ -172,6 +172,10 @@ class PairPlan:
     more: Optional[torch.Tensor] = None
     K_more: int = 0
 
+    def with_second_look(self) -> Tuple[int, int]:
+        """(K scanned, K_A solved) once the second look's pairs are solved too."""
+        return self.K_more, self.K_A + int(self.more.numel())
+
 
 def fixed_pairs(perm: torch.Tensor, in_A: torch.Tensor, K: int) -> PairPlan:
     """``--conf_drop K``: the first K positions of the permutation; those in A get solved."""
@@ -246,7 +250,6 @@ def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: Ro
     so every likely n_A must be affordable.  (The whole 80% interval of the slack rule was measured
     to be too cautious near the radius cap: 9 of 15 digits images fell back at sigma 0.25 instead
     of 3.)"""
-    n_A = predicted_n_A(k0, n0, n)
     if grid:
         low = int(math.floor(n * lower_confidence_bound(k0, n0, GRID_ROUTE_LEVEL)))
         high = int(math.floor(n * upper_confidence_bound(k0, n0, GRID_ROUTE_LEVEL)))
@@ -256,6 +259,7 @@ def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: Ro
                  for m in sorted(spread)]
         need = None if None in needs else max(needs)
     else:
+        n_A = predicted_n_A(k0, n0, n)
         need = pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A), looks=looks)
     if need is None:
         return "standard"
@@ -312,18 +316,18 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
         preds: (n,) SRS predictions of the phase; A = the positions predicting ``c_hat``.
         n_A: |A|.
         cap: most pairs (:func:`pair_cap`), adaptive mode only.
+        exact: (n,) bool, positions whose prediction is the standard model's own (re-solved by
+            ``refine_margin``): they are left out of A's pairable part, and counted as ``exact``.
         sigma: the noise level (needed with ``cfg.radius_grid``, which is in pixel units).
+
+    Returns:
+        :class:`PairPlan` (sorted positions, all in A and not exact; K scanned; K_A solved; exact).
 
     With ``cfg.second_look`` G > 1 (adaptive only), the first look is sized as above with the
     misalignment bound at alpha_1 / 2, and a second look of up to ceil(G K_first) pairs in all (the
     cap and A's pairable part permitting) is planned with it, both sizes fixed before any pair is
     solved; the caller solves the second look only when the first finds a misaligned pair.  When no
     second look fits, the plan has one look at the full alpha_1.
-        exact: (n,) bool, positions whose prediction is the standard model's own (re-solved by
-            ``refine_margin``): they are left out of A's pairable part, and counted as ``exact``.
-
-    Returns:
-        :class:`PairPlan` (sorted positions, all in A and not exact; K scanned; K_A solved; exact).
     """
     in_A = (preds == c_hat).cpu()
     n_exact = 0

@@ -37,6 +37,8 @@ from .distributed import World, check_same, deal, wait_all
 from .results import (RESUME_IGNORED_KEYS, ResultsFile, consolidate, count_rows, header_value, provenance, read_rows,
                       shard_files, shard_path)
 from .settings import DEQSolve, SRSConfig
+
+SRS_DEFAULTS = SRSConfig()   # the defaults the flags fall back to (one place: SRSConfig)
 from .smooth import Smooth
 
 CERTIFICATES = ("eliminated", "reference", "none")
@@ -118,12 +120,12 @@ class SmoothingSpec:
     conf_drop: Optional[int] = None
     certificate: str = "eliminated"
     chain_across_phases: bool = True
-    radius_slack: float = 0.05
+    radius_slack: float = SRS_DEFAULTS.radius_slack
     max_pairs: Optional[int] = None
     fallback: bool = True
     step_cost: Optional[float] = None
     refine_margin: float = 0.0
-    route_pilot: float = 0.1
+    route_pilot: float = SRS_DEFAULTS.route_pilot
     radius_grid: Optional[float] = None
     second_look: float = 0.0
 
@@ -167,16 +169,16 @@ class SmoothingSpec:
                             "--certificate eliminated")
         adaptive_only = [f for f, on in (("--radius_grid", self.radius_grid is not None),
                                          ("--second_look", self.second_look != 0),
-                                         ("--radius_slack", self.radius_slack != 0.05),
+                                         ("--radius_slack", self.radius_slack != SRS_DEFAULTS.radius_slack),
                                          ("--max_pairs", self.max_pairs is not None),
                                          ("--no_fallback", not self.fallback),
                                          ("--step_cost", self.step_cost is not None),
-                                         ("--route_pilot", self.route_pilot != 0.1)) if on]
+                                         ("--route_pilot", self.route_pilot != SRS_DEFAULTS.route_pilot)) if on]
         if adaptive_only and (not self.srs or self.conf_drop is not None):
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
-        if self.radius_grid is not None and self.radius_slack != 0.05:
+        if self.radius_grid is not None and self.radius_slack != SRS_DEFAULTS.radius_slack:
             raise UserError("--radius_grid replaces --radius_slack (pairs aim at grid radii); give one of them")
-        if self.route_pilot != 0.1 and not self.fallback:
+        if self.route_pilot != SRS_DEFAULTS.route_pilot and not self.fallback:
             raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
 
     def resolve(self, default: DEQSolve) -> Tuple[DEQSolve, Optional[SRSConfig]]:

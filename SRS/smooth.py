@@ -151,9 +151,8 @@ class Smooth:
             K, K_A = plan.K, plan.K_A
             if plan.more is not None and M > 0:     # second look: only when the first found a misaligned pair
                 M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
-                K, K_A = plan.K_more, plan.K_A + int(plan.more.numel())
+                K, K_A = plan.with_second_look()
             bound_eliminated(cert, K, K_A, M, alpha, srs.certificate, plan.exact, plan.looks)
-            cert.looks = plan.looks
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, self.sigma)
@@ -242,8 +241,7 @@ class Smooth:
         to the standard model and ``route_pilot`` > 0, a pilot of ceil(route_pilot * n) SRS samples
         continues the chain on a stream of its own (``derived_seed(seed, 'route_pilot')``: not the
         image's noise stream, whose draws are therefore the same with and without the pilot) and the
-        rule is applied
-        again to the selection and pilot counts together.  Pilot samples are counted as SRS samples
+        rule is applied again to the selection and pilot counts together.  Pilot samples are counted as SRS samples
         (their refine flags are counted, not re-solved) and enter no certificate.
 
         Soundness: the decision is a function of the selection and pilot noise (and the chain run on
