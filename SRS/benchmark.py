@@ -45,19 +45,26 @@ def standard(k: int, solver: str = "anderson") -> Method:
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
         warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
         step_tol: Optional[float] = None, step_cost: Optional[float] = None, refine_margin: float = 0.0,
-        radius_grid: Optional[float] = None, second_look: float = 0.0) -> Method:
+        radius_grid: Optional[float] = None, second_look: float = 0.0, warm_start: str = "previous",
+        route_pilot: Optional[float] = None) -> Method:
     """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
     step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>');
     refine_margin: low-margin samples re-solved by the standard model (label gets ' refine<m>');
     radius_grid: adaptive pairs aim at that radius grid (label gets ' grid<g>');
-    second_look: a second look at the pairs (label gets ' look<G>')."""
+    second_look: a second look at the pairs (label gets ' look<G>');
+    warm_start: 'mean' starts every sample from the previous batch's mean solution (label gets ' mean');
+    route_pilot: the route pilot's fraction of N (None: the default; label gets ' pilot<f>')."""
     suffix = "" if certificate == "eliminated" else f" ({certificate})"
     if radius_grid is not None:
         suffix = f" grid{radius_grid:g}" + suffix
     if second_look:
         suffix = f" look{second_look:g}" + suffix
+    if route_pilot is not None:
+        suffix = f" pilot{route_pilot:g}" + suffix
     if refine_margin > 0:
         suffix = f" refine{refine_margin:g}" + suffix
+    if warm_start != "previous":
+        suffix = f" {warm_start}" + suffix
     if conf_drop != "auto" and certificate != "none":
         suffix = f" K={conf_drop}" + suffix
     budget = f"{k}{_LETTER[solver]}" if step_tol is None else f"tol{step_tol:g}-{k}{_LETTER[solver]}"
@@ -65,7 +72,9 @@ def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30
                 ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]),
                 ("conf_drop", parse_conf_drop(conf_drop)), ("certificate", certificate),
                 ("step_tol", step_tol), ("step_cost", step_cost), ("refine_margin", refine_margin),
-                ("radius_grid", radius_grid), ("second_look", second_look))
+                ("radius_grid", radius_grid), ("second_look", second_look), ("warm_start", warm_start))
+    if route_pilot is not None:
+        settings += (("route_pilot", route_pilot),)
     return Method(f"SRS-MDEQ-{budget}{suffix}", settings)
 
 

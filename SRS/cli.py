@@ -44,6 +44,9 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--warmup_solver", default=None, help="solver of the warm-up batches (default: --f_solver)")
     p.add_argument("--warmup_thresh", type=int, default=None, help="budget of the warm-up batches (default 10)")
     p.add_argument("--warmup_interval", type=int, default=0, help="every k-th batch is a warm-up (0: only the first)")
+    p.add_argument("--warm_start", default="previous", metavar="{previous,mean}",
+                   help="with --srs: each sample starts from the previous batch's sample at its position (previous, "
+                        "the paper's chain, default) or from the mean of the previous batch's solutions (mean)")
     p.add_argument("--conf_drop", default="auto",
                    help="paired standard solves of the correlation-eliminated bound: 'auto' (default: adaptive, "
                         "chosen per image from the SRS counts) or a fixed K of the N samples (reference: 400)")
@@ -163,7 +166,7 @@ def smoothing_spec(args) -> SmoothingSpec:
     return SmoothingSpec(
         srs=args.srs, f_solver=args.f_solver, f_thresh=args.f_thresh, tol=args.tol, std_solver=args.std_solver,
         std_thresh=args.std_thresh, step_tol=args.step_tol, warmup_solver=args.warmup_solver,
-        warmup_thresh=args.warmup_thresh, warmup_interval=args.warmup_interval,
+        warmup_thresh=args.warmup_thresh, warmup_interval=args.warmup_interval, warm_start=args.warm_start,
         conf_drop=parse_conf_drop(args.conf_drop), certificate=args.certificate,
         chain_across_phases=not args.no_chain_across_phases, radius_slack=args.radius_slack,
         max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost,

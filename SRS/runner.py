@@ -36,7 +36,7 @@ from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 from .distributed import World, check_same, deal, wait_all
 from .results import (RESUME_IGNORED_KEYS, ResultsFile, consolidate, count_rows, header_value, provenance, read_rows,
                       shard_files, shard_path)
-from .settings import DEQSolve, SRSConfig
+from .settings import WARM_STARTS, DEQSolve, SRSConfig
 
 SRS_DEFAULTS = SRSConfig()   # the defaults the flags fall back to (one place: SRSConfig)
 from .smooth import Smooth
@@ -117,6 +117,7 @@ class SmoothingSpec:
     warmup_solver: Optional[str] = None
     warmup_thresh: Optional[int] = None
     warmup_interval: int = 0
+    warm_start: str = "previous"
     conf_drop: Optional[int] = None
     certificate: str = "eliminated"
     chain_across_phases: bool = True
@@ -148,6 +149,9 @@ class SmoothingSpec:
             if self.conf_drop > n:
                 raise UserError(f"--conf_drop {self.conf_drop} is larger than --{n_name} {n}: the pairs are drawn "
                                 f"from those samples; lower it")
+        check_choice("--warm_start", self.warm_start, WARM_STARTS)
+        if self.warm_start != "previous" and not self.srs:
+            raise UserError("--warm_start sets where the SRS chain starts, which needs --srs")
         if self.warmup_interval < 0:
             raise UserError(f"--warmup_interval must be >= 0, got {self.warmup_interval}")
         check_number("--radius_slack", self.radius_slack, 0, hint=" (in units of sigma)")
@@ -190,7 +194,8 @@ class SmoothingSpec:
         standard = DEQSolve(self.std_solver or default.solver, self.std_thresh or default.max_iter, tol)
         step = DEQSolve(self.f_solver or "anderson", self.f_thresh or 1, tol if self.step_tol is None else self.step_tol)
         warm = DEQSolve(self.warmup_solver or step.solver, self.warmup_thresh or 10, tol)
-        return standard, SRSConfig(step=step, warmup=warm, warmup_interval=self.warmup_interval, conf_drop=self.conf_drop,
+        return standard, SRSConfig(step=step, warmup=warm, warmup_interval=self.warmup_interval,
+                                   warm_start=self.warm_start, conf_drop=self.conf_drop,
                                    certificate=self.certificate, chain_across_phases=self.chain_across_phases,
                                    radius_slack=self.radius_slack, max_pairs=self.max_pairs, fallback=self.fallback,
                                    step_cost=self.step_cost, refine_margin=self.refine_margin,

@@ -166,7 +166,8 @@ class SRSChain:
     Warm-up batches (the first, and every ``warmup_interval``-th if > 0) run the warm-up solve from
     zeros; the others run the (short) SRS step from the warm start.  Sample j of a batch starts
     from sample j of the previous one; a batch larger than the previous one restarts its extra
-    rows from the first rows."""
+    rows from the first rows.  With ``SRSConfig.warm_start`` 'mean' every sample starts from the
+    mean of the previous batch's solutions instead."""
 
     def __init__(self, model: torch.nn.Module, cfg: SRSConfig):
         self.model, self.cfg = model, cfg
@@ -178,6 +179,10 @@ class SRSChain:
         return SRSChain(self.model, self.cfg)
 
     def _start(self, rows: int) -> torch.Tensor:
+        if self.cfg.warm_start == "mean":  # over the rows that did not diverge (a NaN row would poison every start)
+            finite = torch.isfinite(self.z).all(dim=1)
+            mean = self.z[finite].mean(dim=0, keepdim=True) if finite.any() else torch.zeros_like(self.z[:1])
+            return mean.expand(rows, -1).contiguous()
         if rows > self.z.shape[0]:
             reps = math.ceil(rows / self.z.shape[0])
             return self.z.repeat(reps, 1)[:rows]

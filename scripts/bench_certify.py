@@ -12,7 +12,8 @@ standard-solve calls per image, fallbacks to the standard model, and the sound s
 from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) with the fraction of it
 reached.  ``--step_tol T`` adds SRS-MDEQ-tolT-30A (the SRS step runs to tolerance T from the warm start,
 30 evaluations as a cap), the low-misalignment option; ``--refine_margin M`` adds SRS-1A/-3A/-1N whose
-samples with a top-two logit margin below M are re-solved by the standard model (exact, never misaligned).  Every budget is exact (--tol 0), so "kA" means
+samples with a top-two logit margin below M are re-solved by the standard model (exact, never misaligned);
+``--mean_start`` adds the SRS rows whose samples start from the previous batch's mean solution (``--warm_start mean``).  Every budget is exact (--tol 0), so "kA" means
 k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running resumes finished files.
 
 ``--random-init CFG`` times seeded random-init weights of a config on seeded synthetic images instead
@@ -47,6 +48,12 @@ def main():
                         "step, sigma / 2 by default radii); with --refine_margin those rows re-solve low margins too")
     p.add_argument("--second_look", type=float, default=0.0,
                    help="with --radius_grid: the grid rows plan a second look of up to this factor of pairs")
+    p.add_argument("--route_pilot", type=float, default=None,
+                   help="with --radius_grid: also run the grid rows with this route pilot (a fraction of N; the "
+                        "default rows keep the default 0.1)")
+    p.add_argument("--mean_start", action="store_true",
+                   help="also run the SRS rows (default ones, and the grid ones with --radius_grid) with "
+                        "--warm_start mean (each sample starts from the previous batch's mean solution)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
@@ -91,6 +98,14 @@ def main():
         margin = args.refine_margin or 0.0
         grid = dict(refine_margin=margin, radius_grid=args.radius_grid, second_look=args.second_look)
         methods += [srs(1, **grid), srs(3, **grid), srs(1, "naive", **grid)]
+        if args.route_pilot is not None:
+            methods += [srs(1, route_pilot=args.route_pilot, **grid), srs(3, route_pilot=args.route_pilot, **grid),
+                         srs(1, "naive", route_pilot=args.route_pilot, **grid)]
+    if args.mean_start:
+        methods += [srs(1, warm_start="mean"), srs(3, warm_start="mean"), srs(1, "naive", warm_start="mean")]
+        if args.radius_grid:
+            methods += [srs(1, warm_start="mean", **grid), srs(3, warm_start="mean", **grid),
+                        srs(1, "naive", warm_start="mean", **grid)]
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:

@@ -76,3 +76,28 @@ def test_summary_refuses_different_images():
     b = a.assign(idx=[0, 2])
     with pytest.raises(ValueError, match="different images"):
         method_summary({"A": a, "B": b}, "A", [0.0], 10, 0.001, 0.25)
+
+
+def test_reproduction_table_rows_aim_at_the_table_grid():
+    """The report's table rows take the table's own step as --radius_grid; uneven radii get none."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    assert reproduce.table_grid([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]) == 0.125
+    assert reproduce.table_grid([0.0, 0.5, 0.75]) is None and reproduce.table_grid([0.25, 0.5]) is None
+    assert reproduce.table_methods([0.1, 0.3]) == []
+    rows = reproduce.table_methods([0.0, 0.25, 0.5, 0.75])
+    assert [m.label for m in rows] == ["SRS-MDEQ-3A look3 grid0.25", "SRS-MDEQ-1A refine3 look3 grid0.25",
+                                       "SRS-MDEQ-1N refine3 look3 grid0.25"]
+    settings = [dict(m.settings) for m in rows]
+    assert all(s["radius_grid"] == 0.25 and s["second_look"] == 3 and s["conf_drop"] is None for s in settings)
+    assert [s["refine_margin"] for s in settings] == [0.0, 3, 3]
+
+
+def test_srs_rows_label_every_setting_they_change():
+    m = srs(3, radius_grid=0.125, second_look=3, route_pilot=0.5, warm_start="mean")
+    assert m.label == "SRS-MDEQ-3A mean pilot0.5 look3 grid0.125"
+    s = dict(m.settings)
+    assert (s["route_pilot"], s["warm_start"], s["radius_grid"], s["second_look"]) == (0.5, "mean", 0.125, 3)
+    assert "route_pilot" not in dict(srs(3).settings) and dict(srs(3).settings)["warm_start"] == "previous"

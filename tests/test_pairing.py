@@ -246,6 +246,65 @@ def test_second_look_is_sound_on_a_misaligned_chain(grid):
     assert second > 0
 
 
+# ------------------------------------------------------------ where the chain starts
+def test_mean_warm_start_starts_every_row_at_the_previous_batch_mean():
+    """--warm_start mean: after the warm-up, every row of a batch starts from the mean of the previous
+    batch's solutions.  On the linear DEQ (independent noise, z* = x / (1 - a), per-component variance
+    v of z*) k naive steps from a start s leave a^k (s - z*_i): from the mean of B rows, variance
+    a^(2k) v (1 + 1/B); from the previous sample's solution z_j = z*_j + e_j (itself pulled toward the
+    mean), stationary variance 2 a^(2k) v / (1 + a^k).  The error ratio sqrt((1 + a^k)(1 + 1/B) / 2)
+    tends to 1/sqrt(2) as the step converges; a = 0.5, k = 3: 0.75."""
+    from SRS.sampling import SampleStats, SRSChain, noisy_batch
+    a, k, rows = 0.5, 3, 200
+    model, x, _, _ = _deq_setup(a=a)
+    starts = []
+
+    class Recording(torch.nn.Module):
+        def solve(self, noisy, solver="naive", max_iter=50, z0=None, tol=None):
+            starts.append(None if z0 is None else z0.clone())
+            return model.solve(noisy, solver, max_iter, z0, tol)
+
+    mse = {}
+    for warm_start in ("previous", "mean"):
+        starts.clear()
+        chain = SRSChain(Recording(), _srs(step=DEQSolve("naive", k, 0.0), warmup=DEQSolve("naive", 200, 1e-13),
+                                           warm_start=warm_start))
+        g, stats, err, previous = torch.Generator().manual_seed(0), SampleStats(), [], None
+        for _ in range(40):
+            noisy = noisy_batch(x, rows, 0.5, g)
+            chain(noisy, stats)
+            if previous is not None and warm_start == "mean":
+                assert torch.allclose(starts[-1], previous.mean(0, keepdim=True).expand(rows, -1))
+            if previous is not None:
+                err.append(((chain.z - noisy.flatten(1) / (1 - a)) ** 2).sum(1).mean().item())
+            previous = chain.z.clone()
+        assert starts[0] is None and all(s is not None for s in starts[1:])
+        mse[warm_start] = np.mean(err)
+    ratio = math.sqrt(mse["mean"] / mse["previous"])
+    assert abs(ratio - math.sqrt((1 + a ** k) * (1 + 1 / rows) / 2)) < 0.03, mse
+
+
+def test_mean_warm_start_skips_diverged_rows():
+    """A diverged (NaN) row of the previous batch does not enter the mean every row starts from."""
+    from SRS.sampling import SRSChain
+    chain = SRSChain(None, _srs(warm_start="mean"))
+    chain.z = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]])
+    assert torch.equal(chain._start(4), torch.tensor([[2.0, 3.0]] * 4))
+    chain.z = torch.full((2, 2), float("nan"))
+    assert torch.equal(chain._start(3), torch.zeros(3, 2))
+
+
+def test_mean_warm_start_keeps_adaptive_pairing_sound_on_a_misaligned_chain():
+    """The deliberately misaligned chain (a = 0.95, one naive step) started from the mean: the pairing
+    argument does not depend on where the chain starts, and violations stay at or below alpha."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), warm_start="mean")
+    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
+    sound = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=None))
+    assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
+    assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+
+
 def test_fallback_mixes_both_routes_and_stays_sound():
     """An input near the decision boundary of the route: some images go to the standard model, some
     to SRS; violations over both stay at or below alpha."""
