@@ -241,8 +241,10 @@ class Smooth:
         to the standard model and ``route_pilot`` > 0, a pilot of ceil(route_pilot * n) SRS samples
         continues the chain on a stream of its own (``derived_seed(seed, 'route_pilot')``: not the
         image's noise stream, whose draws are therefore the same with and without the pilot) and the
-        rule is applied again to the selection and pilot counts together.  Pilot samples are counted as SRS samples
-        (their refine flags are counted, not re-solved) and enter no certificate.
+        rule is applied again to the selection and pilot counts together.  Pilot samples enter no
+        certificate (their refine flags are counted, not re-solved); their evaluations are the image's
+        cost, but not samples of it (``SampleStats.nfe_per_sample`` stays per certification sample,
+        as for the paired solves).
 
         Soundness: the decision is a function of the selection and pilot noise (and the chain run on
         it) only, both independent of the estimation samples the SRS certificate uses and of the fresh
@@ -260,8 +262,10 @@ class Smooth:
             derived_seed(generator.initial_seed(), "route_pilot"))
         margin = srs.refine_margin
         log = PhaseLog() if margin > 0 else None
+        pilot_stats = SampleStats()
         pilot = draw_counts(x, size, batch_size, self.sigma, pilot_gen,
-                            lambda noisy: chain(noisy, stats), self.num_classes, log, margin).numpy()[0]
+                            lambda noisy: chain(noisy, pilot_stats), self.num_classes, log, margin).numpy()[0]
+        stats.nfe += pilot_stats.nfe
         stats.pilot += size
         flagged = int(log.flagged().numel()) if log is not None else 0
         k, seen = k + int(pilot[c_hat]), n0 + size

@@ -359,6 +359,9 @@ def test_route_pilot_leaves_the_image_noise_alone():
     assert certs[0.0].route == certs[0.1].route == "fallback"
     assert certs[0.0].pilot == 0 and certs[0.1].pilot == 100
     assert np.array_equal(certs[0.0].counts, certs[0.1].counts) and certs[0.0].radius == certs[0.1].radius
+    # the pilot's 100 one-step samples are the image's cost, not samples of it: f evaluations per
+    # certification sample (100 selection + 1000 standard) grow by 100 / 1100
+    assert certs[0.1].nfe * 1100 == pytest.approx(certs[0.0].nfe * 1100 + 100)
 
 
 def test_fallback_route_is_ordinary_certify_on_the_standard_model():
