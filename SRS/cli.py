@@ -25,6 +25,7 @@ from DEQ.solvers import SOLVERS
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode
 from .qcrs import DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO, QCRSSettings
 from .runner import SRS_DEFAULTS, DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
+from .settings import WARM_STARTS
 
 
 def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None:
@@ -44,7 +45,7 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     p.add_argument("--warmup_solver", default=None, help="solver of the warm-up batches (default: --f_solver)")
     p.add_argument("--warmup_thresh", type=int, default=None, help="budget of the warm-up batches (default 10)")
     p.add_argument("--warmup_interval", type=int, default=0, help="every k-th batch is a warm-up (0: only the first)")
-    p.add_argument("--warm_start", default="previous", metavar="{previous,mean}",
+    p.add_argument("--warm_start", default="previous", metavar="{" + ",".join(WARM_STARTS) + "}",
                    help="with --srs: each sample starts from the previous batch's sample at its position (previous, "
                         "the paper's chain, default) or from the mean of the previous batch's solutions (mean)")
     p.add_argument("--conf_drop", default="auto",

@@ -37,9 +37,9 @@ from .distributed import World, check_same, deal, wait_all
 from .results import (RESUME_IGNORED_KEYS, ResultsFile, consolidate, count_rows, header_value, provenance, read_rows,
                       shard_files, shard_path)
 from .settings import WARM_STARTS, DEQSolve, SRSConfig
+from .smooth import Smooth
 
 SRS_DEFAULTS = SRSConfig()   # the defaults the flags fall back to (one place: SRSConfig)
-from .smooth import Smooth
 
 CERTIFICATES = ("eliminated", "reference", "none")
 

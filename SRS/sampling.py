@@ -179,9 +179,12 @@ class SRSChain:
         return SRSChain(self.model, self.cfg)
 
     def _start(self, rows: int) -> torch.Tensor:
-        if self.cfg.warm_start == "mean":  # over the rows that did not diverge (a NaN row would poison every start)
-            finite = torch.isfinite(self.z).all(dim=1)
-            mean = self.z[finite].mean(dim=0, keepdim=True) if finite.any() else torch.zeros_like(self.z[:1])
+        if self.cfg.warm_start == "mean":
+            # mean over the rows that did not diverge (a NaN row would poison every start; none: zeros),
+            # as a masked sum so that no host-device sync enters the sampling loop
+            finite = torch.isfinite(self.z).all(dim=1, keepdim=True)
+            total = torch.where(finite, self.z, torch.zeros_like(self.z)).sum(dim=0, keepdim=True)
+            mean = total / finite.sum().clamp_min(1).to(self.z.dtype)
             return mean.expand(rows, -1).contiguous()
         if rows > self.z.shape[0]:
             reps = math.ceil(rows / self.z.shape[0])

@@ -50,7 +50,7 @@ def main():
                    help="with --radius_grid: the grid rows plan a second look of up to this factor of pairs")
     p.add_argument("--route_pilot", type=float, default=None,
                    help="with --radius_grid: also run the grid rows with this route pilot (a fraction of N; the "
-                        "default rows keep the default 0.1)")
+                        "other rows keep certify.py's default)")
     p.add_argument("--mean_start", action="store_true",
                    help="also run the SRS rows (default ones, and the grid ones with --radius_grid) with "
                         "--warm_start mean (each sample starts from the previous batch's mean solution)")
@@ -86,26 +86,25 @@ def main():
                        sampling=Sampling(args.sigma, args.N, args.alpha, args.batch, args.N0),
                        smoothing=SmoothingSpec(tol=0.0), device=args.device, threads=max(args.threads, 1),
                        progress=False)
-    methods = [standard(30), srs(1), srs(3), srs(1, "naive")]
+    def chains(**kw):
+        """SRS-1A, -3A and -1N with the same settings."""
+        return [srs(1, **kw), srs(3, **kw), srs(1, "naive", **kw)]
+
+    methods = [standard(30)] + chains()
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))
     if args.step_tol is not None:
         methods.append(srs(30, step_tol=args.step_tol, step_cost=args.step_cost))
     if args.refine_margin:
-        methods += [srs(1, refine_margin=args.refine_margin), srs(3, refine_margin=args.refine_margin),
-                    srs(1, "naive", refine_margin=args.refine_margin)]
+        methods += chains(refine_margin=args.refine_margin)
     if args.radius_grid:
         margin = args.refine_margin or 0.0
         grid = dict(refine_margin=margin, radius_grid=args.radius_grid, second_look=args.second_look)
-        methods += [srs(1, **grid), srs(3, **grid), srs(1, "naive", **grid)]
+        methods += chains(**grid)
         if args.route_pilot is not None:
-            methods += [srs(1, route_pilot=args.route_pilot, **grid), srs(3, route_pilot=args.route_pilot, **grid),
-                         srs(1, "naive", route_pilot=args.route_pilot, **grid)]
+            methods += chains(route_pilot=args.route_pilot, **grid)
     if args.mean_start:
-        methods += [srs(1, warm_start="mean"), srs(3, warm_start="mean"), srs(1, "naive", warm_start="mean")]
-        if args.radius_grid:
-            methods += [srs(1, warm_start="mean", **grid), srs(3, warm_start="mean", **grid),
-                        srs(1, "naive", warm_start="mean", **grid)]
+        methods += chains(warm_start="mean") + (chains(warm_start="mean", **grid) if args.radius_grid else [])
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:
