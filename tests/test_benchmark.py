@@ -88,11 +88,12 @@ def test_reproduction_table_rows_aim_at_the_table_grid():
     assert reproduce.table_grid([0.0, 0.5, 0.75]) is None and reproduce.table_grid([0.25, 0.5]) is None
     assert reproduce.table_methods([0.1, 0.3]) == []
     rows = reproduce.table_methods([0.0, 0.25, 0.5, 0.75])
-    assert [m.label for m in rows] == ["SRS-MDEQ-3A look3 grid0.25", "SRS-MDEQ-1A refine3 look3 grid0.25",
+    assert [m.label for m in rows] == ["SRS-MDEQ-3A pilot0.5 look3 grid0.25", "SRS-MDEQ-1A refine3 look3 grid0.25",
                                        "SRS-MDEQ-1N refine3 look3 grid0.25"]
     settings = [dict(m.settings) for m in rows]
     assert all(s["radius_grid"] == 0.25 and s["second_look"] == 3 and s["conf_drop"] is None for s in settings)
     assert [s["refine_margin"] for s in settings] == [0.0, 3, 3]
+    assert [s.get("route_pilot") for s in settings] == [0.5, None, None]
 
 
 def test_srs_rows_label_every_setting_they_change():
