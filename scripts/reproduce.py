@@ -11,7 +11,8 @@ For every sigma: train the digits MDEQ at that noise (or reuse the checkpoint
 already in output/), certify the same test images with MDEQ-1A, MDEQ-5A,
 MDEQ-30A, SRS-MDEQ-1N, SRS-MDEQ-1A and SRS-MDEQ-3A (the default adaptive pairing), the
 same SRS chains set up for the report's table (``table_methods``: pairs aimed at the
-table's radius grid, a second look, and for the one-step chains low margins re-solved),
+table's radius grid, a second look, for SRS-3A a 0.5 N route pilot, and for the
+one-step chains low margins re-solved),
 and fixed K rows for the paper's comparison, and write the table (times,
 speedups), certified-accuracy curves, RRD histograms and the raw TSVs into one
 report folder with a markdown report.  Re-running resumes: finished TSVs and
@@ -194,7 +195,8 @@ def main():
     p.add_argument("--max", type=int, default=-1)
     p.add_argument("--radii", type=float, nargs="+", default=None)
     p.add_argument("--no_table_rows", action="store_true",
-                   help="leave out the SRS rows set up for the table (radius grid, second look, refine margin)")
+                   help="leave out the SRS rows set up for the table (radius grid, second look, route pilot 0.5 "
+                        "for SRS-3A, refine margin for SRS-1A/-1N)")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
     p.add_argument("--quick", action="store_true", help="sigma 0.25, MDEQ-30A vs SRS-MDEQ-1A/3A on a subset (< 10 min)")
     p.add_argument("--paper", action="store_true", help="the paper's CIFAR-10 setting (needs --ckpt and --data-dir)")
