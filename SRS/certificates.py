@@ -123,9 +123,12 @@ def eliminate_top_count(out: Prediction, K: int, K_A: int, M: int, alpha: float,
 
 
 def binomial_decision(out: Prediction, top: int, n1: int, n2: int, level: float) -> Prediction:
-    """Two-sided binomial test of n1 against n2 at ``level``: predict ``top`` or abstain."""
+    """Two-sided binomial test of n1 against n2 at ``level``: predict ``top`` or abstain.
+
+    ``top`` is predicted only when n1 > n2: after the SRS correction n1 may fall below n2, and a
+    significant test in the runner-up's favour is no evidence for ``top``."""
     out.pvalue = float(binomtest(n1, n1 + n2, p=0.5).pvalue) if n1 + n2 > 0 else 1.0
-    if out.pvalue <= level:
+    if out.pvalue <= level and n1 > n2:
         out.prediction = top
     else:
         out.status = "abstain_test"

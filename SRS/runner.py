@@ -149,9 +149,23 @@ class SmoothingSpec:
             if self.conf_drop > n:
                 raise UserError(f"--conf_drop {self.conf_drop} is larger than --{n_name} {n}: the pairs are drawn "
                                 f"from those samples; lower it")
+        if self.srs and self.conf_drop == 0 and self.certificate != "none":
+            raise UserError(f"--conf_drop 0 pairs no sample, so the {self.certificate} certificate has no evidence "
+                            f"about the standard model and abstains on every image; use --conf_drop auto or a K > 0")
         check_choice("--warm_start", self.warm_start, WARM_STARTS)
-        if self.warm_start != "previous" and not self.srs:
-            raise UserError("--warm_start sets where the SRS chain starts, which needs --srs")
+        srs_only = [f for f, on in (("--std_solver", self.std_solver is not None),
+                                    ("--std_thresh", self.std_thresh is not None),
+                                    ("--certificate", self.certificate != "eliminated"),
+                                    ("--conf_drop", self.conf_drop is not None),
+                                    ("--warmup_solver", self.warmup_solver is not None),
+                                    ("--warmup_thresh", self.warmup_thresh is not None),
+                                    ("--warmup_interval", self.warmup_interval != 0),
+                                    ("--step_tol", self.step_tol is not None),
+                                    ("--no_chain_across_phases", not self.chain_across_phases),
+                                    ("--warm_start", self.warm_start != "previous")) if on]
+        if srs_only and not self.srs:
+            raise UserError(f"{srs_only[0]} sets the SRS chain or its certificate, which needs --srs (without it "
+                            f"--f_solver/--f_thresh/--tol set the certified standard model)")
         if self.warmup_interval < 0:
             raise UserError(f"--warmup_interval must be >= 0, got {self.warmup_interval}")
         check_number("--radius_slack", self.radius_slack, 0, hint=" (in units of sigma)")

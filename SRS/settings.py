@@ -119,9 +119,17 @@ class SRSConfig:
         return 2 if self.adaptive and self.second_look > 1 else 1
 
     @property
+    def corrected(self) -> bool:
+        """Whether the SRS counts are corrected by paired standard solves ('eliminated', 'reference').
+
+        Only ``certificate='none'`` skips the correction.  A corrected certificate with no pair
+        (``conf_drop=0``) has p_m_upper = 1 and abstains: zero pairs say nothing about f_D."""
+        return self.certificate != "none"
+
+    @property
     def pairs(self) -> bool:
-        """Whether this certificate pairs at all ('none' does not)."""
-        return self.certificate != "none" and (self.adaptive or self.conf_drop > 0)
+        """Whether this certificate solves any pair ('none' and ``conf_drop=0`` do not)."""
+        return self.corrected and (self.adaptive or self.conf_drop > 0)
 
     def describe(self) -> str:
         """One line with every setting that changes a certificate (the results header's ``srs`` entry)."""

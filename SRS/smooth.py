@@ -137,7 +137,7 @@ class Smooth:
             warm = estimation_chain.warmup_rows(n, batch_size)
             route, rate = self._route(x, sel, c_hat, n0, n, alpha, batch_size, generator, stats, chain, warm)
             chain = estimation_chain
-            log = PhaseLog() if route == "srs" and srs.pairs else None
+            log = PhaseLog() if route == "srs" and srs.corrected else None
         counts, bad1 = self._phase(x, n, batch_size, generator, stats, chain if route == "srs" else None,
                                    log).numpy()
         cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=n, counts=counts, route=route)
@@ -181,7 +181,7 @@ class Smooth:
         generator = ensure_generator(generator, x.device)
         stats, srs = SampleStats(), self.srs
         chain = SRSChain(self.base_classifier, srs) if srs is not None else None
-        log = PhaseLog() if srs is not None and srs.pairs else None
+        log = PhaseLog() if srs is not None and srs.corrected else None
         counts, bad = self._phase(x, n, batch_size, generator, stats, chain, log).numpy()
         top2 = counts.argsort()[::-1][:2]
         top = int(top2[0])

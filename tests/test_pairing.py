@@ -215,6 +215,25 @@ def test_adaptive_pairing_catches_a_misaligned_chain(fallback):
     assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
 
 
+@pytest.mark.parametrize("certificate", ["eliminated", "reference"])
+def test_zero_pairs_under_a_correction_abstain_on_a_misaligned_chain(certificate):
+    """conf_drop = 0 pairs nothing: a corrected certificate then knows nothing about f_D, so
+    p_m_upper = 1 and it abstains (never the uncorrected counts under a corrected label).  On the
+    misaligned chain the uncorrected counts overclaim far above alpha; zero pairs stay at or below it."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
+    std = DEQSolve("anderson", 50, 1e-10)
+    none = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
+    zero = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=0, certificate=certificate))
+    assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
+    assert violation_rate(zero, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+    cert = zero.certify(x, 20, 400, 0.05, 40, generator=torch.Generator().manual_seed(0))
+    assert (cert.K, cert.K_A, cert.p_m_upper, cert.prediction) == (0, 0, 1.0, ABSTAIN)
+    assert cert.status == "abstain_pA_below_half" and cert.n_A > 0
+    pred = zero.predict(x, 400, 0.05, 40, generator=torch.Generator().manual_seed(0))
+    assert (pred.K_A, pred.p_m_upper, pred.prediction) == (0, 1.0, ABSTAIN)
+
+
 @pytest.mark.parametrize("a", [0.5, 0.95])
 def test_grid_pairing_is_sound(a):
     """Adaptive pairing on a radius grid (K_A from n_A and the grid), with the fallback and the route
