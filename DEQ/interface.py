@@ -11,7 +11,7 @@ test); models without one (ResNets, plain modules) are smoothed as ordinary clas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -27,10 +27,13 @@ class DEQOutput:
         z: (B, D) flat final iterate, to warm-start a later solve (``z0``).
         result: the solver's statistics (``nfe`` evaluations of f on the whole batch, per-sample
             ``residual``; an infinite residual means no finite iterate was ever produced).
+        rungs: with ``solve(..., rungs=(k1, ...))``: k -> (logits, residual) that a budget-k solve from
+            the same start returns (``DEQ.solvers``, the ladder); None otherwise.
     """
     logits: torch.Tensor
     z: torch.Tensor
     result: Optional[SolverResult]
+    rungs: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 @runtime_checkable

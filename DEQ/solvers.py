@@ -28,6 +28,15 @@ residual seen (as MDEQ and torchdeq do), check convergence after every
 evaluation (so a warm start already at the fixed point costs one evaluation),
 and stop once every sample in the batch is below ``tol``.
 
+The ladder (``record``): a budget-k solve from z0 returns exactly the lowest-residual image among the
+first k evaluations of a longer solve from the same z0, because the first k iterates of every solver
+here do not depend on the budget (Anderson's memory is min(m, budget - 1), but a k-step solve never
+mixes more than k - 1 pairs, so the first k iterates agree; Broyden's low-rank factors only ever use
+the updates made so far).  ``record=(k1, k2, ...)`` keeps that best image after evaluation k_i, so
+one solve gives the answer of every budget k_i <= max_iter (with ``tol`` > 0, a batch that stopped
+before k_i gives its final answer, as the budget-k_i solve would).  ``tests/test_solvers.py`` checks
+it against separate budget-k solves for every solver.
+
 Why not torchdeq's solvers: they stop only on the batch, report no evaluation
 count, and return the initial guess for budgets <= 2, which is exactly the
 regime SRS runs in.  torchdeq's solvers are still reachable as
@@ -37,7 +46,7 @@ comparison (their evaluation counts are then taken by wrapping ``f``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +65,7 @@ class SolverResult:
     rel_residual: Tensor  # (B,) ||f(z) - z|| / ||f(z)||
     nfe: int             # evaluations of f on the whole batch
     converged: Tensor    # (B,) bool, residual below tol
+    snapshots: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None  # record: k -> (z, residual) of budget k
 
 
 _EPS = 1e-8
@@ -70,8 +80,12 @@ def _residuals(fx: Tensor, x: Tensor):
 class _Tracker:
     """Keeps, per sample, the lowest-residual image f(z) and when tol was met."""
 
-    def __init__(self, x0: Tensor, stop_mode: str, tol: float, max_iter: int):
+    def __init__(self, x0: Tensor, stop_mode: str, tol: float, max_iter: int, record: Sequence[int] = ()):
         bsz = x0.shape[0]
+        self.record = sorted(set(int(k) for k in record))
+        if self.record and not 1 <= self.record[0] <= self.record[-1] <= max_iter:
+            raise ValueError(f"recorded budgets {self.record} must lie in [1, max_iter={max_iter}]")
+        self.snapshots: Dict[int, Tuple[Tensor, Tensor]] = {}
         self.stop_mode, self.tol, self.max_iter = stop_mode, tol, max_iter
         self.best = x0.clone()
         inf = torch.full((bsz,), float("inf"), device=x0.device, dtype=x0.dtype)
@@ -89,6 +103,8 @@ class _Tracker:
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_diff, self.best_abs)
         self.best_rel = torch.where(better, rel_diff, self.best_rel)
+        if self.nfe in self.record:
+            self.snapshots[self.nfe] = (self.best.clone(), self.best_res.clone())
         if self.tol <= 0:  # exact budget: no residual is below 0, so nsteps stays max_iter; no early
             return False   # stop, hence no host-device sync and no bookkeeping in the loop
         newly = (res < self.tol) & (self.nsteps == self.max_iter)
@@ -96,8 +112,12 @@ class _Tracker:
         return bool((self.best_res < self.tol).all())  # one sync per step buys early stopping
 
     def result(self, shape) -> SolverResult:
+        snaps = None
+        if self.record:  # budgets past an early stop return what the stopped solve returns
+            snaps = {k: self.snapshots.get(k, (self.best, self.best_res)) for k in self.record}
+            snaps = {k: (z.view(shape), r) for k, (z, r) in snaps.items()}
         return SolverResult(self.best.view(shape), self.nsteps, self.best_res,
-                            self.best_abs, self.best_rel, self.nfe, self.best_res < self.tol)
+                            self.best_abs, self.best_rel, self.nfe, self.best_res < self.tol, snaps)
 
 
 def _work(z0: Tensor) -> Tensor:
@@ -119,12 +139,12 @@ def _check(max_iter: int, stop_mode: str):
 
 
 def naive_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1e-3,
-                 stop_mode: str = "rel", **_) -> SolverResult:
+                 stop_mode: str = "rel", record: Sequence[int] = (), **_) -> SolverResult:
     """Plain fixed-point iteration z <- f(z)."""
     _check(max_iter, stop_mode)
     shape, g = z0.shape, _flat(f, z0.shape)
     x = _work(z0)
-    track = _Tracker(x, stop_mode, tol, max_iter)
+    track = _Tracker(x, stop_mode, tol, max_iter, record)
     for _ in range(max_iter):
         fx = g(x)
         if track.update(fx, x):
@@ -135,7 +155,7 @@ def naive_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1
 
 def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1e-3,
                     stop_mode: str = "rel", m: int = 6, lam: float = 1e-4, beta: float = 1.0,
-                    **_) -> SolverResult:
+                    record: Sequence[int] = (), **_) -> SolverResult:
     """Anderson acceleration with memory m and ridge lam (one evaluation per step)."""
     _check(max_iter, stop_mode)
     shape, g = z0.shape, _flat(f, z0.shape)
@@ -152,7 +172,7 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
     y = torch.zeros(bsz, m + 1, 1, dtype=x.dtype, device=x.device)
     y[:, 0] = 1
     eye = lam * torch.eye(m, dtype=x.dtype, device=x.device)[None]
-    track = _Tracker(x, stop_mode, tol, max_iter)
+    track = _Tracker(x, stop_mode, tol, max_iter, record)
     for k in range(max_iter):
         if k > 0:
             n = min(k, m)
@@ -173,7 +193,7 @@ def anderson_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float 
 
 
 def broyden_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1e-3,
-                   stop_mode: str = "rel", **_) -> SolverResult:
+                   stop_mode: str = "rel", record: Sequence[int] = (), **_) -> SolverResult:
     """Broyden's method on g(z) = f(z) - z; inverse Jacobian -I + U V^T (rank <= max_iter)."""
     _check(max_iter, stop_mode)
     shape, fn = z0.shape, _flat(f, z0.shape)
@@ -181,7 +201,7 @@ def broyden_solver(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float =
     bsz, dim = x.shape
     Us = torch.zeros(bsz, dim, max_iter, dtype=x.dtype, device=x.device)
     VTs = torch.zeros(bsz, max_iter, dim, dtype=x.dtype, device=x.device)
-    track = _Tracker(x, stop_mode, tol, max_iter)
+    track = _Tracker(x, stop_mode, tol, max_iter, record)
     fx = fn(x)
     gx = fx - x
     if track.update(fx, x):
@@ -221,9 +241,11 @@ def _matvec(Us: Tensor, VTs: Tensor, x: Tensor) -> Tensor:
 def _torchdeq(name: str):
     """Adapter: run a torchdeq solver and report its result in our format."""
     def run(f: FixedPointFn, z0: Tensor, max_iter: int = 50, tol: float = 1e-3,
-            stop_mode: str = "rel", **kw) -> SolverResult:
+            stop_mode: str = "rel", record: Sequence[int] = (), **kw) -> SolverResult:
         from torchdeq.solver import get_solver
         _check(max_iter, stop_mode)
+        if record:
+            raise ValueError(f"torchdeq_{name} cannot record intermediate budgets: its iterates are not exposed")
         calls = [0]
 
         def counted(z):
@@ -260,8 +282,9 @@ def trim_result(res: SolverResult, rows: int) -> SolverResult:
     """
     if res.z.shape[0] == rows:
         return res
+    snaps = None if res.snapshots is None else {k: (z[:rows], r[:rows]) for k, (z, r) in res.snapshots.items()}
     return SolverResult(res.z[:rows], res.nsteps[:rows], res.residual[:rows], res.abs_residual[:rows],
-                        res.rel_residual[:rows], res.nfe, res.converged[:rows])
+                        res.rel_residual[:rows], res.nfe, res.converged[:rows], snaps)
 
 
 def register_solver(name: str, solver: Callable[..., SolverResult]) -> None:

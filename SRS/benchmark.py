@@ -20,7 +20,8 @@ import pandas as pd
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
 from .pairing import pairs_needed
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode
-from .runner import RunSpec, SmoothingSpec, parse_conf_drop, run
+from .ladder import LadderMode, equal_accuracy_rung, ladder_table, rung_frames
+from .runner import RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
 from .settings import DEQSolve, SRSConfig
 from .smooth import Smooth
 
@@ -29,17 +30,29 @@ _LETTER = {"anderson": "A", "naive": "N", "broyden": "B"}
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the comparison: its label and the ``SRS.runner.SmoothingSpec`` fields it sets."""
+    """A row of the comparison: its label and the ``SRS.runner.SmoothingSpec`` fields it sets.
+
+    ``rungs``: a standard method that also certifies the ladder MDEQ-k (k in rungs) on the same noise
+    from its own solves (``SRS.ladder``); its file is still this method's certify file."""
     label: str
     settings: Tuple[Tuple[str, object], ...]
+    rungs: Tuple[int, ...] = ()
 
     def smoothing(self, base: SmoothingSpec) -> SmoothingSpec:
         """``base`` (common settings such as tol) with this method's settings."""
         return replace(base, **dict(self.settings))
 
+    def mode(self, s: Sampling):
+        """The runner mode of this row: CERTIFY, or CERTIFY with the ladder."""
+        if self.rungs:
+            return LadderMode(s.N0, s.N, s.alpha, s.batch, self.rungs)
+        return CertifyMode(s.N0, s.N, s.alpha, s.batch)
 
-def standard(k: int, solver: str = "anderson") -> Method:
-    return Method(f"MDEQ-{k}{_LETTER[solver]}", (("srs", False), ("f_solver", solver), ("f_thresh", k)))
+
+def standard(k: int, solver: str = "anderson", rungs: Sequence[int] = ()) -> Method:
+    """MDEQ-k<solver> (from zeros, k evaluations); with ``rungs`` the ladder below it too."""
+    return Method(f"MDEQ-{k}{_LETTER[solver]}", (("srs", False), ("f_solver", solver), ("f_thresh", k)),
+                  tuple(sorted(set(rungs))))
 
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
@@ -92,32 +105,58 @@ def run_resuming(spec: RunSpec, mode, label: str, log: Callable[[str], None] = p
     """``run(spec, mode)``, continuing ``spec.outfile`` when it already holds rows; logs what it did."""
     path = spec.outfile
     spec = replace(spec, resume=os.path.isfile(path) and os.path.getsize(path) > 0)
-    t0 = time.time()
+    t0 = time.perf_counter()
     log(f"[sigma {spec.sampling.sigma:g}] {label}: {mode.name} -> {path}")
     summary = run(spec, mode)
-    log(f"[sigma {spec.sampling.sigma:g}] {label}: {summary['images']} new images in {time.time() - t0:.0f}s "
+    log(f"[sigma {spec.sampling.sigma:g}] {label}: {summary['images']} new images in {time.perf_counter() - t0:.0f}s "
         f"({summary['skipped_done']} reused), {summary['seconds_per_image']:.2f} s/image")
     return summary
 
 
 def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
-                log: Callable[[str], None] = print) -> Dict[str, str]:
+                log: Callable[[str], None] = print, interleave: bool = True) -> Dict[str, str]:
     """Certify with every method (resuming files already there); return label -> TSV path.
+
+    Interleaved (the default): image by image, each image through every method before the next, so a
+    machine that gets busier or quieter during the run slows every method alike and the wall-clock
+    ratios of the ``time`` columns compare like with like.  Each image is one resumed run of the
+    method's file (``--max`` grows by one, which a resume allows), so the rows and certificates are
+    exactly those of one uninterrupted run per method.
 
     Args:
         template: the common run (data, checkpoint, sampling, seed, device, and common smoothing
             settings such as ``tol``); its ``outfile`` is replaced by one file per method in ``out_dir``.
         methods: the rows, see :func:`standard` and :func:`srs`.
+        interleave: False runs each method over all images before the next method.
     """
     os.makedirs(out_dir, exist_ok=True)
-    paths = {}
     s = template.sampling
-    for m in methods:
-        path = os.path.join(out_dir, file_name(m.label, s.sigma))
-        spec = replace(template, outfile=path, smoothing=m.smoothing(template.smoothing))
-        run_resuming(spec, CertifyMode(s.N0, s.N, s.alpha, s.batch), m.label, log)
-        paths[m.label] = path
+    paths = {m.label: os.path.join(out_dir, file_name(m.label, s.sigma)) for m in methods}
+    specs = {m.label: replace(template, outfile=paths[m.label], smoothing=m.smoothing(template.smoothing))
+             for m in methods}
+    if not interleave:
+        for m in methods:
+            run_resuming(specs[m.label], m.mode(s), m.label, log)
+        return paths
+    total = image_count(template)
+    t0 = time.perf_counter()
+    for j in range(1, total + 1):
+        for m in methods:
+            spec = specs[m.label]
+            spec = replace(spec, data=replace(spec.data, max=j),
+                           resume=os.path.isfile(spec.outfile) and os.path.getsize(spec.outfile) > 0)
+            run(spec, m.mode(s))
+        if j == total or j % max(1, total // 10) == 0:
+            log(f"[sigma {s.sigma:g}] {j}/{total} images through {len(methods)} methods, interleaved "
+                f"({time.perf_counter() - t0:.0f}s)")
     return paths
+
+
+def image_count(template: RunSpec) -> int:
+    """How many images the template's data selection holds."""
+    from DEQ.data import get_dataset
+    d = template.data
+    return len(d.indices(len(get_dataset(d.dataset, d.split, d.data_dir))))
 
 
 def run_attacks(template: RunSpec, attacks: Sequence[AttackSettings], out_dir: str,
@@ -245,9 +284,56 @@ def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequen
     return pd.DataFrame(rows)
 
 
+@dataclass
+class EqualAccuracy:
+    """The equal-accuracy standard baseline found on the ladder of the certified model's file.
+
+    Attributes:
+        label: 'MDEQ-kA' of the cheapest rung within ``tolerance`` images of the certified model at
+            every table radius (``SRS.ladder.equal_accuracy_rung``).
+        k: its budget; nfe: its evaluations of f per sample.
+        ladder: the ladder table (``SRS.ladder.ladder_table``).
+    """
+    label: str
+    k: int
+    nfe: float
+    ladder: "pd.DataFrame"
+
+
+def equal_accuracy_baseline(ladder_path: str, radii: Sequence[float], tolerance: int = 1,
+                            solver: str = "anderson") -> EqualAccuracy:
+    """The equal-accuracy baseline of the ladder file ``ladder_path`` (a :class:`Method` with rungs)."""
+    frames = rung_frames(ladder_path)
+    k = equal_accuracy_rung(frames, radii, tolerance)
+    letter = _LETTER.get(solver, solver)
+    table = ladder_table(frames, radii, label=lambda r: f"MDEQ-{r}{letter}")
+    return EqualAccuracy(f"MDEQ-{k}{letter}", k, float(frames[k]["nfe"].mean()), table)
+
+
+def add_equal_accuracy(summary: "pd.DataFrame", runs: Dict[str, "pd.DataFrame"], base: EqualAccuracy,
+                       timed: Optional[Dict[str, "pd.DataFrame"]] = None) -> "pd.DataFrame":
+    """``method_summary`` with the speedups over the equal-accuracy baseline in front: in evaluations of f
+    (its nfe per sample over the method's), and in wall clock where ``timed`` holds the baseline and the
+    method timed side by side (interleaved; NaN otherwise)."""
+    out = summary.copy()
+    nfe = [mean_column(runs[m], "nfe") for m in out["method"]]
+    out.insert(1, "f-eval vs equal-acc.", [base.nfe / v if v else float("nan") for v in nfe])
+    wall = []
+    for m in out["method"]:
+        if m == base.label:
+            wall.append(1.0)
+        elif timed and base.label in timed and m in timed:
+            wall.append(timed[base.label]["time"].sum() / timed[m]["time"].sum())
+        else:
+            wall.append(float("nan"))
+    out.insert(2, "wall vs equal-acc.", wall)
+    return out.rename(columns={"f-eval speedup": "f-eval vs 30A", "speedup": "wall vs 30A"})
+
+
 def summary_markdown(table: "pd.DataFrame") -> str:
     """The method summary as a markdown table."""
-    fmt = {"s/image": "{:.2f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
+    fmt = {"s/image": "{:.2f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "f-eval vs equal-acc.": "{:.2f}x",
+           "wall vs equal-acc.": "{:.2f}x", "f-eval vs 30A": "{:.2f}x", "wall vs 30A": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
            "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
            "fallbacks": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
     head = "| " + " | ".join(table.columns) + " |\n|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
@@ -261,8 +347,68 @@ def summary_markdown(table: "pd.DataFrame") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "run_attacks", "comparison", "max_gap", "mean_column",
-           "to_markdown", "sound_speed_limit", "method_summary", "summary_markdown"]
+__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
+           "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
+           "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
+           "Honest", "honest_comparison"]
+
+
+@dataclass
+class Honest:
+    """An honest comparison (:func:`honest_comparison`): the runs, their summary with the speedups over the
+    equal-accuracy baseline in front, the baseline, and the runs of the baseline's own timing pass."""
+    paths: Dict[str, str]
+    runs: Dict[str, "pd.DataFrame"]
+    summary: "pd.DataFrame"
+    baseline: EqualAccuracy
+    timed: Dict[str, "pd.DataFrame"]
+
+
+def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str, radii: Sequence[float],
+                      time_baseline: bool = True, tolerance: int = 1,
+                      log: Callable[[str], None] = print) -> Honest:
+    """Certify ``methods`` interleaved, find the equal-accuracy baseline on the certified model's ladder,
+    and compare every method with MDEQ-D and with that baseline.
+
+    The first method must be the certified standard model with its ladder (``standard(D, rungs=...)``).
+    With ``time_baseline`` and a baseline cheaper than the certified model, a second interleaved pass
+    (``out_dir/vs_<baseline>``) runs the baseline for real beside every other method, so that the wall
+    clock over the baseline is measured side by side too (the certificates of that pass equal the first
+    pass's: same seeds).
+    """
+    top = methods[0]
+    if not top.rungs:
+        raise ValueError("the first method must be the certified model with its ladder: standard(D, rungs=...)")
+    s = template.sampling
+    paths = run_methods(template, methods, out_dir, log)
+    runs = {label: read_results(p) for label, p in paths.items()}
+    solver = dict(top.settings).get("f_solver", "anderson")
+    base = equal_accuracy_baseline(paths[top.label], radii, tolerance, solver)
+    timed: Dict[str, "pd.DataFrame"] = {}
+    if time_baseline and base.label != top.label:
+        k_method = standard(base.k, solver)
+        others = [m for m in methods[1:] if m.label != base.label]
+        if others:
+            log(f"[sigma {s.sigma:g}] equal-accuracy baseline {base.label}: timing it beside the other methods")
+            timed_paths = run_methods(template, [k_method] + others, os.path.join(out_dir, f"vs_{base.label}"), log)
+            timed = {label: read_results(p) for label, p in timed_paths.items()}
+    summary = method_summary(runs, top.label, radii, (s.N0 or 0) + s.N, s.alpha, s.sigma)
+    return Honest(paths, runs, add_equal_accuracy(summary, runs, base, timed), base, timed)
+
+
+def ladder_markdown(base: EqualAccuracy) -> str:
+    """The ladder table as markdown, the equal-accuracy baseline marked."""
+    t = base.ladder
+    cols = list(t.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    for _, r in t.iterrows():
+        cells = [f"**{r['model']}** (equal-acc.)" if r["model"] == base.label else str(r["model"])]
+        for c in cols[1:]:
+            v = r[c]
+            cells.append(f"{v:.1%}" if c == "other prediction" else f"{v:d}" if c == "largest gap (images)"
+                         else f"{v:.2f}" if c == "nfe/sample" else f"{v:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int, device, seed: int = 0,

@@ -4,9 +4,14 @@
     python scripts/bench_certify.py --ckpt output/digits/cls_mdeq_digits_noise0.5/last.pth --sigma 0.5
     python scripts/bench_certify.py --random-init experiments/cifar/cls_mdeq_LARGE.yaml --images 5   # GPU timing
 
-Runs MDEQ-30A, SRS-MDEQ-1A, -3A and -1N with the default adaptive pairing (``--conf_drop auto``) and
-SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's runner (``SRS.runner.run``), and
-prints per method: seconds per image, speedup over MDEQ-30A, the largest certified-accuracy gap over
+Runs MDEQ-30A (with its ladder MDEQ-kA, k = 1, 2, 3, 5, 8, 12, 20, certified from the same solves on the
+same noise, which finds the equal-accuracy standard baseline: the cheapest MDEQ-kA within one image of
+MDEQ-30A at every radius), SRS-MDEQ-1A, -3A and -1N with the default adaptive pairing (``--conf_drop auto``) and
+SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's runner (``SRS.runner.run``),
+interleaved image by image; then times the equal-accuracy baseline beside them (a second interleaved
+pass; ``--no_time_baseline`` skips it); and prints the ladder and per method: the speedups over the
+equal-accuracy baseline and over MDEQ-30A (evaluations of f first, wall clock beside), seconds per
+image, the largest certified-accuracy gap over
 the radii (default sigma * 0, 0.5, ..., 3), mean K and K_A, the misalignment rate sum(M) / sum(K_A),
 standard-solve calls per image, fallbacks to the standard model, and the sound speed limit computed
 from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) with the fraction of it
@@ -54,6 +59,10 @@ def main():
     p.add_argument("--mean_start", action="store_true",
                    help="also run the SRS rows (default ones, and the grid ones with --radius_grid) with "
                         "--warm_start mean (each sample starts from the previous batch's mean solution)")
+    p.add_argument("--rungs", type=int, nargs="+", default=[1, 2, 3, 5, 8, 12, 20],
+                   help="budgets of the standard-model ladder certified from MDEQ-30A's own solves (30 is always in)")
+    p.add_argument("--no_time_baseline", action="store_true",
+                   help="do not time the equal-accuracy baseline beside the other methods (a second interleaved pass)")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
@@ -69,8 +78,8 @@ def main():
     args = p.parse_args()
     import torch
     torch.set_num_threads(max(args.threads, 1))
-    from SRS.benchmark import (method_summary, random_init_timing, run_methods, srs, standard, summary_markdown,
-                               to_markdown, comparison)
+    from SRS.benchmark import (comparison, honest_comparison, ladder_markdown, random_init_timing, srs, standard,
+                               summary_markdown, to_markdown)
     if args.random_init:
         device = pick_device(args.device)
         table = random_init_timing(args.random_init, args.images, args.N0, args.N, args.batch, device,
@@ -90,7 +99,8 @@ def main():
         """SRS-1A, -3A and -1N with the same settings."""
         return [srs(1, **kw), srs(3, **kw), srs(1, "naive", **kw)]
 
-    methods = [standard(30)] + chains()
+    rungs = sorted(set(args.rungs) | {30})
+    methods = [standard(30, rungs=rungs)] + chains()
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))
     if args.step_tol is not None:
@@ -112,13 +122,18 @@ def main():
         methods = [m for m in methods if m.label in args.methods or m.label == "MDEQ-30A"]
     radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
     out = args.out or f"output/bench_certify/sigma{args.sigma:g}"
-    paths = run_methods(template, methods, out)
-    table, runs = comparison(paths, radii, baseline="MDEQ-30A")
+    honest = honest_comparison(template, methods, out, radii, time_baseline=not args.no_time_baseline)
+    table, runs = comparison(honest.paths, radii, baseline="MDEQ-30A")
+    base = honest.baseline
+    print()
+    print(f"Ladder of MDEQ-30A (one solve per sample; rung k = MDEQ-kA from zeros on the same noise), "
+          f"equal-accuracy baseline {base.label} (within one image of MDEQ-30A at every radius):\n")
+    print(ladder_markdown(base))
     print()
     print(to_markdown(table))
     print(f"\nimages: {len(runs['MDEQ-30A'])}, N0={args.N0}, N={args.N}, alpha={args.alpha}, sigma={args.sigma}, "
-          f"batch={args.batch}, tol=0, device={pick_device(args.device)}\n")
-    print(summary_markdown(method_summary(runs, "MDEQ-30A", radii, args.N0 + args.N, args.alpha, args.sigma)))
+          f"batch={args.batch}, tol=0, device={pick_device(args.device)}; methods run interleaved image by image\n")
+    print(summary_markdown(honest.summary))
 
 
 if __name__ == "__main__":

@@ -102,3 +102,50 @@ def test_srs_rows_label_every_setting_they_change():
     s = dict(m.settings)
     assert (s["route_pilot"], s["warm_start"], s["radius_grid"], s["second_look"]) == (0.5, "mean", 0.125, 3)
     assert "route_pilot" not in dict(srs(3).settings) and dict(srs(3).settings)["warm_start"] == "previous"
+
+
+def _without_time(path):
+    from SRS.results import read_rows
+    meta, cols, rows, _ = read_rows(path)
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def test_interleaved_runs_go_image_by_image_and_equal_separate_runs(tmp_path, tiny_checkpoint, monkeypatch):
+    """Each image goes through every method before the next image; the rows equal those of one run per
+    method (time aside), and the ladder file is the certified model's certify file plus the ladder."""
+    import SRS.benchmark as bench
+    common = RunSpec(data=DataSpec("digits", skip=90), checkpoint=tiny_checkpoint, outfile="",
+                     sampling=Sampling(0.25, 40, 0.001, 20, 10), smoothing=SmoothingSpec(tol=0.0), progress=False)
+    methods = [standard(3, rungs=(1, 2)), srs(1, std=("anderson", 3), warmup=("anderson", 3))]
+    calls, real_run = [], bench.run
+    monkeypatch.setattr(bench, "run", lambda spec, mode: calls.append((os.path.basename(spec.outfile), spec.data.max))
+                        or real_run(spec, mode))
+    paths = run_methods(common, methods, str(tmp_path / "inter"), log=lambda m: None)
+    names = [os.path.basename(p) for p in paths.values()]
+    assert calls == [(name, j) for j in range(1, 6) for name in names]
+    separate = run_methods(common, [standard(3), methods[1]], str(tmp_path / "sep"), log=lambda m: None,
+                           interleave=False)
+    inter_rows = _without_time(paths["MDEQ-3A"])
+    assert [{k: v for k, v in r.items() if k != "ladder"} for r in inter_rows] == _without_time(separate["MDEQ-3A"])
+    assert _without_time(paths[methods[1].label]) == _without_time(separate[methods[1].label])
+
+
+def test_honest_comparison_names_the_equal_accuracy_baseline_and_times_it(tmp_path, tiny_checkpoint):
+    from SRS.benchmark import honest_comparison
+    from SRS.ladder import equal_accuracy_rung, rung_frames
+    common = RunSpec(data=DataSpec("digits", skip=90), checkpoint=tiny_checkpoint, outfile="",
+                     sampling=Sampling(0.25, 40, 0.001, 20, 10), smoothing=SmoothingSpec(tol=0.0), progress=False)
+    methods = [standard(8, rungs=(1, 2, 3, 5)), srs(1, std=("anderson", 8), warmup=("anderson", 3))]
+    radii = [0.0, 0.1]
+    honest = honest_comparison(common, methods, str(tmp_path), radii, log=lambda m: None)
+    k = equal_accuracy_rung(rung_frames(honest.paths["MDEQ-8A"]), radii)
+    assert honest.baseline.label == f"MDEQ-{k}A" and honest.baseline.nfe == k
+    s = honest.summary.set_index("method")
+    srs_label = methods[1].label
+    assert s.loc[srs_label, "f-eval vs equal-acc."] == pytest.approx(k / honest.runs[srs_label]["nfe"].mean())
+    assert s.loc[srs_label, "f-eval vs 30A" if "f-eval vs 30A" in s.columns else "f-eval speedup"] == \
+        pytest.approx(8 / honest.runs[srs_label]["nfe"].mean())
+    if k < 8:
+        assert set(honest.timed) == {f"MDEQ-{k}A", srs_label}
+        assert s.loc[srs_label, "wall vs equal-acc."] == pytest.approx(
+            honest.timed[f"MDEQ-{k}A"]["time"].sum() / honest.timed[srs_label]["time"].sum())

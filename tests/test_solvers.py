@@ -115,3 +115,45 @@ def test_half_precision_states_are_solved_in_float32(name):
     f, z0 = contractive_map()
     res = solve(name, lambda z: f(z.double()).to(torch.bfloat16), z0.to(torch.bfloat16), max_iter=20, tol=1e-2)
     assert res.z.dtype == torch.float32 and torch.isfinite(res.z).all()
+
+
+LADDER = (1, 2, 3, 5, 8, 12, 20, 30)
+
+
+@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_ladder_rungs_equal_separate_budget_k_solves(name, tol):
+    """One budget-30 solve recording the ladder gives, bit for bit, what each budget-k solve returns
+    (with a tolerance too: budgets past the early stop return the stopped answer)."""
+    f, z0 = contractive_map(rho=0.95, dim=60)
+    full = solve(name, f, z0, max_iter=30, tol=tol, stop_mode="rel", record=LADDER)
+    assert sorted(full.snapshots) == list(LADDER)
+    for k in LADDER:
+        alone = solve(name, f, z0, max_iter=k, tol=tol, stop_mode="rel")
+        z, res = full.snapshots[k]
+        assert torch.equal(z, alone.z), (name, k)
+        assert torch.equal(res, alone.residual), (name, k)
+    assert torch.equal(full.snapshots[30][0], full.z)
+
+
+def test_ladder_refuses_budgets_outside_the_solve():
+    f, z0 = contractive_map()
+    with pytest.raises(ValueError, match="must lie in"):
+        solve("anderson", f, z0, max_iter=5, record=(3, 8))
+    with pytest.raises(ValueError, match="cannot record"):
+        solve("torchdeq_anderson", f, z0, max_iter=5, record=(3,))
+
+
+def test_mdeq_ladder_logits_equal_separate_solves(tiny_opts):
+    """The MDEQ's rung logits (head applied at the recorded answers) equal budget-k solves' logits."""
+    from DEQ.config import load_config
+    from DEQ.models.mdeq import build_model
+    from conftest import DIGITS_CFG
+    torch.manual_seed(0)
+    model = build_model(load_config(DIGITS_CFG, tiny_opts)).eval()
+    x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for solver in OURS:
+        out = model.solve(x, solver, 12, None, 0.0, rungs=(1, 3, 5, 12))
+        for k in (1, 3, 5, 12):
+            alone = model.solve(x, solver, k, None, 0.0)
+            assert torch.equal(out.rungs[k][0], alone.logits), (solver, k)

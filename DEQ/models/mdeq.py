@@ -382,23 +382,34 @@ class MDEQClsNet(nn.Module):
         self.engine = Engine(self.stem, self.f_flat, self.head_flat, runtime, device.type, train=train)
 
     def solve(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
-              z0: Optional[torch.Tensor] = None, tol: Optional[float] = None) -> DEQOutput:
-        """Solve for the fixed point (no gradient) from z0 (zeros if None) and classify."""
+              z0: Optional[torch.Tensor] = None, tol: Optional[float] = None,
+              rungs: Sequence[int] = ()) -> DEQOutput:
+        """Solve for the fixed point (no gradient) from z0 (zeros if None) and classify.
+
+        ``rungs``: budgets k <= max_iter whose answers to keep (``DEQOutput.rungs``): the head applied to
+        what a budget-k solve from the same start returns, from this one solve (``DEQ.solvers``)."""
         self._reset(x)
         solver, max_iter = solver or self.f_solver, max_iter or self.f_thres
         tol = self.f_tol if tol is None else tol
         with torch.no_grad():
             if getattr(self, "engine", None) is not None:
-                return self._solve_engine(x, solver, max_iter, z0, tol)
+                return self._solve_engine(x, solver, max_iter, z0, tol, rungs)
             injection = self.inject(x)
             func, shapes = self.make_func(injection)
             if z0 is None:
                 z0 = x.new_zeros(x.shape[0], sum(s.numel() for s in shapes))
-            res = solve(solver, func, z0, max_iter, tol=tol, stop_mode=self.stop_mode)
-            return DEQOutput(self.head(res.z, shapes), res.z, res)
+            res = solve(solver, func, z0, max_iter, tol=tol, stop_mode=self.stop_mode, record=rungs)
+            return DEQOutput(self.head(res.z, shapes), res.z, res, self._rung_logits(res, lambda z: self.head(z, shapes)))
+
+    @staticmethod
+    def _rung_logits(res, head, rows: Optional[int] = None):
+        """k -> (logits, residual) of the recorded budgets (None when none were recorded)."""
+        if res.snapshots is None:
+            return None
+        return {k: (head(z)[:rows].clone(), r[:rows]) for k, (z, r) in res.snapshots.items()}
 
     def _solve_engine(self, x: torch.Tensor, solver: str, max_iter: int, z0: Optional[torch.Tensor],
-                      tol: float) -> DEQOutput:
+                      tol: float, rungs: Sequence[int] = ()) -> DEQOutput:
         """:meth:`solve` through the runtime's engine: rows padded to the static size, state and solver fp32,
         stem / f / head as the runtime says, padded rows dropped from every output."""
         engine, rows = self.engine, x.shape[0]
@@ -409,10 +420,12 @@ class MDEQClsNet(nn.Module):
             z0 = xp.new_zeros(xp.shape[0], self.state_dim([injection]), dtype=torch.float32)
         else:
             z0 = pad_to(z0.float(), pad)
-        res = solve(solver, lambda z: engine.f(z, injection), z0, max_iter, tol=tol, stop_mode=self.stop_mode)
+        res = solve(solver, lambda z: engine.f(z, injection), z0, max_iter, tol=tol, stop_mode=self.stop_mode,
+                    record=rungs)
         logits = engine.head(res.z, injection)
+        ladder = self._rung_logits(res, lambda z: engine.head(z, injection), rows)
         res = trim_result(res, rows)
-        return DEQOutput(logits[:rows], res.z, res)
+        return DEQOutput(logits[:rows], res.z, res, ladder)
 
     def forward(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
                 z0: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""The ladder of standard models MDEQ-kA, and the equal-accuracy standard baseline.
+
+A speedup over MDEQ-30A only means something when MDEQ-30A is the cheapest standard model with its
+certified accuracy.  The honest baseline of an SRS method is the cheapest MDEQ-kA (solved from zeros)
+whose certified accuracy is within ``tolerance`` images of the certified model's at every table
+radius.  Finding it needs every rung's certificates on the same images.
+
+Cheap, exact rungs: a budget-k solve from zeros returns exactly what a budget-D solve from zeros
+holds after its k-th evaluation (``DEQ.solvers``, tested bit for bit per solver), so one pass of the
+certified model with the head applied at the recorded budgets gives every rung's predictions on the
+same noise.  Each rung's certificate is then the ordinary CERTIFY of MDEQ-kA (Cohen et al.) with
+that noise: exactly what ``certify.py`` with ``--f_thresh k`` and the same seed writes (rows differ
+only in time).  The rungs share their noise, which is fine for each certificate on its own (each is
+sound at level alpha); no statement about all rungs at once is made.
+
+Results file: the certified model's own CERTIFY row (``CERTIFY_COLUMNS``, so the file reads as that
+model's certify file) plus a ``ladder`` column, ``k:predict:radius:n_A:nfe`` per rung joined by ';'
+(:func:`rung_frames` reads it back as one frame per rung, with ``nfe`` the rung's evaluations per
+sample; ``time`` is not measured per rung and is left NaN).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .analysis import certified_accuracy
+from .certificates import Certificate, bound_standard, decide
+from .modes import certificate_row
+from .results import LADDER_COLUMNS, read_results
+from .sampling import ABSTAIN, Counts, SampleStats, ensure_generator, noisy_batch
+from .smooth import Smooth
+
+DEFAULT_RUNGS = (1, 2, 3, 5, 8, 12, 20, 30)
+
+
+def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                   rungs: Sequence[int], generator: Optional[torch.Generator] = None) -> Dict[int, Certificate]:
+    """CERTIFY of every standard model of the ladder from one solve of ``smooth``'s standard model.
+
+    Args:
+        smooth: standard mode (no SRS) on a DEQ whose ``solve`` takes ``rungs`` (``DEQ.models.mdeq``).
+        rungs: budgets k, each at most the standard budget; the standard budget itself is always included.
+        generator: the image's noise stream, drawn exactly as :meth:`SRS.smooth.Smooth.certify` draws it.
+
+    Returns:
+        k -> :class:`SRS.certificates.Certificate` of the standard model with budget k (same solver and
+        tolerance); the top rung equals ``smooth.certify`` with the same generator.
+    """
+    if smooth.srs is not None or not smooth.is_deq:
+        raise ValueError("the ladder certifies standard DEQ models: a Smooth without SRS on a DEQ")
+    std = smooth.standard
+    rungs = sorted(set(int(k) for k in rungs) | {std.max_iter})
+    if rungs[0] < 1 or rungs[-1] > std.max_iter:
+        raise ValueError(f"ladder budgets {rungs} must lie in [1, {std.max_iter}] (the standard budget)")
+    smooth.base_classifier.eval()
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    generator = ensure_generator(generator, x.device)
+    stats = {k: SampleStats() for k in rungs}
+    sel = _ladder_counts(smooth, x, n0, batch_size, generator, rungs, stats)
+    est = _ladder_counts(smooth, x, n, batch_size, generator, rungs, stats)
+    out = {}
+    for k in rungs:
+        s, bad0 = sel[k].numpy()
+        e, bad1 = est[k].numpy()
+        c_hat = int(s.argmax())
+        cert = Certificate(ABSTAIN, 0.0, n_A=int(e[c_hat]), n=n, counts=e, route="standard")
+        if bad0 or bad1:
+            cert.status = f"nonfinite_logits({bad0 + bad1})"
+        else:
+            bound_standard(cert, alpha)
+        decide(cert, c_hat, smooth.sigma)
+        st = stats[k]
+        cert.nfe, cert.residual = st.nfe_per_sample, st.mean_residual
+        cert.std_calls, cert.std_rows = st.std_calls, st.std_rows
+        out[k] = cert
+    return out
+
+
+def _ladder_counts(smooth: Smooth, x, num: int, batch_size: int, generator, rungs, stats):
+    """Per rung: the class counts of ``num`` noisy copies; each rung's ``stats`` get what its own
+    budget-k solves would have cost (min(k, evaluations spent) per batch) and their residuals."""
+    std = smooth.standard
+    counts = {k: Counts(smooth.num_classes, x.device) for k in rungs}
+    done = 0
+    with torch.no_grad():
+        while done < num:
+            b = min(batch_size, num - done)
+            res = smooth.base_classifier.solve(noisy_batch(x, b, smooth.sigma, generator), std.solver, std.max_iter,
+                                               None, std.tol, rungs=rungs)
+            for k in rungs:
+                logits, residual = res.rungs[k]
+                ok = torch.isfinite(residual)
+                counts[k].add(torch.where(ok[:, None], logits, torch.full_like(logits, float("nan"))))
+                stats[k].add(b, min(k, res.result.nfe), residual, standard=True)
+            done += b
+    return counts
+
+
+def ladder_field(certs: Dict[int, Certificate]) -> str:
+    """The ``ladder`` column: ``k:predict:radius:n_A:nfe`` per rung, ';'-joined."""
+    return ";".join(f"{k}:{c.prediction}:{c.radius:.6g}:{c.n_A}:{c.nfe:.6g}" for k, c in sorted(certs.items()))
+
+
+@dataclass
+class LadderMode:
+    """CERTIFY of the certified model, with every rung of the ladder on the same noise (one solve)."""
+    N0: int
+    N: int
+    alpha: float
+    batch: int
+    rungs: Sequence[int] = DEFAULT_RUNGS
+    name: str = "certify_ladder"
+    columns = LADDER_COLUMNS
+
+    def header(self) -> Dict[str, object]:
+        return {"rungs": ",".join(str(k) for k in sorted(set(self.rungs)))}
+
+    def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
+        certs = certify_ladder(smooth, x, self.N0, self.N, self.alpha, self.batch, self.rungs, generator)
+        top = certs[max(certs)]
+        return {**certificate_row(top, idx, label), "ladder": ladder_field(certs)}
+
+    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
+        return {}
+
+
+def rung_frames(path: str) -> Dict[int, pd.DataFrame]:
+    """k -> frame of rung k (idx, label, predict, radius, correct, n_A, nfe; time NaN) of a ladder file."""
+    df = read_results(path)
+    if "ladder" not in df.columns:
+        raise ValueError(f"{path} has no ladder column: write it with SRS.ladder.LadderMode")
+    rows: Dict[int, list] = {}
+    for idx, label, field in zip(df["idx"], df["label"], df["ladder"].astype(str)):
+        for part in field.split(";"):
+            k, pred, radius, n_A, nfe = part.split(":")
+            pred = int(pred)
+            rows.setdefault(int(k), []).append({"idx": int(idx), "label": int(label), "predict": pred,
+                                                "radius": float(radius), "correct": int(pred == int(label)),
+                                                "n_A": int(n_A), "nfe": float(nfe), "time": float("nan")})
+    return {k: pd.DataFrame(v) for k, v in sorted(rows.items())}
+
+
+def certified_counts(df: pd.DataFrame, radii: Sequence[float]) -> np.ndarray:
+    """Images certified correct at each radius (counts, not fractions)."""
+    return np.rint(certified_accuracy(df, list(radii)) * len(df)).astype(int)
+
+
+def equal_accuracy_rung(frames: Dict[int, pd.DataFrame], radii: Sequence[float], tolerance: int = 1,
+                        reference: Optional[int] = None) -> int:
+    """The cheapest rung whose certified accuracy is within ``tolerance`` images of the reference rung's
+    (default: the top rung, the certified model) at every radius of the table.
+
+    Returns:
+        k of that rung (the reference itself when no cheaper rung qualifies).
+    """
+    reference = max(frames) if reference is None else reference
+    ref = certified_counts(frames[reference], radii)
+    for k in sorted(frames):
+        if k <= reference and np.all(np.abs(certified_counts(frames[k], radii) - ref) <= tolerance):
+            return k
+    return reference
+
+
+def ladder_table(frames: Dict[int, pd.DataFrame], radii: Sequence[float], reference: Optional[int] = None,
+                 label=lambda k: f"MDEQ-{k}A") -> pd.DataFrame:
+    """One row per rung: certified accuracy (%) per radius, evaluations of f per sample, the largest gap
+    to the reference rung (images) and the disagreement of its predictions with the reference's."""
+    reference = max(frames) if reference is None else reference
+    ref = frames[reference]
+    ref_counts = certified_counts(ref, radii)
+    rows = []
+    for k, df in frames.items():
+        counts = certified_counts(df, radii)
+        row = {"model": label(k), **{f"{r:g}": 100.0 * c / len(df) for r, c in zip(radii, counts)},
+               "nfe/sample": float(df["nfe"].mean()), "largest gap (images)": int(np.max(np.abs(counts - ref_counts))),
+               "other prediction": float((df["predict"].to_numpy() != ref["predict"].to_numpy()).mean())}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+__all__ = ["DEFAULT_RUNGS", "certify_ladder", "ladder_field", "LadderMode", "rung_frames", "certified_counts",
+           "equal_accuracy_rung", "ladder_table"]
