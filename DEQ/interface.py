@@ -29,11 +29,13 @@ class DEQOutput:
             ``residual``; an infinite residual means no finite iterate was ever produced).
         rungs: with ``solve(..., rungs=(k1, ...))``: k -> (logits, residual) that a budget-k solve from
             the same start returns (``DEQ.solvers``, the ladder); None otherwise.
+        rung_seconds: time spent on the rungs' heads (work a plain solve does not do).
     """
     logits: torch.Tensor
     z: torch.Tensor
     result: Optional[SolverResult]
     rungs: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None
+    rung_seconds: float = 0.0
 
 
 @runtime_checkable

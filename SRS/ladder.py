@@ -16,7 +16,8 @@ sound at level alpha); no statement about all rungs at once is made.
 Results file: the certified model's own CERTIFY row (``CERTIFY_COLUMNS``, so the file reads as that
 model's certify file) plus a ``ladder`` column, ``k:predict:radius:n_A:nfe`` per rung joined by ';'
 (:func:`rung_frames` reads it back as one frame per rung, with ``nfe`` the rung's evaluations per
-sample; ``time`` is not measured per rung and is left NaN).
+sample; ``time`` is not measured per rung and is left NaN).  The file's own ``time`` is the certified
+model's: the lower rungs' heads are timed apart and left out (``UNTIMED``).
 """
 from __future__ import annotations
 
@@ -30,15 +31,23 @@ import torch
 from .analysis import certified_accuracy
 from .certificates import Certificate, bound_standard, decide
 from .modes import certificate_row
-from .results import LADDER_COLUMNS, read_results
+from .results import LADDER_COLUMNS, UNTIMED, read_results
 from .sampling import ABSTAIN, Counts, SampleStats, ensure_generator, noisy_batch
 from .smooth import Smooth
 
 DEFAULT_RUNGS = (1, 2, 3, 5, 8, 12, 20, 30)
 
 
+@dataclass
+class Ladder:
+    """The certificates of a ladder, and the seconds spent on the lower rungs' heads (work that a plain
+    run of the certified model does not do, left out of its timing)."""
+    certificates: Dict[int, Certificate]
+    rung_seconds: float = 0.0
+
+
 def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
-                   rungs: Sequence[int], generator: Optional[torch.Generator] = None) -> Dict[int, Certificate]:
+                   rungs: Sequence[int], generator: Optional[torch.Generator] = None) -> Ladder:
     """CERTIFY of every standard model of the ladder from one solve of ``smooth``'s standard model.
 
     Args:
@@ -47,8 +56,8 @@ def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: floa
         generator: the image's noise stream, drawn exactly as :meth:`SRS.smooth.Smooth.certify` draws it.
 
     Returns:
-        k -> :class:`SRS.certificates.Certificate` of the standard model with budget k (same solver and
-        tolerance); the top rung equals ``smooth.certify`` with the same generator.
+        :class:`Ladder`: k -> :class:`SRS.certificates.Certificate` of the standard model with budget k
+        (same solver and tolerance); the top rung equals ``smooth.certify`` with the same generator.
     """
     if smooth.srs is not None or not smooth.is_deq:
         raise ValueError("the ladder certifies standard DEQ models: a Smooth without SRS on a DEQ")
@@ -60,8 +69,9 @@ def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: floa
     x = x.unsqueeze(0) if x.dim() == 3 else x
     generator = ensure_generator(generator, x.device)
     stats = {k: SampleStats() for k in rungs}
-    sel = _ladder_counts(smooth, x, n0, batch_size, generator, rungs, stats)
-    est = _ladder_counts(smooth, x, n, batch_size, generator, rungs, stats)
+    seconds = [0.0]
+    sel = _ladder_counts(smooth, x, n0, batch_size, generator, rungs, stats, seconds)
+    est = _ladder_counts(smooth, x, n, batch_size, generator, rungs, stats, seconds)
     out = {}
     for k in rungs:
         s, bad0 = sel[k].numpy()
@@ -77,10 +87,10 @@ def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: floa
         cert.nfe, cert.residual = st.nfe_per_sample, st.mean_residual
         cert.std_calls, cert.std_rows = st.std_calls, st.std_rows
         out[k] = cert
-    return out
+    return Ladder(out, seconds[0])
 
 
-def _ladder_counts(smooth: Smooth, x, num: int, batch_size: int, generator, rungs, stats):
+def _ladder_counts(smooth: Smooth, x, num: int, batch_size: int, generator, rungs, stats, seconds):
     """Per rung: the class counts of ``num`` noisy copies; each rung's ``stats`` get what its own
     budget-k solves would have cost (min(k, evaluations spent) per batch) and their residuals."""
     std = smooth.standard
@@ -91,6 +101,7 @@ def _ladder_counts(smooth: Smooth, x, num: int, batch_size: int, generator, rung
             b = min(batch_size, num - done)
             res = smooth.base_classifier.solve(noisy_batch(x, b, smooth.sigma, generator), std.solver, std.max_iter,
                                                None, std.tol, rungs=rungs)
+            seconds[0] += res.rung_seconds
             for k in rungs:
                 logits, residual = res.rungs[k]
                 ok = torch.isfinite(residual)
@@ -120,9 +131,10 @@ class LadderMode:
         return {"rungs": ",".join(str(k) for k in sorted(set(self.rungs)))}
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
-        certs = certify_ladder(smooth, x, self.N0, self.N, self.alpha, self.batch, self.rungs, generator)
+        ladder = certify_ladder(smooth, x, self.N0, self.N, self.alpha, self.batch, self.rungs, generator)
+        certs = ladder.certificates
         top = certs[max(certs)]
-        return {**certificate_row(top, idx, label), "ladder": ladder_field(certs)}
+        return {**certificate_row(top, idx, label), "ladder": ladder_field(certs), UNTIMED: ladder.rung_seconds}
 
     def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
         return {}
@@ -182,5 +194,5 @@ def ladder_table(frames: Dict[int, pd.DataFrame], radii: Sequence[float], refere
     return pd.DataFrame(rows)
 
 
-__all__ = ["DEFAULT_RUNGS", "certify_ladder", "ladder_field", "LadderMode", "rung_frames", "certified_counts",
+__all__ = ["DEFAULT_RUNGS", "Ladder", "certify_ladder", "ladder_field", "LadderMode", "rung_frames", "certified_counts",
            "equal_accuracy_rung", "ladder_table"]

@@ -34,8 +34,8 @@ from DEQ.solvers import SOLVERS
 from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 
 from .distributed import World, check_same, deal, wait_all
-from .results import (RESUME_IGNORED_KEYS, ResultsFile, consolidate, count_rows, header_value, provenance, read_rows,
-                      shard_files, shard_path)
+from .results import (RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, count_rows, header_value, provenance,
+                      read_rows, shard_files, shard_path)
 from .settings import WARM_STARTS, DEQSolve, SRSConfig
 from .smooth import Smooth
 
@@ -467,7 +467,7 @@ def _loop(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, results: Re
     for idx in todo:
         x, label = loaded.dataset[idx]
         x = x.to(device)
-        t0 = time.time()
+        t0 = time.perf_counter()
         try:
             row = mode.work(smooth, x, int(label), idx, image_generator(spec.seed, idx, device))
             if device.type == "cuda":
@@ -477,7 +477,8 @@ def _loop(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, results: Re
                 raise
             raise UserError(f"out of memory on {device} at image {idx}: lower --batch (now {spec.sampling.batch}) "
                             f"(the {len(results.rows)} rows written so far are kept; continue with --resume)") from None
-        row["time"] = time.time() - t0  # the first image's time includes compiling (--compile)
+        # the first image's time includes compiling (--compile); UNTIMED work belongs to no method
+        row["time"] = time.perf_counter() - t0 - row.pop(UNTIMED, 0.0)
         note = compile_report(smooth.base_classifier)
         if note:
             print(note, flush=True)

@@ -58,6 +58,12 @@ def digits_checkpoint(sigma: float, retrain: bool, device: str, cfg_path: str = 
     return outcome.last_path, secs
 
 
+def default_report_dir(cfg_path: str) -> str:
+    """reports/digits for the 8x8 config, reports/<name> (e.g. digits32) for another digits config."""
+    stem = os.path.splitext(os.path.basename(cfg_path))[0]
+    return "reports/digits" if cfg_path == DIGITS_CFG else "reports/" + stem.replace("cls_mdeq_", "")
+
+
 def cifar_present(data_dir) -> bool:
     return bool(data_dir) and os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
 
@@ -87,25 +93,39 @@ def table_methods(radii) -> list:
             srs(1, "naive", refine_margin=3, radius_grid=grid, second_look=3)]
 
 
-def section(sigma, paths, radii, out_dir, train_secs, ckpt, samples, alpha=0.001):
-    """Markdown for one sigma: table, speedup and gap lines, curves and RRD figures."""
-    from SRS.analysis import plot_curves, relative_radius_difference, rrd_summary, write_rrd_outputs
-    from SRS.benchmark import comparison, max_gap, mean_column, method_summary, summary_markdown, to_markdown
-    table, runs = comparison(paths, radii, baseline="MDEQ-30A")
+def section(sigma, honest, radii, out_dir, train_secs, ckpt, samples, alpha=0.001):
+    """Markdown for one sigma: ladder, table, speedups over the equal-accuracy baseline and MDEQ-30A,
+    curves and RRD figures; and the headline entries {label: (f-eval and wall speedups, gap, radius)}."""
+    from SRS.analysis import plot_curves, relative_radius_difference, rrd_summary, summary_table, write_rrd_outputs
+    from SRS.benchmark import ladder_markdown, max_gap, mean_column, summary_markdown, to_markdown
+    from SRS.ladder import rung_frames
+    runs, base_eq = honest.runs, honest.baseline
+    top = next(iter(runs))
+    frames = rung_frames(honest.paths[top])
+    rung_rows = {f"MDEQ-{k}A": frames[k] for k in sorted({1, 5, base_eq.k} & set(frames)) if f"MDEQ-{k}A" != top}
+    table = summary_table({**rung_rows, **runs}, radii, baseline=top)
     curves = f"curves_sigma{sigma:g}.png"
     plot_curves(runs, os.path.join(out_dir, curves))
     plot_curves(runs, os.path.join(out_dir, curves.replace(".png", ".pdf")))
-    base = runs["MDEQ-30A"]
+    base = runs[top]
+    timed = (f" {base_eq.label} was timed for real beside the other methods in a second interleaved pass "
+             f"(`tsv/vs_{base_eq.label}/`)." if honest.timed else "")
     lines = [f"## sigma = {sigma:g}", "",
              f"Checkpoint `{ckpt}`" + (f" (trained in {train_secs / 60:.1f} min)" if train_secs else " (reused)") +
-             f"; {len(base)} test images; certified accuracy in %, radius in pixel units.", "", to_markdown(table), "",
-             "Per method: speedup over MDEQ-30A, largest certified-accuracy gap over the radii, pairing (mean K, "
-             "mean K_A paired standard solves, misaligned fraction), standard-solver calls per image, images "
-             "certified by the standard model outright (fallbacks), and the sound speed limit at equal accuracy "
-             "computed from the MDEQ-30A rows (README) with the fraction of it reached. For refine rows the "
-             "re-solved samples count as standard solves, so their limit is that of the plain chain, which "
-             "they cannot approach where many samples have small margins.", "",
-             summary_markdown(method_summary(runs, "MDEQ-30A", radii, samples, alpha, sigma)), "",
+             f"; {len(base)} test images; certified accuracy in %, radius in pixel units.", "",
+             f"The ladder of {top}: rung k is MDEQ-kA (k Anderson evaluations from zeros) certified on the same "
+             f"noise from {top}'s own solves (bit for bit what a separate MDEQ-kA run gives). The equal-accuracy "
+             f"baseline is the cheapest rung within one image of {top} at every radius of the table: "
+             f"**{base_eq.label}**.", "", ladder_markdown(base_eq), "",
+             "Certified accuracy (rung rows from the ladder, not timed on their own):", "", to_markdown(table), "",
+             f"Per method, speedups over the equal-accuracy baseline {base_eq.label} and over {top}: in evaluations "
+             f"of f per sample (which no machine load changes) and in wall clock, all methods run interleaved "
+             f"image by image.{timed} Then the largest certified-accuracy gap to {top}, pairing (mean K, mean K_A "
+             f"paired standard solves, misaligned fraction), standard-solver calls per image, images certified by "
+             f"the standard model outright (fallbacks), and the sound speed limit over {top} at equal accuracy "
+             f"(docs) with the fraction of it reached. For refine rows the re-solved samples count as standard "
+             f"solves, so their limit is that of the plain chain.", "",
+             summary_markdown(honest.summary), "",
              "| model | f evaluations / sample |", "|---|---:|"]
     for label, df in runs.items():
         lines.append(f"| {label} | {mean_column(df, 'nfe'):.2f} |")
@@ -113,15 +133,32 @@ def section(sigma, paths, radii, out_dir, train_secs, ckpt, samples, alpha=0.001
     for label in [m for m in runs if m.startswith("SRS-MDEQ-1A")]:
         rrd = relative_radius_difference(base, runs[label])
         s = rrd_summary(rrd)
-        write_rrd_outputs(rrd, f"{label}_sigma{sigma:g}", "MDEQ-30A", out_dir)
-        lines += [f"RRD {label} vs MDEQ-30A: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in s.items()), ""]
+        write_rrd_outputs(rrd, f"{label}_sigma{sigma:g}", top, out_dir)
+        lines += [f"RRD {label} vs {top}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in s.items()), ""]
     headline = {}
+    summ = honest.summary.set_index("method")
     for label in runs:
         if label.startswith("SRS-MDEQ-") and "K=" not in label:
-            gap, at = max_gap(runs, label, "MDEQ-30A", radii)
-            headline[label] = (base["time"].mean() / runs[label]["time"].mean(), gap, at)
+            gap, at = max_gap(runs, label, top, radii)
+            r = summ.loc[label]
+            headline[label] = (r["f-eval vs equal-acc."], r["wall vs equal-acc."], r["f-eval vs 30A"],
+                               r["wall vs 30A"], gap, at)
     return "\n".join(lines), headline
+
+
+def headline_lines(sigma, headline, baseline: str) -> list:
+    """One line per SRS method: evaluations first, wall clock beside, against both baselines."""
+    out = []
+    for label, (fe_eq, wall_eq, fe_top, wall_top, gap, at) in headline.items():
+        wall = "not timed" if wall_eq != wall_eq else f"{wall_eq:.2f}x"
+        verdict = "fewer" if fe_eq >= 1 else "MORE"
+        ratio = fe_eq if fe_eq >= 1 else 1 / fe_eq
+        out.append(f"- sigma {sigma:g}: {label} spends {ratio:.2f}x {verdict} evaluations of f than the equal-accuracy "
+                   f"baseline {baseline} (wall clock {wall}), {fe_top:.2f}x fewer than MDEQ-30A (wall clock "
+                   f"{wall_top:.2f}x, interleaved); largest certified-accuracy gap to MDEQ-30A {gap:.1f} points "
+                   f"(at radius {at:g}).")
+    return out
 
 
 def adversarial_report(args) -> None:
@@ -198,6 +235,8 @@ def main():
                    help="leave out the SRS rows set up for the table (radius grid, second look, route pilot 0.5 "
                         "for SRS-3A, refine margin for SRS-1A/-1N)")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
+    p.add_argument("--cfg", default=DIGITS_CFG, help="digits config to train and certify (e.g. "
+                   "experiments/digits/cls_mdeq_digits32.yaml, the 32x32 setting where depth matters)")
     p.add_argument("--quick", action="store_true", help="sigma 0.25, MDEQ-30A vs SRS-MDEQ-1A/3A on a subset (< 10 min)")
     p.add_argument("--paper", action="store_true", help="the paper's CIFAR-10 setting (needs --ckpt and --data-dir)")
     p.add_argument("--ckpt", default=None, help="checkpoint for --paper (an MDEQ-LARGE trained at sigma 0.5)")
@@ -215,7 +254,8 @@ def main():
     if args.adversarial:
         return adversarial_report(args)
 
-    from SRS.benchmark import paper_methods, run_methods, srs, standard
+    from SRS.benchmark import honest_comparison, paper_methods, srs, standard
+    from SRS.ladder import DEFAULT_RUNGS
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
     if args.paper:
         if not cifar_present(args.data_dir):
@@ -232,11 +272,11 @@ def main():
         sigmas = [0.25] if args.quick else args.sigmas
         N, skip, K = (1000, 25, args.conf_drop) if args.quick else (args.N, args.skip, args.conf_drop)
         data, N0, batch = DataSpec("digits", "test", None, skip=skip, max=args.max), args.N0, args.batch
-        methods = [standard(30), srs(1, conf_drop=K), srs(3, conf_drop=K)] if args.quick else \
+        methods = [standard(30, rungs=DEFAULT_RUNGS), srs(1, conf_drop=K), srs(3, conf_drop=K)] if args.quick else \
             paper_methods(K) + [srs(1, conf_drop=args.reference_K),
                                 srs(1, conf_drop=args.reference_K, certificate="reference")]
         grid_rows = not args.quick and K == "auto" and not args.no_table_rows
-        out_dir = args.out or ("reports/quick" if args.quick else "reports/digits")
+        out_dir = args.out or ("reports/quick" if args.quick else default_report_dir(args.cfg))
         radii = args.radii
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
@@ -245,17 +285,20 @@ def main():
         if args.paper:
             ckpt, secs = args.ckpt, None
         else:
-            ckpt, secs = digits_checkpoint(sigma, args.retrain, args.device)
+            ckpt, secs = digits_checkpoint(sigma, args.retrain, args.device, args.cfg)
         sigma_radii = radii or [round(sigma * k, 4) for k in (0, 0.5, 1, 1.5, 2, 2.5, 3)]
         template = RunSpec(data=data, checkpoint=ckpt, outfile="", sampling=Sampling(sigma, N, 0.001, batch, N0),
                            smoothing=SmoothingSpec(tol=0.0), device=args.device, progress=False)
         rows = methods + (table_methods(sigma_radii) if grid_rows else [])
-        paths = run_methods(template, rows, os.path.join(out_dir, "tsv"), log=log)
+        honest = honest_comparison(template, rows, os.path.join(out_dir, "tsv"), sigma_radii, log=log)
         samples = N0 + N
-        text, headline = section(sigma, paths, sigma_radii, out_dir, secs, ckpt, samples)
+        text, headline = section(sigma, honest, sigma_radii, out_dir, secs, ckpt, samples)
         sections.append(text)
-        headlines[sigma] = headline
-        print("\n" + text.split("\n\n", 2)[2].split("\n\n")[0] + "\n", flush=True)
+        headlines[sigma] = (headline, honest.baseline.label)
+        from SRS.benchmark import ladder_markdown, summary_markdown
+        print(f"\nsigma {sigma:g}: ladder of MDEQ-30A, equal-accuracy baseline {honest.baseline.label}\n\n"
+              f"{ladder_markdown(honest.baseline)}\n\n{summary_markdown(honest.summary)}\n\n" +
+              "\n".join(headline_lines(sigma, headline, honest.baseline.label)) + "\n", flush=True)
     total = time.time() - t_start
     summary = ["# Standard randomized smoothing vs SRS" + (" (CIFAR-10)" if args.paper else " on the embedded digits"), "",
                f"Command: `{' '.join(['python'] + sys.argv)}` ({total / 60:.1f} min on this machine for this "
@@ -276,10 +319,8 @@ def main():
                "misaligned pair (--second_look 3), pilot0.5 refines the route to the standard model with 0.5 N "
                "further SRS samples (--route_pilot 0.5), and refine3 re-solves with the standard model the rows whose "
                "logit margin is below 3 (--refine_margin 3); each is still a sound certificate of MDEQ-30A.", ""]
-    for sigma, h in headlines.items():
-        for label, (ratio, gap, at) in h.items():
-            summary.append(f"- sigma {sigma:g}: {label} is {ratio:.1f}x faster than MDEQ-30A; largest certified-accuracy "
-                           f"gap {gap:.1f} points (at radius {at:g}).")
+    for sigma, (h, baseline) in headlines.items():
+        summary += headline_lines(sigma, h, baseline)
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as fh:
         fh.write("\n".join(summary + [""] + sections) + "\n")

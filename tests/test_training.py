@@ -14,7 +14,8 @@ from DEQ.errors import UserError
 from DEQ.models import build_model
 from DEQ.training import Trainer
 
-CONFIGS = ["experiments/digits/cls_mdeq_digits.yaml", "experiments/cifar/cls_mdeq_SMALL.yaml",
+CONFIGS = ["experiments/digits/cls_mdeq_digits.yaml", "experiments/digits/cls_mdeq_digits32.yaml",
+           "experiments/cifar/cls_mdeq_SMALL.yaml",
            "experiments/cifar/cls_mdeq_LARGE.yaml", "experiments/imagenet/cls_mdeq_SMALL.yaml"]
 
 
@@ -30,6 +31,21 @@ def test_each_shipped_config_builds_and_runs_forward(path):
     # chaining: the returned state warm-starts the next solve
     again = model.solve(x, "naive", 1, z0=out.z)
     assert again.z.shape == out.z.shape
+
+
+def test_digits32_config_trains_on_32x32_digits(tmp_path):
+    """The 32x32 setting (digits resized; depth matters there): a tiny-epoch run trains, and its
+    checkpoint certifies 32x32 inputs."""
+    cfg = load_config(os.path.join(ROOT, "experiments/digits/cls_mdeq_digits32.yaml"),
+                      ["TRAIN.END_EPOCH", "1", "PERCENT", "0.05", "TRAIN.PRETRAIN_STEPS", "1"], noise=0.5)
+    assert list(cfg.MODEL.IMAGE_SIZE) == [32, 32]
+    trainer = Trainer(cfg, torch.device("cpu"), str(tmp_path), show_progress=False)
+    trainer.fit()
+    model = load_model(trainer.last_path, torch.device("cpu")).model.eval()
+    x, _ = get_dataset("digits", "test", image_size=32)[0]
+    assert x.shape == (1, 32, 32)
+    out = model.solve(x[None], "anderson", 3, None, 0.0)
+    assert out.logits.shape == (1, 10) and torch.isfinite(out.logits).all()
 
 
 def test_training_steps_reduce_the_loss(tiny_opts):

@@ -23,6 +23,7 @@ Forward interfaces:
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -399,14 +400,24 @@ class MDEQClsNet(nn.Module):
             if z0 is None:
                 z0 = x.new_zeros(x.shape[0], sum(s.numel() for s in shapes))
             res = solve(solver, func, z0, max_iter, tol=tol, stop_mode=self.stop_mode, record=rungs)
-            return DEQOutput(self.head(res.z, shapes), res.z, res, self._rung_logits(res, lambda z: self.head(z, shapes)))
+            logits = self.head(res.z, shapes)
+            out = DEQOutput(logits, res.z, res)
+            self._rung_logits(out, res, logits, max_iter, lambda z: self.head(z, shapes))
+            return out
 
     @staticmethod
-    def _rung_logits(res, head, rows: Optional[int] = None):
-        """k -> (logits, residual) of the recorded budgets (None when none were recorded)."""
+    def _rung_logits(out: DEQOutput, res, logits, max_iter: int, head, rows: Optional[int] = None) -> None:
+        """Fill ``out.rungs`` (k -> (logits, residual)) from the recorded budgets, and ``out.rung_seconds``
+        with the time the heads of the lower rungs took (the work a plain solve does not do)."""
         if res.snapshots is None:
-            return None
-        return {k: (head(z)[:rows].clone(), r[:rows]) for k, (z, r) in res.snapshots.items()}
+            return
+        t0 = time.perf_counter()
+        rungs = {}
+        for k, (z, r) in res.snapshots.items():
+            rungs[k] = ((logits if k == max_iter else head(z))[:rows].clone(), r[:rows])
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        out.rungs, out.rung_seconds = rungs, time.perf_counter() - t0
 
     def _solve_engine(self, x: torch.Tensor, solver: str, max_iter: int, z0: Optional[torch.Tensor],
                       tol: float, rungs: Sequence[int] = ()) -> DEQOutput:
@@ -423,9 +434,11 @@ class MDEQClsNet(nn.Module):
         res = solve(solver, lambda z: engine.f(z, injection), z0, max_iter, tol=tol, stop_mode=self.stop_mode,
                     record=rungs)
         logits = engine.head(res.z, injection)
-        ladder = self._rung_logits(res, lambda z: engine.head(z, injection), rows)
+        out = DEQOutput(logits[:rows], None, None)
+        self._rung_logits(out, res, logits, max_iter, lambda z: engine.head(z, injection), rows)
         res = trim_result(res, rows)
-        return DEQOutput(logits[:rows], res.z, res, ladder)
+        out.z, out.result = res.z, res
+        return out
 
     def forward(self, x: torch.Tensor, solver: Optional[str] = None, max_iter: Optional[int] = None,
                 z0: Optional[torch.Tensor] = None) -> torch.Tensor:
