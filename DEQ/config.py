@@ -70,6 +70,7 @@ objective (Jacobian loss, dropout) are refused there.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Optional
 
 import yaml
@@ -223,6 +224,9 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
         with open(path) as fh:
             text = fh.read()
         loaded = _parse_yaml(text, f"config file {path}")
+        if not loaded:
+            raise UserError(f"config file {path} is empty (no KEY: value): pass a yaml with the run's keys, e.g. "
+                            f"experiments/digits/cls_mdeq_digits.yaml")
     return _build(loaded, f"config file {path}", opts, noise)
 
 
@@ -264,11 +268,14 @@ def _build(loaded: Optional[dict], source: str, opts: Iterable[str], noise: Opti
            unknown_fix: str = CONFIG_FIX) -> CN:
     cfg = get_default_config()
     if loaded:
+        loaded = _floats_where_floats(cfg, loaded)
         _merge(cfg, lambda c: c.merge_from_other_cfg(CN(loaded)), source, unknown_fix)
     opts = list(opts or [])
     if len(opts) % 2:
         raise UserError(f"overrides must come in KEY VALUE pairs; '{opts[-1]}' has no value")
     if opts:
+        for i in range(1, len(opts), 2):
+            opts[i] = _float_where_float(cfg, opts[i - 1], opts[i])
         _merge(cfg, lambda c: c.merge_from_list(opts), "command-line override")
     if noise is not None:
         check_number("--noise", noise, 0, hint=" (the std of the Gaussian training noise, in [0,1] pixel units)")
@@ -276,6 +283,41 @@ def _build(loaded: Optional[dict], source: str, opts: Iterable[str], noise: Opti
     validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _floats_where_floats(defaults: CN, loaded: dict) -> dict:
+    """``loaded`` with a whole number turned into a float where the default is a float (``PERCENT: 1``)."""
+    out = {}
+    for key, value in loaded.items():
+        default = defaults.get(key) if isinstance(defaults, CN) else None
+        if isinstance(value, dict) and isinstance(default, CN):
+            value = _floats_where_floats(default, value)
+        elif isinstance(default, float) and _is_int(value):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _float_where_float(cfg: CN, key: str, value):
+    """An override's value, written as a float where the key's default is one (``PERCENT 1``)."""
+    node = cfg
+    for part in str(key).split("."):
+        if not isinstance(node, CN) or part not in node:
+            return value
+        node = node[part]
+    if isinstance(node, float) and isinstance(value, str):
+        decoded = CN._decode_cfg_value(value)
+        if _is_int(decoded):
+            return str(float(decoded))
+    return value
+
+
+_TYPE_MISMATCH = re.compile(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+                            r"for config key: (\S+)", re.S)
 
 
 def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
@@ -286,6 +328,12 @@ def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
         if msg.startswith("Non-existent"):  # yacs' words for an unknown key
             key = msg.split(":", 1)[1].strip()
             raise UserError(f"{where}: unknown config key {key}; {unknown_fix}") from None
+        mismatch = _TYPE_MISMATCH.match(" ".join(msg.split()))
+        if mismatch:
+            want, got, default, value, key = mismatch.groups()
+            a = "an" if want[0] in "aeiou" else "a"
+            raise UserError(f"{where}: {key} takes {a} {want} value (e.g. {default}), got {value} ({got}); "
+                            f"give {a} {want}") from None
         raise UserError(f"{where}: {' '.join(msg.split())}") from None
 
 

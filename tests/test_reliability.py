@@ -155,6 +155,22 @@ BAD = [
      ["TRAIN.END_EPOCH 3 must be larger than TRAIN.BEGIN_EPOCH 5"]),
     # item 4: a folder that cannot be created although its parent looks writable
     ("train", "out_under_proc", None, train_argv("/proc/t17"), ["--out /proc/t17: cannot create /proc/t17"]),
+    # item 9: messages that name the problem and the fix
+    ("train", "empty_yaml", lambda t, ck: (t / "empty.yaml").write_text("# only a comment\n"),
+     ["--cfg", "{t}/empty.yaml", "--noise", "0.25", "--out", "{t}/run"], ["empty.yaml is empty", "pass a yaml"]),
+    ("train", "type_mismatch", None, train_argv("{t}/run", opts=["PERCENT", "abc"]),
+     ["PERCENT takes a float value (e.g. 0.1), got abc (str); give a float"]),
+    ("train", "unknown_flag", None, train_argv("{t}/run", "--bogus"),
+     ["unrecognized arguments: --bogus; see cls_train.py --help"]),
+    ("certify", "resume_and_overwrite", _certified, ["digits", C, "0.25", "{t}/r.tsv", "--resume", "--overwrite", *SMALL],
+     ["--resume continues OUTFILE and --overwrite replaces it"]),
+    ("certify", "outfile_under_a_file", _garbage, ["digits", C, "0.25", "{t}/afile/o.tsv", *SMALL],
+     ["cannot create the output folder", "afile is a file, not a folder"]),
+    ("qcrs", "no_sigma", None, ["digits", C, "{t}/q.tsv", *SMALL],
+     ["the following arguments are required: --sigma; see certify_qcrs.py --help"]),
+    ("analyze", "comments_only", lambda t, ck: (t / "c.tsv").write_text("# mode: certify\n# sigma: 0.25\n"),
+     ["{t}/c.tsv"], ["holds only '#' header lines, no column line and no rows"]),
+    ("analyze", "radii_nan", _two_image_sets, ["{t}/skip1.tsv", "--radii", "0", "nan"], ["--radii must be finite"]),
     # items 6, 9, 11: certify / predict / QCRS values and paths
     ("certify", "max_negative", None, ["digits", C, "0.25", "{t}/o.tsv", "--max", "-5", *SMALL],
      ["--max must be an integer >= 1 (or -1), got -5"]),
