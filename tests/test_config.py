@@ -199,7 +199,7 @@ def test_a_whole_number_is_accepted_where_a_float_is_expected(tmp_path):
     path = tmp_path / "ints.yaml"
     path.write_text(open(DIGITS_CFG).read() + "PERCENT: 1\n")
     assert isinstance(load_config(str(path)).PERCENT, float)
-    with pytest.raises(UserError, match="PERCENT must be a finite number > 0"):  # now a range error, not a type one
+    with pytest.raises(UserError, match="PERCENT must be a finite number > 0"):  # the range check, not a type error
         load_config(DIGITS_CFG, ["PERCENT", "0"])
     with pytest.raises(UserError, match=r"TRAIN.END_EPOCH takes an int value \(e.g. 40\), got 2.5 \(float\); give an int"):
         load_config(DIGITS_CFG, ["TRAIN.END_EPOCH", "2.5"])
