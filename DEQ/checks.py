@@ -52,15 +52,16 @@ def check_input_file(path: str, what: str, fix: str = "check the path", inside: 
 
 
 def writable_dir_problem(folder: str) -> Optional[str]:
-    """Why files cannot be created in ``folder`` (created on demand), or None.  Creates nothing:
-    a missing folder is judged by its nearest existing ancestor."""
+    """Why files cannot be created in ``folder`` (created on demand), or None.  Leaves nothing behind:
+    a missing folder is judged by creating and removing its topmost missing ancestor (os.access
+    misjudges root, /proc and some mounts)."""
     folder = os.path.abspath(folder)
-    probe = folder
+    probe, top = folder, None
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
-        probe = parent
+        probe, top = parent, probe
     if not os.path.isdir(probe):
         return f"{probe} is a file, not a folder"
     if probe == folder:
@@ -70,8 +71,13 @@ def writable_dir_problem(folder: str) -> Optional[str]:
         except OSError as exc:
             return f"cannot create files there ({exc.strerror})"
         return None
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"cannot create {folder} (no write permission in {probe})"
+    try:
+        os.mkdir(top)
+    except FileExistsError:
+        return None  # created meanwhile by someone else
+    except OSError as exc:
+        return f"cannot create {folder} ({exc.strerror} in {probe})"
+    os.rmdir(top)
     return None
 
 

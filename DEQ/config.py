@@ -70,6 +70,7 @@ objective (Jacobian loss, dropout) are refused there.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Optional
 
 import yaml
@@ -223,6 +224,9 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
         with open(path) as fh:
             text = fh.read()
         loaded = _parse_yaml(text, f"config file {path}")
+        if not loaded:
+            raise UserError(f"config file {path} is empty (no KEY: value): pass a yaml with the run's keys, e.g. "
+                            f"experiments/digits/cls_mdeq_digits.yaml")
     return _build(loaded, f"config file {path}", opts, noise)
 
 
@@ -264,11 +268,14 @@ def _build(loaded: Optional[dict], source: str, opts: Iterable[str], noise: Opti
            unknown_fix: str = CONFIG_FIX) -> CN:
     cfg = get_default_config()
     if loaded:
+        loaded = _floats_where_floats(cfg, loaded)
         _merge(cfg, lambda c: c.merge_from_other_cfg(CN(loaded)), source, unknown_fix)
     opts = list(opts or [])
     if len(opts) % 2:
         raise UserError(f"overrides must come in KEY VALUE pairs; '{opts[-1]}' has no value")
     if opts:
+        for i in range(1, len(opts), 2):
+            opts[i] = _float_where_float(cfg, opts[i - 1], opts[i])
         _merge(cfg, lambda c: c.merge_from_list(opts), "command-line override")
     if noise is not None:
         check_number("--noise", noise, 0, hint=" (the std of the Gaussian training noise, in [0,1] pixel units)")
@@ -276,6 +283,41 @@ def _build(loaded: Optional[dict], source: str, opts: Iterable[str], noise: Opti
     validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _floats_where_floats(defaults: CN, loaded: dict) -> dict:
+    """``loaded`` with a whole number turned into a float where the default is a float (``PERCENT: 1``)."""
+    out = {}
+    for key, value in loaded.items():
+        default = defaults.get(key) if isinstance(defaults, CN) else None
+        if isinstance(value, dict) and isinstance(default, CN):
+            value = _floats_where_floats(default, value)
+        elif isinstance(default, float) and _is_int(value):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _float_where_float(cfg: CN, key: str, value):
+    """An override's value, written as a float where the key's default is one (``PERCENT 1``)."""
+    node = cfg
+    for part in str(key).split("."):
+        if not isinstance(node, CN) or part not in node:
+            return value
+        node = node[part]
+    if isinstance(node, float) and isinstance(value, str):
+        decoded = CN._decode_cfg_value(value)
+        if _is_int(decoded):
+            return str(float(decoded))
+    return value
+
+
+_TYPE_MISMATCH = re.compile(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+                            r"for config key: (\S+)", re.S)
 
 
 def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
@@ -286,13 +328,19 @@ def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
         if msg.startswith("Non-existent"):  # yacs' words for an unknown key
             key = msg.split(":", 1)[1].strip()
             raise UserError(f"{where}: unknown config key {key}; {unknown_fix}") from None
+        mismatch = _TYPE_MISMATCH.match(" ".join(msg.split()))
+        if mismatch:
+            want, got, default, value, key = mismatch.groups()
+            a = "an" if want[0] in "aeiou" else "a"
+            raise UserError(f"{where}: {key} takes {a} {want} value (e.g. {default}), got {value} ({got}); "
+                            f"give {a} {want}") from None
         raise UserError(f"{where}: {' '.join(msg.split())}") from None
 
 
 # Values that must be positive (or in a range): one line naming the key instead of a traceback later
 # (TRAIN.BATCH_SIZE_PER_GPU 0 crashed the DataLoader; TRAIN.NOISE nan trained a useless model).
 _COUNTS = (("TRAIN.BATCH_SIZE_PER_GPU", 1), ("TEST.BATCH_SIZE_PER_GPU", 1), ("TRAIN.BEGIN_EPOCH", 0),
-           ("TRAIN.END_EPOCH", 0), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("PRINT_FREQ", 0),
+           ("TRAIN.END_EPOCH", 1), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("PRINT_FREQ", 0),
            ("MODEL.NUM_CLASSES", 1), ("MODEL.DEPTH", 0),
            ("MODEL.NUM_GROUPS", 1), ("MODEL.NUM_LAYERS", 1), ("MODEL.EXPANSION_FACTOR", 1),
            ("MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", 1), ("MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", 1),
@@ -322,6 +370,47 @@ _REFUSED = (
                               "with MODEL.PRETRAINED"),
     ("DEBUG.DEBUG", (False,), "nothing reads it"),
 )
+
+# Keys a --resume (or --resume-from) may set to another value than the run it continues was trained with.
+# TRAIN.END_EPOCH, PERCENT and TRAIN.BATCH_SIZE_PER_GPU change the steps still to come, and the cosine
+# schedule is re-laid over them (``DEQ.training.Trainer``); the others only say where files are, how data
+# is loaded, how often the log is written and how the backend runs.  Every other key shapes the training
+# (model, optimiser, learning rate, noise, loss, solver, attack): a resume keeps the checkpoint's value.
+RESUME_CHANGEABLE = ("TRAIN.END_EPOCH", "PERCENT", "TRAIN.BATCH_SIZE_PER_GPU", "OUTPUT_DIR", "LOG_DIR", "DATA_DIR",
+                     "DATASET.ROOT", "WORKERS", "PRINT_FREQ", "PIN_MEMORY", "TEST.BATCH_SIZE_PER_GPU",
+                     "CUDNN.BENCHMARK", "CUDNN.DETERMINISTIC", "CUDNN.ENABLED")
+
+
+def _leaves(cfg: CN, prefix: str = ""):
+    for key, value in cfg.items():
+        if isinstance(value, CN):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", list(value) if isinstance(value, tuple) else value
+
+
+def check_resume_config(stored: CN, cfg: CN, flag: str, path: str) -> None:
+    """A resume continues the run as it was trained: ``cfg`` (the yaml and overrides given now) may differ
+    from ``stored`` (the config the checkpoint carries) in :data:`RESUME_CHANGEABLE` keys only.
+
+    Args:
+        stored: the checkpoint's config, validated.
+        cfg: this run's config.
+        flag: '--resume' or '--resume-from', for the message.
+        path: the checkpoint, for the message.
+
+    Raises:
+        UserError: ``KEY is X here but CKPT was trained with Y; ...`` for the first other key that differs.
+    """
+    old = dict(_leaves(stored))
+    for key, value in _leaves(cfg):
+        if key in RESUME_CHANGEABLE or key not in old or old[key] == value:
+            continue
+        raise UserError(f"{flag}: {key} is {value!r} here but {path} was trained with {old[key]!r}; a resume "
+                        f"continues that run as trained and may change only TRAIN.END_EPOCH, PERCENT, "
+                        f"TRAIN.BATCH_SIZE_PER_GPU and data, log and backend settings: give {key} {old[key]!r} (or "
+                        f"drop the override), or start a new run for {key} {value!r} (another --out, or --overwrite)")
+
 
 # MODEL.NAME -> (is a DEQ, depth the name implies or None for 'set by MODEL.DEPTH')
 MODEL_NAMES = {"mdeq": (True, 0), "resnet_cifar": (False, None), "resnet110": (False, 110), "resnet50": (False, 50)}
@@ -416,6 +505,10 @@ def validate(cfg: CN) -> None:
         check_count(key, _get(cfg, key), minimum)
     for key, minimum, strict, maximum in _NUMBERS:
         check_number(key, _get(cfg, key), minimum, strict, maximum)
+    if cfg.TRAIN.END_EPOCH <= cfg.TRAIN.BEGIN_EPOCH:
+        raise UserError(f"TRAIN.END_EPOCH {cfg.TRAIN.END_EPOCH} must be larger than TRAIN.BEGIN_EPOCH "
+                        f"{cfg.TRAIN.BEGIN_EPOCH} (a run trains epochs BEGIN_EPOCH to END_EPOCH - 1): raise "
+                        f"TRAIN.END_EPOCH or lower TRAIN.BEGIN_EPOCH")
     for key in ("MODEL.IMAGE_SIZE", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS",
                 "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS"):
         for v in _get(cfg, key):

@@ -6,6 +6,7 @@ layer (config, data, checkpoints, smoothing) and each CLI turns it into the same
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -34,3 +35,13 @@ def cli_main(fn=None, *, interrupted: str = RESUME_HINT):
                 sys.exit(130)
         return wrapper
     return decorate(fn) if fn is not None else decorate
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with the toolkit's contract for bad input: a usage mistake (unknown
+    flag, missing or malformed value) is the one line ``error: <problem>; see PROG --help`` on stderr and
+    exit code 2, without argparse's usage block.  Every command line builds its parser from this class."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)

@@ -429,6 +429,10 @@ class Trainer:
         if noise != float(self.cfg.TRAIN.NOISE):
             raise UserError(f"{flag}: {path} was trained with noise {ckpt.get('noise')} but this run asks for "
                             f"{self.cfg.TRAIN.NOISE}; use the same --noise")
+        if isinstance(ckpt.get("config"), str):
+            from .config import check_resume_config, config_from_text
+            stored = config_from_text(ckpt["config"], f"the config stored in {path}")
+            check_resume_config(stored, self.cfg, flag, path)
         load_state_dict(self.model, ckpt["state_dict"], source=f"checkpoint {path}")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -465,23 +469,32 @@ class Trainer:
             self.draws.manual_seed(derived_seed(seed, "draws", "epoch", self.epoch))
 
     def _relay_schedule(self, ckpt: dict) -> None:
-        """When the steps per epoch differ from the checkpoint's (another world size, PERCENT or batch
-        size), lay the cosine schedule over the new steps: position and length in steps follow the
-        epochs, so the learning rate is the one the epoch count calls for."""
+        """Re-lay the cosine schedule over the run as now planned when the checkpoint's plan differs: other
+        steps per epoch (another world size, PERCENT or batch size) or another TRAIN.END_EPOCH.  Position and
+        length in steps follow the epochs, so the learning rate is the one the epoch count calls for in a
+        run planned from TRAIN.BEGIN_EPOCH to the new TRAIN.END_EPOCH (raised: the decay is stretched to the
+        new end instead of the old schedule's cosine climbing again past its own end)."""
+        if self.cfg.TRAIN.LR_SCHEDULER == "step":
+            return  # milestones in epochs: a later end only adds epochs at the last factor
         saved = ckpt.get("steps_per_epoch")
-        if self.cfg.TRAIN.LR_SCHEDULER == "step" or saved == self.steps_per_epoch or (
-                saved is None and int(ckpt.get("world_size", 1)) == self.world.size):
-            return
+        same_steps = saved == self.steps_per_epoch or (saved is None and int(ckpt.get("world_size", 1)) == self.world.size)
         t, sched = self.cfg.TRAIN, self.scheduler
         total = max(1, self.steps_per_epoch * (t.END_EPOCH - t.BEGIN_EPOCH))
+        if same_steps and sched.T_max == total:
+            return
+        old_total = sched.T_max
         pos = min(total, self.steps_per_epoch * max(0, self.epoch - t.BEGIN_EPOCH))
         lrs = [sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * pos / total)) / 2
                for base in sched.base_lrs]
         sched.T_max, sched.last_epoch, sched._last_lr = total, pos, lrs
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
-        log.info("cosine schedule laid over %d steps per epoch (the checkpoint's run had %s): step %d of %d, lr %.3g",
-                 self.steps_per_epoch, saved if saved is not None else "another number", pos, total, lrs[0])
+        if not same_steps:
+            log.info("cosine schedule laid over %d steps per epoch (the checkpoint's run had %s): step %d of %d, lr %.3g",
+                     self.steps_per_epoch, saved if saved is not None else "another number", pos, total, lrs[0])
+        else:
+            log.info("cosine schedule re-laid to end at TRAIN.END_EPOCH %d (%d steps; the checkpoint's run planned %d): "
+                     "step %d of %d, lr %.3g", t.END_EPOCH, total, old_total, pos, total, lrs[0])
 
     # --------------------------------------------------------------- the loop
     def set_runtime(self, compile: str = "off") -> None:
@@ -558,7 +571,7 @@ class Trainer:
         if self.world.distributed:  # the epoch's figures over every rank's rows
             n, correct, loss_sum, jac_sum, jac_n = self.world.sum([n, correct, loss_sum, jac_sum, jac_n])
         return {"loss": loss_sum / max(n, 1), "acc": 100.0 * correct / max(n, 1),
-                "jac_loss": jac_sum / jac_n if jac_n else float("nan")}
+                "jac_loss": jac_sum / jac_n if jac_n else None}  # None: no step of the epoch drew the Jacobian term
 
     def fit(self, end_epoch: Optional[int] = None) -> EvalStats:
         """Train to END_EPOCH (or ``end_epoch``), evaluating and checkpointing every epoch."""
@@ -591,7 +604,7 @@ class Trainer:
                 self.world.on_rank0(lambda: self._save(state, is_best))  # the others wait for the write
                 jac, solver = "", ""
                 if self.is_deq:  # a ResNet has no Jacobian term and no solver
-                    jac = f"  jac {tr['jac_loss']:.4f}"
+                    jac = "  jac -" if tr["jac_loss"] is None else f"  jac {tr['jac_loss']:.4f}"
                     solver = f"  steps {stats.mean_steps:.2f}  residual {stats.mean_residual:.2e}  nfe {stats.nfe:.1f}"
                 log.info("epoch %d/%d  loss %.4f  train acc %.2f%s | test clean %.2f  noisy(%.2f) %.2f%s | %.1fs%s",
                          self.epoch, end, tr["loss"], tr["acc"], jac, stats.clean_acc,
@@ -626,6 +639,35 @@ def setup_logging(out_dir: str, quiet: bool = False) -> None:
         sh = logging.StreamHandler()
         sh.setFormatter(fmt)
         root.addHandler(sh)
+
+
+class _HeldLog(logging.Handler):
+    """Holds the ``deq`` log records of a block run before the log file may be created; ``replay`` hands
+    them to the handlers set up afterwards."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_HeldLog":
+        root = logging.getLogger("deq")
+        self._saved = root.level, list(root.handlers)
+        root.handlers[:] = [self]
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger("deq")
+        root.setLevel(self._saved[0])
+        root.handlers[:] = self._saved[1]
+
+    def replay(self) -> None:
+        root = logging.getLogger("deq")
+        for record in self.records:
+            root.handle(record)
 
 
 def silence_logging() -> None:
@@ -785,18 +827,20 @@ def _train(world: World, cfg, out: str, data_dir, resume, resume_from, overwrite
     world.on_rank0(lambda: check_run_folder(out, resume, resume_from, overwrite))
     top, before = _snapshot(out)
     try:
-        trainer = Trainer(cfg, device, out, data_dir=data_dir, show_progress=not quiet if progress is None else progress,
-                          world=world)
-        trainer.set_runtime(compile)
+        with _HeldLog() as held:  # refusals (a checkpoint that does not fit) come before the log file exists
+            trainer = Trainer(cfg, device, out, data_dir=data_dir,
+                              show_progress=not quiet if progress is None else progress, world=world)
+            trainer.set_runtime(compile)
+            if resume or resume_from:
+                trainer.resume(resume_from)
         if world.is_main:
             setup_logging(out, quiet=quiet)
         else:
             silence_logging()
+        held.replay()
         stale = world.on_rank0(lambda: remove_stale_temporaries(out))
         if stale:
             log.info("removed %d unfinished checkpoint write(s) of an interrupted run: %s", len(stale), ", ".join(stale))
-        if resume or resume_from:
-            trainer.resume(resume_from)
         if overwrite:
             for name in world.on_rank0(lambda: _delete_run_files(out)):
                 log.info("--overwrite: deleted the previous run's %s", name)

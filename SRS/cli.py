@@ -20,6 +20,7 @@ from typing import Dict
 
 from DEQ.acceleration import COMPILE_CHOICES, PRECISIONS
 from DEQ.data import DATASETS
+from DEQ.errors import ArgumentParser
 from DEQ.solvers import SOLVERS
 
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode
@@ -109,7 +110,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def certify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="certify.py", description="Certify many examples (randomized smoothing / SRS)")
+    p = ArgumentParser(prog="certify.py", description="Certify many examples (randomized smoothing / SRS)")
     add_common_args(p)
     p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
     p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
@@ -117,7 +118,7 @@ def certify_parser() -> argparse.ArgumentParser:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="predict.py", description="Predict with the smoothed classifier (abstains when unsure)")
+    p = ArgumentParser(prog="predict.py", description="Predict with the smoothed classifier (abstains when unsure)")
     add_common_args(p)
     p.add_argument("--N", type=int, default=100000, help="number of noise samples")
     return p
@@ -138,7 +139,7 @@ def add_qcrs_args(p: argparse.ArgumentParser) -> None:
 
 
 def qcrs_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="certify_qcrs.py", description="Certify many examples with QCRS (input-specific sigma)")
+    p = ArgumentParser(prog="certify_qcrs.py", description="Certify many examples with QCRS (input-specific sigma)")
     add_common_args(p, with_sigma=False)
     add_qcrs_args(p)
     p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
@@ -147,7 +148,7 @@ def qcrs_parser() -> argparse.ArgumentParser:
 
 
 def attack_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attack.py", description="Attack each image, then predict with the smoothed "
+    p = ArgumentParser(prog="attack.py", description="Attack each image, then predict with the smoothed "
                                 "classifier at the attacked input (empirical robustness)")
     add_common_args(p)
     p.add_argument("--N", type=int, default=100000, help="noise samples of PREDICT at the attacked input")
@@ -175,8 +176,9 @@ def smoothing_spec(args) -> SmoothingSpec:
         second_look=args.second_look)
 
 
-def run_spec(args) -> RunSpec:
-    """The typed run description of parsed flags, validated (every error one line, before any work)."""
+def run_spec(args, routes: bool = True) -> RunSpec:
+    """The typed run description of parsed flags, validated (every error one line, before any work;
+    ``routes``: whether the mode has CERTIFY's standard fallback route, see ``RunSpec.validate``)."""
     sampling = Sampling(sigma=args.sigma, N=args.N, alpha=args.alpha, batch=args.batch, N0=getattr(args, "N0", None))
     sampling.validate()  # sigma and the sample sizes first: the other checks refer to them
     spec = RunSpec(data=DataSpec(args.dataset, args.split, args.data_dir, args.skip, args.max),
@@ -184,7 +186,7 @@ def run_spec(args) -> RunSpec:
                    smoothing=smoothing_spec(args), cfg=args.cfg, seed=args.seed, device=args.device,
                    threads=args.threads, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                    dist_timeout=args.dist_timeout, compile=args.compile, precision=args.precision)
-    spec.validate()
+    spec.validate(routes=routes)
     if spec.smoothing.srs and spec.smoothing.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
     return spec
@@ -198,7 +200,7 @@ def certify_main(args) -> Dict[str, float]:
 
 def predict_main(args) -> Dict[str, float]:
     """predict.py: PREDICT every chosen image."""
-    spec = run_spec(args)
+    spec = run_spec(args, routes=PredictMode.routes)
     return run(spec, PredictMode(args.N, args.alpha, args.batch))
 
 
@@ -213,7 +215,7 @@ def certify_qcrs_main(args) -> Dict[str, float]:
 
 def attack_main(args) -> Dict[str, float]:
     """attack.py: attack every chosen image and PREDICT at the attacked input."""
-    spec = run_spec(args)
+    spec = run_spec(args, routes=AttackMode.routes)
     settings = AttackSettings(args.attack, args.epsilon, args.norm, args.steps, args.step_size, args.restarts,
                               args.num_noise_vec, args.no_grad_attack)
     settings.validate()

@@ -63,6 +63,7 @@ class CertifyMode(_NoExtras):
     batch: int
     name: str = "certify"
     columns = CERTIFY_COLUMNS
+    routes = True
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         c = smooth.certify(x, self.N0, self.N, self.alpha, self.batch, generator=generator)
@@ -77,6 +78,7 @@ class PredictMode(_NoExtras):
     batch: int
     name: str = "predict"
     columns = PREDICT_COLUMNS
+    routes = False  # PREDICT has no standard fallback route
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         p = smooth.predict(x, self.N, self.alpha, self.batch, generator=generator)
@@ -93,6 +95,7 @@ class QCRSMode:
     batch: int
     name: str = "certify_qcrs"
     columns = QCRS_COLUMNS
+    routes = True
     GUARANTEE = ("predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
                  "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}")
 
@@ -164,6 +167,12 @@ class AttackSettings:
         check_count("--num_noise_vec (m)", self.num_noise_vec, 1)
         if self.no_grad and self.attack != "smooth_pgd":
             raise UserError("--no_grad_attack is SmoothAdv's estimate for --attack smooth_pgd; drop it for pgd")
+        if self.num_noise_vec != 1 and self.attack != "smooth_pgd":
+            raise UserError(f"--num_noise_vec {self.num_noise_vec} sets the noise vectors of --attack smooth_pgd; "
+                            f"pgd attacks the base model without noise: drop it for pgd")
+        if self.restarts != 1 and self.attack != "pgd":
+            raise UserError(f"--restarts {self.restarts} restarts --attack pgd; smooth_pgd runs once from x: drop it "
+                            f"for smooth_pgd")
 
     def label(self) -> str:
         """'PGD' / 'PGD-linf' / 'Smooth-PGD m=<m>': the row of the attack table."""
@@ -195,6 +204,7 @@ class AttackMode:
     batch: int
     name: str = "attack"
     columns = ATTACK_COLUMNS
+    routes = False  # PREDICT at the attacked input
 
     def header(self) -> Dict[str, object]:
         s = self.settings

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from DEQ.checks import writable_dir_problem
 from DEQ.errors import UserError
 
 # ----------------------------------------------------------------------------- columns
@@ -137,7 +138,8 @@ class ResultsFile:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create the output folder {folder}: {exc.strerror}; choose a writable OUTFILE") from None
+            problem = writable_dir_problem(folder) or exc.strerror
+            raise UserError(f"cannot create the output folder {folder}: {problem}; choose a writable OUTFILE") from None
         if os.path.isdir(self.path):
             raise UserError(f"OUTFILE {self.path} is a directory, not a file: pass a file path, e.g. {self.path}/results.tsv")
         exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
@@ -192,6 +194,10 @@ class ResultsFile:
             if len(fields) != len(self.columns) or not fields[0].lstrip("-").isdigit():
                 raise UserError(f"--resume: {self.path} line {lineno} is not a row of {len(self.columns)} fields; "
                                 f"fix or delete that line, or start again with --overwrite")
+            if int(fields[0]) in done:
+                raise UserError(f"--resume: {self.path}: idx {int(fields[0])} appears more than once (line {lineno}); "
+                                f"remove the repeated row (analyze.py refuses the file too), or start again with "
+                                f"--overwrite")
             done.add(int(fields[0]))
             kept.append(dict(zip(self.columns, fields)))
         if torn and truncate:
@@ -390,8 +396,11 @@ def read_results(path, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFra
             comments.append(line)
         else:
             rows.append((lineno, [field.strip() for field in line.split("\t")]))
+    if not rows and comments:
+        raise UserError(f"{path}: holds only '#' header lines, no column line and no rows (the run wrote no result); "
+                        f"run certification first or pass another file")
     if not rows:
-        raise UserError(f"{path}: file is empty (no header); pass a results file written by certify")
+        raise UserError(f"{path}: file is empty; pass a results file written by certify")
     header = _dedupe(rows[0][1])
     missing = [c for c in required if c not in header]
     if missing:

@@ -130,8 +130,9 @@ class SmoothingSpec:
     radius_grid: Optional[float] = None
     second_look: float = 0.0
 
-    def validate(self, n: int, n_name: str = "N") -> None:
-        """Every setting error, one line each (``n``: the samples the pairs are drawn from)."""
+    def validate(self, n: int, n_name: str = "N", routes: bool = True) -> None:
+        """Every setting error, one line each (``n``: the samples the pairs are drawn from; ``routes``: whether
+        the mode has the standard fallback route; PREDICT has none, so its flags are refused there)."""
         check_number("--tol", self.tol, 0, hint=" (0: always run the whole budget)")
         for flag in ("f_solver", "warmup_solver", "std_solver"):
             name = getattr(self, flag)
@@ -196,6 +197,12 @@ class SmoothingSpec:
             raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
         if self.radius_grid is not None and self.radius_slack != SRS_DEFAULTS.radius_slack:
             raise UserError("--radius_grid replaces --radius_slack (pairs aim at grid radii); give one of them")
+        route_only = [f for f, on in (("--no_fallback", not self.fallback),
+                                      ("--route_pilot", self.route_pilot != SRS_DEFAULTS.route_pilot),
+                                      ("--step_cost", self.step_cost is not None)) if on]
+        if route_only and not routes:
+            raise UserError(f"{route_only[0]} sets the standard fallback route of CERTIFY; PREDICT has no such route "
+                            f"(its pairs are sized without it): drop {route_only[0]}")
         if self.route_pilot != SRS_DEFAULTS.route_pilot and not self.fallback:
             raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
 
@@ -255,15 +262,18 @@ class RunSpec:
     compile: str = "auto"
     precision: str = "fp32"
 
-    def validate(self) -> None:
-        """Every error in the description, one line each, before any work."""
+    def validate(self, routes: bool = True) -> None:
+        """Every error in the description, one line each, before any work (``routes``: as
+        :meth:`SmoothingSpec.validate`)."""
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues OUTFILE and --overwrite replaces it: give one of them")
         check_choice("--compile", self.compile, COMPILE_CHOICES)
         check_choice("--precision", self.precision, PRECISIONS)
         self.sampling.validate()
         self.data.validate()
         check_count("--threads", self.threads, 1)
         check_number("--dist_timeout", self.dist_timeout, 0, strict=True, hint=" (minutes)")
-        self.smoothing.validate(self.sampling.N)
+        self.smoothing.validate(self.sampling.N, routes=routes)
 
 
 # ----------------------------------------------------------------------------- modes
@@ -273,9 +283,12 @@ class Mode(Protocol):
     Attributes:
         name: the header's ``mode`` entry (certify, predict, certify_qcrs, ...).
         columns: the results columns (``SRS.results``).
+        routes: whether the mode certifies with CERTIFY's standard fallback route (``--no_fallback``,
+            ``--route_pilot`` and ``--step_cost`` apply); False for PREDICT-based modes.
     """
     name: str
     columns: Sequence[str]
+    routes: bool
 
     def header(self) -> Dict[str, object]:
         """Extra header entries (checked on --resume like every other setting)."""
@@ -320,18 +333,24 @@ def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg) -> Smooth:
     """The smoothed classifier of ``spec`` on ``model`` (defaults from the checkpoint config ``cfg``)."""
     default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, cfg.DEQ.F_TOL)
     standard, srs = spec.smoothing.resolve(default)
+    sm = spec.smoothing
+    solver_flags = [f for f, v in (("--f_solver", sm.f_solver), ("--f_thresh", sm.f_thresh), ("--tol", sm.tol)) if v is not None]
+    if solver_flags and srs is None and not is_deq(model):
+        raise UserError(f"{solver_flags[0]} sets the fixed-point solver of a deep equilibrium model, but the checkpoint "
+                        f"is a {cfg.MODEL.NAME} (one forward pass, no solver): drop {solver_flags[0]}")
     if srs is not None and not is_deq(model):
         raise UserError(f"--srs needs a deep equilibrium model, but the checkpoint is a {cfg.MODEL.NAME} (no fixed "
                         f"point to warm-start); certify it without --srs (standard randomized smoothing)")
     return Smooth(model, cfg.MODEL.NUM_CLASSES, spec.sampling.sigma, standard=standard, srs=srs)
 
 
-def smooth_header(smooth: Smooth) -> Dict[str, object]:
-    """The header entries of the smoothed classifier (standard model, tolerance, SRS settings)."""
+def smooth_header(smooth: Smooth, routes: bool = True) -> Dict[str, object]:
+    """The header entries of the smoothed classifier (standard model, tolerance, SRS settings; the fallback
+    route's settings only where the mode has that route, ``routes``)."""
     if not smooth.is_deq:  # a plain classifier (ResNet): no solver settings
         return {"standard": "forward", "tol": None, "srs": "off"}
     return {"standard": smooth.standard.describe(), "tol": smooth.standard.tol,
-            "srs": "off" if smooth.srs is None else smooth.srs.describe()}
+            "srs": "off" if smooth.srs is None else smooth.srs.describe(routes=routes)}
 
 
 def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, threads: int) -> Dict[str, object]:
@@ -347,7 +366,7 @@ def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, thread
             "checkpoint": spec.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
             "cfg_sha256": file_sha256(spec.cfg) if spec.cfg else None,
             "data_dir": os.path.abspath(d.data_dir) if d.data_dir and d.dataset != "digits" else None,
-            "device": str(loaded.device), "threads": threads, **smooth_header(smooth),
+            "device": str(loaded.device), "threads": threads, **smooth_header(smooth, mode.routes),
             "precision": loaded.runtime.precision, "compile": loaded.runtime.describe()}
 
 
@@ -371,7 +390,7 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
         own entries.  Running out of memory is a one-line error saying what to lower; the rows
         written so far stay.
     """
-    spec.validate()
+    spec.validate(routes=mode.routes)
     world = World.from_env() if world is None else world
     threads = set_threads(spec.threads)
     device = world.pick_device(pick_device(spec.device))

@@ -131,14 +131,20 @@ class SRSConfig:
         """Whether this certificate solves any pair ('none' and ``conf_drop=0`` do not)."""
         return self.corrected and (self.adaptive or self.conf_drop > 0)
 
-    def describe(self) -> str:
-        """One line with every setting that changes a certificate (the results header's ``srs`` entry)."""
+    def describe(self, routes: bool = True) -> str:
+        """One line with every setting that changes a certificate (the results header's ``srs`` entry).
+
+        Args:
+            routes: whether the mode has CERTIFY's standard fallback route; without it (PREDICT)
+                ``fallback``, ``route_pilot`` and ``step_cost`` shape no row and are left out."""
         text = (f"step={self.step.describe()} step_tol={self.step.tol} warmup={self.warmup.describe()} "
                 f"interval={self.warmup_interval} conf_drop={'auto' if self.adaptive else self.conf_drop} "
                 f"certificate={self.certificate} chain_across_phases={self.chain_across_phases}")
         if self.adaptive and self.pairs:
-            text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs} fallback={self.fallback}"
-            if self.fallback:
+            text += f" radius_slack={self.radius_slack} max_pairs={self.max_pairs}"
+            if routes:
+                text += f" fallback={self.fallback}"
+            if routes and self.fallback:
                 text += f" route_pilot={self.route_pilot}"
             if self.radius_grid is not None:
                 text += f" radius_grid={self.radius_grid}"
@@ -146,7 +152,7 @@ class SRSConfig:
                 text += f" second_look={self.second_look}"
         if self.warm_start != "previous":  # files written before the option keep their header
             text += f" warm_start={self.warm_start}"
-        if self.step_cost is not None:
+        if self.step_cost is not None and routes:
             text += f" step_cost={self.step_cost}"
         if self.refine_margin > 0:
             text += f" refine_margin={self.refine_margin}"

@@ -26,15 +26,14 @@ k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running r
 throughput (ms per f evaluation and per Anderson step, FLOPs, fraction of the device's peak) see
 ``scripts/bench_gpu.py``.
 """
-import argparse
 
-from DEQ.errors import UserError, cli_main
+from DEQ.errors import ArgumentParser, UserError, cli_main
 from DEQ.utils import pick_device
 
 
 @cli_main
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default="output/digits/cls_mdeq_digits_noise0.25/last.pth")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--sigma", type=float, default=0.25)

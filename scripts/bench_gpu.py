@@ -16,14 +16,13 @@ evaluation of f per sample (``torch.utils.flop_counter.FlopCounterMode``) and th
 device's dense peak (``--peak-tflops``) reached by f alone and by MDEQ-30A certification.
 A speed measurement only: the weights are not trained, so certificates mean nothing here.
 """
-import argparse
 import time
 
 import torch
 
 from DEQ.acceleration import Engine, Runtime, static_rows
 from DEQ.checks import check_choice
-from DEQ.errors import UserError, cli_main
+from DEQ.errors import ArgumentParser, UserError, cli_main
 from DEQ.utils import pick_device, set_threads
 
 
@@ -150,7 +149,7 @@ def _fmt(value, digits: int) -> str:
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", nargs="+", default=["experiments/cifar/cls_mdeq_LARGE.yaml"], help="MDEQ configs")
     p.add_argument("--batch", type=int, default=400, help="rows per f evaluation / certification mini-batch")
     p.add_argument("--N0", type=int, default=100)

@@ -22,7 +22,6 @@ gradient-free step (``ATTACK.NO_GRAD_ATTACK``), each relative to one DEQ trainin
 whole adversarial training step (NUM_STEPS attack steps, then the optimiser step on batch x m
 rows with TRAIN_MULTI_NOISE, else batch rows).
 """
-import argparse
 import time
 
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from DEQ.acceleration import resolve_runtime
 from DEQ.config import load_config
+from DEQ.errors import ArgumentParser
 from DEQ.models import build_model
 from DEQ.training import build_optimizer
 from DEQ.utils import pick_device
@@ -52,7 +52,7 @@ def time_steps(model, opt, x, y, steps, train_step, jac):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", default="experiments/cifar/cls_mdeq_SMALL.yaml")
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--steps", type=int, default=3)

@@ -18,13 +18,12 @@ speedups), certified-accuracy curves, RRD histograms and the raw TSVs into one
 report folder with a markdown report.  Re-running resumes: finished TSVs and
 checkpoints are reused.  Budgets are exact (--tol 0): "kA" is k evaluations of f.
 """
-import argparse
 import os
 import re
 import sys
 import time
 
-from DEQ.errors import UserError, cli_main
+from DEQ.errors import ArgumentParser, UserError, cli_main
 
 DIGITS_CFG = "experiments/digits/cls_mdeq_digits.yaml"
 SMOOTHADV_CFG = "experiments/digits/cls_mdeq_digits_smoothadv.yaml"
@@ -219,7 +218,7 @@ def adversarial_report(args) -> None:
 
 @cli_main
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--out", default=None, help="report folder (default reports/digits, or reports/quick with --quick)")
     p.add_argument("--N0", type=int, default=100)

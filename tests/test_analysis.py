@@ -177,7 +177,7 @@ def test_rrd_only_for_a_standard_and_an_srs_run_of_one_sigma(tmp_path, files, ex
 
 @pytest.mark.parametrize("name, text, pattern", [
     ("empty.tsv", "", "empty"),
-    ("comments.tsv", "# only: metadata\n", "empty"),
+    ("comments.tsv", "# only: metadata\n", "holds only '#' header lines, no column line and no rows"),
     ("header.tsv", HEADER, "no result rows"),
     ("cols.tsv", "idx\tlabel\tpredict\tcorrect\n0\t1\t1\t1\n", "missing required column.*radius, time"),
     ("spaces.tsv", "idx label predict radius correct time\n0 1 1 0.5 1 1.0\n", "tab-separated"),
@@ -265,3 +265,26 @@ def test_cli_bad_file_exits_2_one_line(tmp_path, content):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "bad.tsv" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def _analyze_main():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("analyze_script", ROOT / "SRS" / "code" / "analyze.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@pytest.mark.parametrize("radii,needle", [
+    (["nan"], "error: --radii must be finite numbers >= 0, got nan; e.g. --radii 0 0.25 0.5"),
+    (["0", "inf"], "error: --radii must be finite numbers >= 0, got inf; e.g. --radii 0 0.25 0.5"),
+    (["0", "-0.5"], "error: --radii must be finite numbers >= 0, got -0.5; e.g. --radii 0 0.25 0.5"),
+    (["abc"], "error: argument --radii: invalid float value: 'abc'; see analyze.py --help"),
+])
+def test_cli_bad_radii_one_line(tmp_path, capsys, radii, needle):
+    path = write(tmp_path, "a.tsv", rows_tsv([0.5, 0.4]))
+    with pytest.raises(SystemExit) as exc:
+        _analyze_main()([str(path), "--radii", *radii])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines() == [needle], captured.err

@@ -61,6 +61,13 @@ def test_attack_resumes_and_tabulates(tiny_checkpoint, tmp_path):
     (["--attack", "smooth_pgd", "--epsilon", "0.5", "--num_noise_vec", "0"], "--num_noise_vec (m) must be"),
     (["--attack", "smooth_pgd", "--epsilon", "0.5", "--norm", "linf"], "smooth_pgd is an l2 attack"),
     (["--attack", "pgd", "--epsilon", "0.5", "--srs", "--steps", "0"], "--steps must be"),
+    # a flag that does not apply to the chosen attack is refused, not recorded and ignored
+    (["--attack", "pgd", "--epsilon", "0.5", "--num_noise_vec", "4"], "--num_noise_vec 4 sets the noise vectors of "
+                                                                       "--attack smooth_pgd"),
+    (["--attack", "pgd", "--epsilon", "0.5", "--no_grad_attack"], "--no_grad_attack is SmoothAdv's estimate"),
+    (["--attack", "smooth_pgd", "--epsilon", "0.5", "--restarts", "3"], "--restarts 3 restarts --attack pgd"),
+    (["--attack", "pgd", "--epsilon", "0.5", "--srs", "--route_pilot", "0.5"], "--route_pilot sets the standard "
+                                                                                "fallback route of CERTIFY"),
 ])
 def test_bad_attack_flags_one_line(tiny_checkpoint, tmp_path, extra, match):
     out = tmp_path / "bad.tsv"

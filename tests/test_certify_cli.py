@@ -241,6 +241,23 @@ def test_resume_after_torn_write_equals_uninterrupted_run(ckpt, tmp_path):
     assert part.read_text().count("# command:") == 1  # metadata written once, not again on resume
 
 
+def test_resume_refuses_a_file_with_a_repeated_row_as_analyze_does(ckpt, tmp_path, capsys):
+    from DEQ.errors import UserError
+    from SRS.analysis import read_results as analysis_read
+    out = tmp_path / "dup.tsv"
+    run_certify(certify_argv(ckpt, out, "--max", "2"))
+    text = out.read_text()
+    out.write_text(text + text.splitlines(keepends=True)[-1])  # the last row once more
+    before = out.read_bytes()
+    with pytest.raises(UserError, match="idx 1 appears more than once"):
+        analysis_read(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        certify_script.main(certify_argv(ckpt, out, "--max", "4", "--resume"))
+    assert_one_line_error(capsys, exc, "--resume", str(out), "idx 1 appears more than once", "remove the repeated row")
+    assert out.read_bytes() == before
+
+
 def test_resume_of_complete_file_adds_nothing(ckpt, tmp_path):
     out = tmp_path / "r.tsv"
     run_certify(certify_argv(ckpt, out, "--max", "2"))
@@ -381,6 +398,18 @@ def test_predict_srs_subprocess(ckpt, tmp_path):
     check_predict_rows(rows, srs=True)
 
 
+def test_predict_header_leaves_out_the_fallback_route(ckpt, tmp_path):
+    """Adaptive pairing in PREDICT has no fallback route: the header records only what shaped the rows."""
+    out = tmp_path / "pred_auto.tsv"
+    predict_script.main(predict_argv(ckpt, out, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
+    srs = read_results(out)[0]["srs"]
+    assert "conf_drop=auto" in srs and "radius_slack=" in srs
+    assert "fallback" not in srs and "route_pilot" not in srs and "step_cost" not in srs
+    cert = tmp_path / "cert_auto.tsv"
+    run_certify(certify_argv(ckpt, cert, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
+    assert "fallback=True route_pilot=0.1" in read_results(cert)[0]["srs"]
+
+
 # ----------------------------------------------------------------- 6. bad input
 def _no_dataset(*a, **k):
     raise AssertionError("the data set must not be opened (or downloaded) for bad input")
@@ -445,7 +474,11 @@ BAD_CERTIFY = [
     ("adaptive_flag_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--max_pairs", "5"]},
      ["--max_pairs sets adaptive pairing", "--conf_drop auto"]),
     ("adaptive_flag_no_srs", {"extra": ["--no_fallback"]}, ["--no_fallback sets adaptive pairing", "needs --srs"]),
-    ("unwritable", {"out": "under_file"}, ["cannot create the output folder", "writable OUTFILE"]),
+    ("unwritable", {"out": "under_file"}, ["cannot create the output folder", "afile is a file, not a folder",
+                                           "writable OUTFILE"]),
+    ("resume_and_overwrite", {"extra": ["--resume", "--overwrite"]},
+     ["--resume continues OUTFILE and --overwrite replaces it: give one of them"]),
+    ("unknown_flag", {"extra": ["--bogus"]}, ["error: unrecognized arguments: --bogus; see certify.py --help"]),
 ]
 
 
@@ -476,6 +509,12 @@ BAD_PREDICT = [
     ("alpha_one", [str(SIGMA)], ["--alpha", "1"], ["--alpha must be in (0, 1)"]),
     ("conf_drop_gt_N", [str(SIGMA)], ["--srs", "--conf_drop", "61"], ["--conf_drop 61 is larger than --N 60"]),
     ("f_solver", [str(SIGMA)], ["--f_solver", "bogus"], ["'bogus' is not a solver"]),
+    # PREDICT has no standard fallback route: its flags are refused, not ignored
+    ("route_pilot", [str(SIGMA)], ["--srs", "--route_pilot", "0.5"],
+     ["--route_pilot sets the standard fallback route of CERTIFY", "drop --route_pilot"]),
+    ("no_fallback", [str(SIGMA)], ["--srs", "--no_fallback"], ["--no_fallback sets the standard fallback route"]),
+    ("step_cost", [str(SIGMA)], ["--srs", "--step_cost", "3"], ["--step_cost sets the standard fallback route"]),
+    ("N0", [str(SIGMA)], ["--N0", "10"], ["error: unrecognized arguments: --N0 10; see predict.py --help"]),
 ]
 
 

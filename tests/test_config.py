@@ -193,6 +193,18 @@ def test_model_depth_sets_the_cifar_resnet_depth():
     assert [len(net.layer1), len(net.layer2), len(net.layer3)] == [5, 5, 5]
 
 
+def test_a_whole_number_is_accepted_where_a_float_is_expected(tmp_path):
+    cfg = load_config(DIGITS_CFG, ["PERCENT", "1", "TRAIN.LR", "1"])
+    assert cfg.PERCENT == 1.0 and isinstance(cfg.PERCENT, float) and cfg.TRAIN.LR == 1.0
+    path = tmp_path / "ints.yaml"
+    path.write_text(open(DIGITS_CFG).read() + "PERCENT: 1\n")
+    assert isinstance(load_config(str(path)).PERCENT, float)
+    with pytest.raises(UserError, match="PERCENT must be a finite number > 0"):  # the range check, not a type error
+        load_config(DIGITS_CFG, ["PERCENT", "0"])
+    with pytest.raises(UserError, match=r"TRAIN.END_EPOCH takes an int value \(e.g. 40\), got 2.5 \(float\); give an int"):
+        load_config(DIGITS_CFG, ["TRAIN.END_EPOCH", "2.5"])
+
+
 # ----------------------------------------------------------------- refused keys
 @pytest.mark.parametrize("key,value,fix", [
     ("GPUS", "(0, 1)", "--device cuda:N"),

@@ -5,7 +5,9 @@ on the shared tiny digits checkpoint, so each case takes well under a second or 
 """
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import stat
 import sys
@@ -140,6 +142,35 @@ BAD = [
     ("train", "cfg_directory", _garbage, ["--cfg", "{t}/folder", "--noise", "0.25"], ["folder is a directory"]),
     # item 11
     ("train", "threads_zero", None, train_argv("{t}/run", "--threads", "0"), ["--threads must be an integer >= 1"]),
+    # issue 24, item 2: a resume continues the run as trained; other keys are refused, naming the key
+    ("train", "resume_with_other_lr", _run_folder, train_argv("{t}/run", "--resume", opts=["TRAIN.LR", "0.01"]),
+     ["--resume: TRAIN.LR is 0.01 here", "trained with 0.002", "start a new run"]),
+    ("train", "resume_from_with_other_solver", _run_folder,
+     train_argv("{t}/new", "--resume-from", "{t}/run/last.pth", opts=["DEQ.F_SOLVER", "anderson"]),
+     ["--resume-from: DEQ.F_SOLVER is 'anderson' here", "trained with 'broyden'"]),
+    # item 3: epochs that cannot be trained
+    ("train", "end_epoch_zero", None, train_argv("{t}/run", opts=["TRAIN.END_EPOCH", "0"]),
+     ["TRAIN.END_EPOCH must be an integer >= 1, got 0"]),
+    ("train", "begin_after_end", None, train_argv("{t}/run", opts=["TRAIN.BEGIN_EPOCH", "5", "TRAIN.END_EPOCH", "3"]),
+     ["TRAIN.END_EPOCH 3 must be larger than TRAIN.BEGIN_EPOCH 5"]),
+    # item 4: a folder that cannot be created although its parent looks writable
+    ("train", "out_under_proc", None, train_argv("/proc/t17"), ["--out /proc/t17: cannot create /proc/t17"]),
+    # item 9: messages that name the problem and the fix
+    ("train", "empty_yaml", lambda t, ck: (t / "empty.yaml").write_text("# only a comment\n"),
+     ["--cfg", "{t}/empty.yaml", "--noise", "0.25", "--out", "{t}/run"], ["empty.yaml is empty", "pass a yaml"]),
+    ("train", "type_mismatch", None, train_argv("{t}/run", opts=["PERCENT", "abc"]),
+     ["PERCENT takes a float value (e.g. 0.1), got abc (str); give a float"]),
+    ("train", "unknown_flag", None, train_argv("{t}/run", "--bogus"),
+     ["unrecognized arguments: --bogus; see cls_train.py --help"]),
+    ("certify", "resume_and_overwrite", _certified, ["digits", C, "0.25", "{t}/r.tsv", "--resume", "--overwrite", *SMALL],
+     ["--resume continues OUTFILE and --overwrite replaces it"]),
+    ("certify", "outfile_under_a_file", _garbage, ["digits", C, "0.25", "{t}/afile/o.tsv", *SMALL],
+     ["cannot create the output folder", "afile is a file, not a folder"]),
+    ("qcrs", "no_sigma", None, ["digits", C, "{t}/q.tsv", *SMALL],
+     ["the following arguments are required: --sigma; see certify_qcrs.py --help"]),
+    ("analyze", "comments_only", lambda t, ck: (t / "c.tsv").write_text("# mode: certify\n# sigma: 0.25\n"),
+     ["{t}/c.tsv"], ["holds only '#' header lines, no column line and no rows"]),
+    ("analyze", "radii_nan", _two_image_sets, ["{t}/skip1.tsv", "--radii", "0", "nan"], ["--radii must be finite"]),
     # items 6, 9, 11: certify / predict / QCRS values and paths
     ("certify", "max_negative", None, ["digits", C, "0.25", "{t}/o.tsv", "--max", "-5", *SMALL],
      ["--max must be an integer >= 1 (or -1), got -5"]),
@@ -226,6 +257,28 @@ def test_train_refuses_then_resumes_with_an_override_then_overwrites(tiny_checkp
     assert mode == 0o666 & ~umask  # item 8: the umask's mode, not mkstemp's 0600
     assert run_main("train", train_argv(run, "--overwrite", opts=["TRAIN.END_EPOCH", "1", "PERCENT", "0.1"])) == 0
     assert load_checkpoint(str(run / "last.pth"))["epoch"] == 1 and load_checkpoint(str(run / "best.pth"))["epoch"] == 1
+
+
+def test_resume_raising_end_epoch_extends_the_cosine_schedule_and_stores_what_it_applied(tmp_path):
+    from DEQ.config import config_from_text
+    run = tmp_path / "run"
+    assert run_main("train", train_argv(run, opts=["TRAIN.END_EPOCH", "2"])) == 0
+    first = load_checkpoint(str(run / "last.pth"))
+    steps = first["steps_per_epoch"]
+    assert first["scheduler"]["T_max"] == 2 * steps and first["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)
+    assert run_main("train", train_argv(run, "--resume", opts=["TRAIN.END_EPOCH", "3", "PRINT_FREQ", "1"])) == 0
+    ckpt = load_checkpoint(str(run / "last.pth"))
+    cfg = config_from_text(ckpt["config"], "last.pth")
+    assert ckpt["epoch"] == 3 and cfg.TRAIN.END_EPOCH == 3 and cfg.TRAIN.LR == 0.002
+    # the decay is stretched to the new end: the third epoch's lr falls to eta_min, it never climbs again
+    assert ckpt["scheduler"]["T_max"] == 3 * steps and ckpt["scheduler"]["last_epoch"] == 3 * steps
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)
+    log = (run / "train.log").read_text()
+    assert f"re-laid to end at TRAIN.END_EPOCH 3 ({3 * steps} steps; the checkpoint's run planned {2 * steps})" in log
+    lrs = [float(lr) for lr in re.findall(r"epoch 3 step \d+ .* lr (\S+)\n", log)]
+    assert len(lrs) == steps and lrs == sorted(lrs, reverse=True) and lrs[0] < 0.002 * (1 + math.cos(math.pi * 2 / 3)) / 2
+    # item 10: no Jacobian step was drawn (pretraining, JAC_LOSS_FREQ): '-' instead of nan
+    assert "jac -" in log and "jac nan" not in log
 
 
 def test_checkpoint_mode_follows_the_umask(tmp_path):

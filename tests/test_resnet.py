@@ -172,3 +172,9 @@ def test_digits_resnet_trains_one_epoch_through_the_cli_and_certifies(tmp_path):
     with pytest.raises(UserError, match="--srs needs a deep equilibrium model"):
         certify_main(certify_parser().parse_args(["digits", str(run / "last.pth"), "0.25", str(tmp_path / "srs.tsv"),
                                                   "--srs", *common]))
+    # nor do the solver flags of the standard DEQ apply: refused, not ignored
+    for flag, value in (("--f_thresh", "5"), ("--f_solver", "anderson"), ("--tol", "0")):
+        with pytest.raises(UserError, match=f"{flag} sets the fixed-point solver .* a resnet_cifar .* drop {flag}"):
+            certify_main(certify_parser().parse_args(["digits", str(run / "last.pth"), "0.25",
+                                                      str(tmp_path / "solver.tsv"), flag, value, *common]))
+    assert not (tmp_path / "solver.tsv").exists()

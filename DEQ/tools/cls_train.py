@@ -27,12 +27,12 @@ import argparse
 
 from DEQ.acceleration import COMPILE_CHOICES
 from DEQ.distributed import DEFAULT_TIMEOUT_MINUTES
-from DEQ.errors import UserError, cli_main
+from DEQ.errors import ArgumentParser, UserError, cli_main
 from DEQ.training import train_main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a noise-augmented MDEQ (Gaussian noise, Jacobian regularisation; SmoothAdv with ATTACK.ADV_TRAINING True)")
+    p = ArgumentParser(prog="cls_train.py", description="Train a noise-augmented MDEQ (Gaussian noise, Jacobian regularisation; SmoothAdv with ATTACK.ADV_TRAINING True)")
     p.add_argument("--cfg", required=True, help="yacs yaml, e.g. experiments/digits/cls_mdeq_digits.yaml")
     p.add_argument("--noise", type=float, default=None, help="std of the Gaussian training noise in [0,1] pixel units")
     p.add_argument("--data-dir", "--dataDir", dest="data_dir", default=None, help="local data root (CIFAR-10 or ImageNet)")

@@ -8,15 +8,16 @@ anyway and says so).  RRD lines are printed for a standard and an SRS run of the
 (from the files' headers; a headerless reference file counts as SRS when its label says SRS).
 """
 import argparse
+import math
 import sys
 
-from DEQ.errors import UserError, cli_main
+from DEQ.errors import ArgumentParser, UserError, cli_main
 from SRS import analysis
 from SRS.results import PREDICTION_COLUMNS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="analyze.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULT.tsv[:LABEL]",
                    help="certification TSV files; LABEL defaults to the file stem")
     p.add_argument("--radii", type=float, nargs="+", default=list(analysis.DEFAULT_RADII),
@@ -38,8 +39,9 @@ def parse_args(argv=None):
 @cli_main(interrupted="interrupted: files in --out may be incomplete; rerun to write them all")
 def main(argv=None):
     args = parse_args(argv)
-    if any(r < 0 for r in args.radii):
-        raise UserError("--radii: radii must be >= 0; e.g. --radii 0 0.25 0.5")
+    bad = [r for r in args.radii if not (0 <= r < math.inf)]  # nan fails every comparison
+    if bad:
+        raise UserError(f"--radii must be finite numbers >= 0, got {bad[0]}; e.g. --radii 0 0.25 0.5")
     if args.attack_table:
         if args.out:
             analysis.check_out_dir(args.out)
