@@ -126,6 +126,7 @@ class LadderMode:
     rungs: Sequence[int] = DEFAULT_RUNGS
     name: str = "certify_ladder"
     columns = LADDER_COLUMNS
+    routes = True  # CERTIFY of standard models: no SRS flag applies (refused without --srs)
 
     def header(self) -> Dict[str, object]:
         return {"rungs": ",".join(str(k) for k in sorted(set(self.rungs)))}
