@@ -14,8 +14,8 @@ A mode names its columns (owned by ``SRS.results``), adds header entries of its 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
