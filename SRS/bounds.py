@@ -6,7 +6,7 @@ read and tested without a model.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
@@ -55,7 +55,7 @@ def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float, exact: int = 0)
 
 
 def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: int = 0,
-                       looks: int = 1) -> Tuple[float, int, float]:
+                       looks: int = 1, alpha_2: Optional[float] = None) -> Tuple[float, int, float]:
     """The whole eliminated certificate with the reference split alpha_1 = alpha_2 = alpha / 2.
 
     Args:
@@ -63,13 +63,61 @@ def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: 
             second look of ``SRSConfig.second_look``); each look's bound is then taken at
             alpha_1 / looks, so by the union bound all of them hold at once with probability
             >= 1 - alpha_1, whichever look is reported.
+        alpha_2: the level of the p_A bound if not alpha / 2 (sequential certification spends its
+            alpha / 2 over the looks at the estimation count, ``sequential_levels``: the bound at the
+            stopping look takes that look's share).
 
     Returns:
-        (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha/2) lower bound of N_A_E / n.
+        (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha_2) lower bound of N_A_E / n.
     """
     p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2 / looks, exact)
-    return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2)
+    return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2 if alpha_2 is None else alpha_2)
+
+
+# ----------------------------------------------------------------------------- sequential certification
+def sequential_looks(N: int, batch: int) -> Tuple[int, ...]:
+    """The estimation sample counts at which sequential CERTIFY looks, fixed before any sample is drawn.
+
+    Doubling from one mini-batch, each a whole number of mini-batches: batch, 2 batch, 4 batch, ...,
+    and N itself last (N < batch: just N).  L = 1 + ceil(log2(N / batch)) looks for N > batch (five
+    for N = 10000, batch = 1000; six for batch 400)."""
+    looks, n = [], batch
+    while n < N:
+        looks.append(n)
+        n *= 2
+    return tuple(looks) + (N,)
+
+
+def sequential_levels(alpha: float, looks: int) -> Tuple[float, ...]:
+    """How a failure probability ``alpha`` is split over ``looks`` looks (the union bound: they sum to alpha).
+
+    Half of alpha goes to the last look (at N) and the other half is shared equally by the earlier
+    ones: (alpha / (2 (L - 1)), ..., alpha / (2 (L - 1)), alpha / 2); one look keeps all of alpha (the
+    fixed-N certificate).  So the bound at N costs the same whatever L: level alpha / 2 instead of
+    alpha, e.g. for k = N: p_A_lower = (alpha / 2)^(1/N) instead of alpha^(1/N)."""
+    if looks <= 1:
+        return (alpha,)
+    return (alpha / (2 * (looks - 1)),) * (looks - 1) + (alpha / 2,)
+
+
+def confidence_interval(k: float, n: float, level: float) -> Tuple[float, float]:
+    """(one-sided (1 - level) Clopper-Pearson lower bound, one-sided (1 - level) upper bound) of k / n."""
+    return lower_confidence_bound(k, n, level), upper_confidence_bound(k, n, level)
+
+
+def table_thresholds(radii: Sequence[float], sigma: float) -> Tuple[float, ...]:
+    """The p_A values Phi(r / sigma) at which a certified-accuracy table at ``radii`` changes row, with
+    1/2 (the abstain threshold, radius 0) always among them; sorted, without repeats."""
+    return tuple(sorted({0.5} | {float(norm.cdf(r / sigma)) for r in radii}))
+
+
+def row_decided(lower: float, upper: float, thresholds: Sequence[float]) -> bool:
+    """Whether no threshold lies strictly between ``lower`` and ``upper``: every threshold is then either
+    at most the lower bound (its radius is certified from ``lower``) or at least the upper bound (more
+    samples could not be expected to certify it)."""
+    return not any(lower < t < upper for t in thresholds)
 
 
 __all__ = ["lower_confidence_bound", "upper_confidence_bound", "radius_from_p", "eliminated_count",
-           "eliminated_p_lower"]
+           "eliminated_p_lower", "sequential_looks", "sequential_levels", "confidence_interval", "table_thresholds",
+           "row_decided"]

@@ -43,6 +43,8 @@ class Certificate:
     refined: int = 0                 # SRS samples re-solved by the standard model (low margin, refine_margin)
     pilot: int = 0                   # SRS samples of the route pilot (route_pilot; in no certificate)
     looks: int = 1                   # looks at the misalignment bound planned (second_look)
+    samples: int = 0                 # sequential CERTIFY: noisy samples drawn (selection + estimation up to the stop)
+    stop: str = ""                   # sequential CERTIFY: why sampling stopped (``SRS.sequential``)
     counts: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator:
@@ -75,13 +77,15 @@ def bound_standard(cert: Certificate, alpha: float) -> None:
 
 
 def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, variant: str = "eliminated",
-                     exact: int = 0, looks: int = 1) -> None:
+                     exact: int = 0, looks: int = 1, alpha_2: Optional[float] = None) -> None:
     """SRS CERTIFY: correct n_A by the misalignment of the K_A pairs (M misaligned), then bound.
 
     Args:
         exact: samples of the n_A re-solved by the standard model (never misaligned; the pairs come
             from the others, see ``SRS.bounds.eliminated_count``).  'eliminated' only.
         looks: looks at the misalignment bound planned (``SRS.bounds.eliminated_p_lower``); 'eliminated' only.
+        alpha_2: level of the p_A bound if not alpha / 2 (sequential CERTIFY's share at its stopping
+            look, ``SRS.bounds.eliminated_p_lower``); 'eliminated' only.
         variant: 'eliminated' (sound: alpha / 2 for the misalignment bound, alpha / 2 for
             p_A_lower, see ``SRS.bounds.eliminated_p_lower``) or 'reference' (the reference code's
             weaker variant: Clopper-Pearson of (n_A r) / (n r), r = 1 - p_m_upper).
@@ -94,7 +98,8 @@ def bound_eliminated(cert: Certificate, K: int, K_A: int, M: int, alpha: float, 
         cert.N_A_E = cert.n_A * r
         cert.p_A_lower = lower_confidence_bound(cert.n_A * r, cert.n * r, alpha / 2) if r > 0 else 0.0
     else:
-        cert.p_m_upper, n_a_e, cert.p_A_lower = eliminated_p_lower(cert.n_A, cert.n, K_A, M, alpha, exact, looks)
+        cert.p_m_upper, n_a_e, cert.p_A_lower = eliminated_p_lower(cert.n_A, cert.n, K_A, M, alpha, exact, looks,
+                                                                         alpha_2)
         cert.N_A_E = float(n_a_e)
 
 

@@ -20,10 +20,10 @@ from typing import Dict
 
 from DEQ.acceleration import COMPILE_CHOICES, PRECISIONS
 from DEQ.data import DATASETS
-from DEQ.errors import ArgumentParser
+from DEQ.errors import ArgumentParser, UserError
 from DEQ.solvers import SOLVERS
 
-from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode
+from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode, SequentialMode
 from .qcrs import DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO, QCRSSettings
 from .runner import SRS_DEFAULTS, DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
 from .settings import WARM_STARTS
@@ -114,6 +114,12 @@ def certify_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
     p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
+    p.add_argument("--sequential", action="store_true",
+                   help="sequential CERTIFY for a table at --radii: each image stops sampling at the first look "
+                        "(batch, 2 batch, 4 batch, ..., N) where its table row is decided; same guarantee (level "
+                        "alpha), the bound at N taken at alpha / 2")
+    p.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="with --sequential: the radii of the certified-accuracy table (pixel units, as analyze.py)")
     return p
 
 
@@ -192,10 +198,23 @@ def run_spec(args, routes: bool = True) -> RunSpec:
     return spec
 
 
+def certify_mode(args, spec: RunSpec):
+    """certify.py's mode: CERTIFY, or sequential CERTIFY with --sequential (validated: one-line errors)."""
+    if not args.sequential:
+        if args.radii is not None:
+            raise UserError("--radii sets the table of --sequential; add --sequential, or drop --radii (analyze.py "
+                            "takes the table's radii of a fixed-N run)")
+        return CertifyMode(args.N0, args.N, args.alpha, args.batch)
+    mode = SequentialMode(args.N0, args.N, args.alpha, args.batch, args.radii)
+    s = spec.smoothing
+    mode.validate(s.srs, s.certificate, s.refine_margin)
+    return mode
+
+
 def certify_main(args) -> Dict[str, float]:
-    """certify.py: CERTIFY every chosen image."""
+    """certify.py: CERTIFY every chosen image (sequentially with --sequential)."""
     spec = run_spec(args)
-    return run(spec, CertifyMode(args.N0, args.N, args.alpha, args.batch))
+    return run(spec, certify_mode(args, spec))
 
 
 def predict_main(args) -> Dict[str, float]:
@@ -224,5 +243,5 @@ def attack_main(args) -> Dict[str, float]:
 
 __all__ = ["add_common_args", "add_runtime_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args",
            "run_spec",
-           "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
+           "certify_mode", "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
            "attack_main"]

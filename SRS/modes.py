@@ -1,6 +1,8 @@
 """The certification modes the runner (``SRS.runner.run``) executes: what each writes per image.
 
 * :class:`CertifyMode`: CERTIFY (c_A and its certified radius) per image, ``SRS/code/certify.py``;
+* :class:`SequentialMode`: sequential CERTIFY for a table at fixed radii (``SRS.sequential``),
+  ``SRS/code/certify.py --sequential --radii ...``;
 * :class:`PredictMode`: PREDICT (the smoothed prediction or abstain), ``SRS/code/predict.py``;
 * :class:`QCRSMode`: CERTIFY at an input-specific sigma found by search, with the fixed-sigma
   certificate alongside (``SRS.qcrs``), ``SRS/code/certify_qcrs.py``;
@@ -12,8 +14,9 @@ A mode names its columns (owned by ``SRS.results``), adds header entries of its 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,7 +27,8 @@ from DEQ.errors import UserError
 from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
 from .sampling import derived_seed
-from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS
+from .bounds import sequential_looks
+from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
 from .smooth import Smooth
 
 
@@ -68,6 +72,59 @@ class CertifyMode(_NoExtras):
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         c = smooth.certify(x, self.N0, self.N, self.alpha, self.batch, generator=generator)
         return certificate_row(c, idx, label)
+
+
+def check_radii(radii: Optional[Sequence[float]]) -> Tuple[float, ...]:
+    """The table radii of ``--radii``, sorted without repeats; UserError (one line) unless there is at least
+    one and each is a finite number >= 0."""
+    if not radii:
+        raise UserError("--sequential needs the table's radii: pass --radii r1 ... rm (e.g. --radii 0 0.25 0.5)")
+    for r in radii:
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r >= 0):
+            raise UserError(f"--radii must be finite numbers >= 0 (pixel units), got {r}")
+    return tuple(sorted({float(r) for r in radii}))
+
+
+@dataclass
+class SequentialMode:
+    """Sequential CERTIFY (``SRS.sequential``): each image's estimation samples stop at the first look
+    (batch, 2 batch, ..., N, fixed in advance) where no threshold Phi(r_k / sigma) of the table at
+    ``radii`` (nor 1/2) lies between its anytime-valid bounds.  Same guarantee as CERTIFY at level
+    alpha; the bound at N is taken at alpha / 2."""
+    N0: int
+    N: int
+    alpha: float
+    batch: int
+    radii: Tuple[float, ...]
+    name: str = "certify_sequential"
+    columns = SEQUENTIAL_COLUMNS
+    routes = True  # CERTIFY's standard fallback route applies
+
+    def validate(self, srs: bool = False, certificate: str = "eliminated", refine_margin: float = 0.0) -> None:
+        """One-line errors before any work: the radii, and SRS settings sequential SRS cannot certify
+        (``SRS.sequential.check_sequential_srs``); the arguments are the run's ``SmoothingSpec`` fields."""
+        self.radii = check_radii(self.radii)
+        if srs and certificate != "eliminated":
+            raise UserError(f"--sequential with --srs needs --certificate eliminated (got {certificate}): only its "
+                            f"bound has a sequential argument")
+        if srs and refine_margin > 0:
+            raise UserError("--sequential with --srs does not take --refine_margin (its re-solves are done per "
+                            "phase); drop it")
+
+    def header(self) -> Dict[str, object]:
+        looks = sequential_looks(self.N, self.batch)
+        return {"sequential": True, "radii": list(self.radii), "looks": list(looks),
+                "look_levels": "alpha/2 at N, alpha/(2(L-1)) at each earlier look" if len(looks) > 1 else "alpha"}
+
+    def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
+        c = smooth.certify_sequential(x, self.N0, self.N, self.alpha, self.batch, self.radii, generator=generator)
+        return {**certificate_row(c, idx, label), "samples": c.samples, "stop": c.stop}
+
+    def summary(self, rows: List[Dict[str, str]]) -> Dict[str, float]:
+        """Mean noisy samples per image, and that over the fixed-N CERTIFY's N0 + N."""
+        n = len(rows)
+        mean = sum(int(r["samples"]) for r in rows) / n if n else float("nan")
+        return {"mean_samples": mean, "sample_fraction": mean / (self.N0 + self.N)}
 
 
 @dataclass
@@ -249,5 +306,5 @@ class AttackMode:
                 float("nan")}
 
 
-__all__ = ["certificate_row", "CertifyMode", "PredictMode", "QCRSMode", "AttackSettings", "AttackMode", "ATTACK_KINDS",
+__all__ = ["certificate_row", "CertifyMode", "SequentialMode", "check_radii", "PredictMode", "QCRSMode", "AttackSettings", "AttackMode", "ATTACK_KINDS",
            "attack_generator"]

@@ -43,6 +43,9 @@ FIXED_COLUMNS = ("fixed_predict", "fixed_radius", "fixed_correct")
 
 CERTIFY_COLUMNS = REQUIRED_COLUMNS + ("n_A", "n", "p_A_lower", "p_m_upper", "N_A_E", "K", "K_A", "M", "nfe",
                                       "residual", "status", "route", "std_calls", "std_rows")
+# Sequential CERTIFY (``SRS.sequential``): certify's columns (n = estimation samples drawn up to the stop), then
+# the noisy samples drawn (selection + estimation) and why sampling stopped (decided | N | nonfinite).
+SEQUENTIAL_COLUMNS = CERTIFY_COLUMNS + ("samples", "stop")
 # The ladder (``SRS.ladder``): the certified model's certify row plus every rung's result on the same noise.
 LADDER_COLUMNS = CERTIFY_COLUMNS + ("ladder",)
 # A row entry (never a column) with seconds of the row's work that belong to no method: the runner leaves
@@ -440,6 +443,6 @@ def read_results(path, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFra
 
 
 __all__ = ["REQUIRED_COLUMNS", "PREDICTION_COLUMNS", "INT_COLUMNS", "FIXED_COLUMNS", "CERTIFY_COLUMNS", "PREDICT_COLUMNS", "QCRS_EXTRA_COLUMNS",
-           "QCRS_COLUMNS", "ATTACK_COLUMNS", "LADDER_COLUMNS", "UNTIMED", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
+           "QCRS_COLUMNS", "SEQUENTIAL_COLUMNS", "ATTACK_COLUMNS", "LADDER_COLUMNS", "UNTIMED", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
            "provenance", "read_rows", "read_results", "parse_time", "shard_path", "shard_files", "consolidate",
            "count_rows"]

@@ -225,7 +225,7 @@ def small_margin(logits: torch.Tensor, margin: float) -> torch.Tensor:
 
 def draw_counts(x: torch.Tensor, num: int, batch_size: int, sigma: float, generator: torch.Generator,
                 classify: Callable[[torch.Tensor], torch.Tensor], num_classes: int,
-                log: Optional[PhaseLog] = None, refine_margin: float = 0.0) -> Counts:
+                log: Optional[PhaseLog] = None, refine_margin: float = 0.0, offset: int = 0) -> Counts:
     """Draw ``num`` noisy copies of x in mini-batches, classify each batch, count the predictions.
 
     Args:
@@ -234,6 +234,8 @@ def draw_counts(x: torch.Tensor, num: int, batch_size: int, sigma: float, genera
         log: if given, records the generator state before each batch and every prediction (pairing).
         refine_margin: with a log, also flags the rows whose top-two logit gap is below it (re-solved
             later by the standard model, ``SRSConfig.refine_margin``).
+        offset: position of the first of these samples in the phase (a phase drawn in several parts, as
+            sequential CERTIFY does, logs positions that continue where the previous part stopped).
 
     Returns:
         :class:`Counts` of the phase.
@@ -244,7 +246,7 @@ def draw_counts(x: torch.Tensor, num: int, batch_size: int, sigma: float, genera
         while done < num:
             b = min(batch_size, num - done)
             if log is not None:
-                log.record(done, b, generator)
+                log.record(offset + done, b, generator)
             logits = classify(noisy_batch(x, b, sigma, generator))
             preds = counts.add(logits)
             if log is not None:

@@ -161,6 +161,14 @@ class Smooth:
         cert.pilot = stats.pilot
         return cert
 
+    def certify_sequential(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                           radii, generator: Optional[torch.Generator] = None) -> Certificate:
+        """Sequential CERTIFY for a certified-accuracy table at ``radii``: the estimation samples stop at
+        the first look (fixed in advance) where no table threshold lies between the anytime-valid bounds,
+        or at n; same guarantee as :meth:`certify` (level alpha).  See :mod:`SRS.sequential`."""
+        from .sequential import certify_sequential
+        return certify_sequential(self, x, n0, n, alpha, batch_size, radii, generator)
+
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: Optional[torch.Generator] = None) -> Prediction:
         """PREDICT: two-sided binomial test of the top two counts; ABSTAIN if p-value > alpha.

@@ -3,6 +3,7 @@
     python SRS/code/certify.py digits CKPT 0.25 out/std.tsv --f_solver anderson --f_thresh 30 --N 1000 --skip 10
     python SRS/code/certify.py cifar10 CKPT 0.5 out/srs.tsv --srs --f_solver anderson --f_thresh 3 \
         --warmup_solver anderson --warmup_thresh 10 --conf_drop 400 --batch 400 --N 10000 --skip 20
+    python SRS/code/certify.py digits CKPT 0.25 out/seq.tsv --sequential --radii 0 0.25 0.5 --N 10000 --batch 1000
 
 --threads N sets torch's CPU threads (default: OMP_NUM_THREADS if set, else the usable
 cores shared among torchrun's local processes): on a busy machine oversubscribed threads
@@ -23,6 +24,9 @@ def main(argv=None):
         return  # under torchrun rank 0 reports
     print(f"certified {summary['images']} images ({summary['skipped_done']} already in the file); all {summary['rows']} "
           f"rows of the file: accuracy at radius 0 {100 * summary['accuracy']:.1f}%, {summary['seconds_per_image']:.2f} s/image")
+    if "mean_samples" in summary:
+        print(f"sequential: {summary['mean_samples']:.0f} noisy samples per image on average "
+              f"({100 * summary['sample_fraction']:.1f}% of N0 + N)")
 
 
 if __name__ == "__main__":

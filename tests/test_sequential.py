@@ -1,0 +1,227 @@
+"""Sequential CERTIFY (SRS.sequential): the look schedule and levels, soundness on closed-form models at the
+worst case for a stopping rule (p_A exactly at a table threshold), the fixed-N path unchanged, and the
+certify.py plumbing (flags, one-line errors, results file, --resume, analysis).
+
+The closed-form models are those of test_smoothing.py: a linear classifier sign(w.x) with ||w|| = 1,
+smoothed at sigma, has p_A = Phi(w.x / sigma) and the exact certified radius |w.x|; the linear DEQ has a
+known radius too.  A certificate is *violated* when it names a class with radius above the true one (or
+any class where p_A = 1/2 exactly); soundness means violations happen with probability <= alpha.
+"""
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+
+import SRS.runner as srs_runner
+import SRS.sequential as sequential
+from SRS.analysis import certified_accuracy
+from SRS.bounds import (confidence_interval, lower_confidence_bound, row_decided, sequential_levels,
+                        sequential_looks, table_thresholds)
+from SRS.results import CERTIFY_COLUMNS, SEQUENTIAL_COLUMNS, read_results, read_rows
+from SRS.settings import DEQSolve, SRSConfig
+from SRS.smooth import ABSTAIN, Smooth
+from test_smoothing import Linear, _deq_setup, binomial_slack
+
+from test_certify_cli import _no_dataset, assert_one_line_error, certify_script
+
+ALPHA = 0.05
+SIGMA = 0.5
+D = 4
+
+
+def linear_point(margin):
+    """The linear classifier of test_smoothing (||w|| = 1) and an input at signed distance ``margin``:
+    p(class 1) = Phi(margin / sigma), true radius |margin|."""
+    w = torch.ones(D, dtype=torch.float64) / math.sqrt(D)
+    return Smooth(Linear(w, 0.0), 2, SIGMA), torch.full((1, 1, D), margin / math.sqrt(D), dtype=torch.float64)
+
+
+def sequential_violations(smooth, x, true_r, true_c, reps, radii, n0=20, N=1600, batch=100, seed0=20_000):
+    """(violation rate, mean samples) of sequential CERTIFY over ``reps`` seeds; true_c None: any
+    certificate is a violation (p_A = 1/2 exactly)."""
+    bad, samples = 0, 0
+    for rep in range(reps):
+        c = smooth.certify_sequential(x, n0, N, ALPHA, batch, radii, generator=torch.Generator().manual_seed(seed0 + rep))
+        samples += c.samples
+        if c.prediction != ABSTAIN and (true_c is None or c.prediction != true_c or c.radius > true_r):
+            bad += 1
+    return bad / reps, samples / reps
+
+
+# ------------------------------------------------------------------ the pure parts
+def test_looks_double_from_one_batch_to_N():
+    assert sequential_looks(10000, 1000) == (1000, 2000, 4000, 8000, 10000)
+    assert sequential_looks(10000, 400) == (400, 800, 1600, 3200, 6400, 10000)
+    assert sequential_looks(400, 50) == (50, 100, 200, 400)
+    assert sequential_looks(30, 50) == (30,) and sequential_looks(100, 100) == (100,)
+
+
+@pytest.mark.parametrize("looks", [1, 2, 5, 9])
+def test_levels_sum_to_alpha_with_half_at_N(looks):
+    levels = sequential_levels(0.001, looks)
+    assert len(levels) == looks and sum(levels) == pytest.approx(0.001)
+    assert levels[-1] == (0.001 if looks == 1 else 0.0005)
+    assert len(set(levels[:-1])) <= 1
+
+
+def test_price_at_N_is_the_bound_at_half_alpha():
+    """The figures the SRS.sequential docstring states: N = 10000, alpha = 0.001."""
+    N, alpha = 10000, 0.001
+    fixed, seq = lower_confidence_bound(N, N, alpha), lower_confidence_bound(N, N, alpha / 2)
+    assert fixed == pytest.approx(alpha ** (1 / N)) and seq == pytest.approx((alpha / 2) ** (1 / N))
+    assert round(seq, 6) == 0.999240 and round(fixed, 6) == 0.999309
+    assert round(norm.ppf(seq), 3) == 3.171 and round(norm.ppf(fixed), 3) == 3.199
+    assert round(norm.ppf(lower_confidence_bound(9000, N, alpha / 2)), 4) == 1.2253
+    assert round(norm.ppf(lower_confidence_bound(9000, N, alpha)), 4) == 1.2287
+
+
+def test_thresholds_and_the_decision():
+    t = table_thresholds([0.5, 0.25, 0.0, 0.25], 0.5)
+    assert t == (0.5, pytest.approx(norm.cdf(0.5)), pytest.approx(norm.cdf(1.0)))
+    assert table_thresholds([1.0], 0.5)[0] == 0.5                      # abstain threshold always there
+    assert row_decided(0.70, 0.83, t) and row_decided(0.2, 0.45, t)   # between two thresholds; below 1/2
+    assert not row_decided(0.45, 0.55, t) and not row_decided(0.80, 0.90, t)
+    lo, hi = confidence_interval(30, 100, 0.01)
+    assert lo == lower_confidence_bound(30, 100, 0.01) and lo < 0.3 < hi
+
+
+# ------------------------------------------------------------------ soundness (standard model)
+def test_sound_with_p_exactly_at_a_table_threshold():
+    """p_A = Phi(0.25 / 0.5) is the threshold of the table radius 0.25: the rule's worst case (the
+    bounds keep straddling it, and every early stop above it is a violation)."""
+    smooth, x = linear_point(0.25)
+    rate, samples = sequential_violations(smooth, x, 0.25, 1, 600, [0.0, 0.25, 0.5])
+    assert rate <= binomial_slack(ALPHA, 600)
+
+
+def test_sound_between_thresholds_and_stops_early():
+    smooth, x = linear_point(0.4)
+    rate, samples = sequential_violations(smooth, x, 0.4, 1, 400, [0.25, 0.5])
+    assert rate <= binomial_slack(ALPHA, 400)
+    assert samples < 0.7 * (20 + 1600)
+
+
+def test_sound_at_one_half():
+    """w.x = 0: p = 1/2 for both classes, so any certificate (of either class) is wrong."""
+    smooth, x = linear_point(0.0)
+    rate, _ = sequential_violations(smooth, x, 0.0, None, 400, [0.0, 0.25])
+    assert rate <= binomial_slack(ALPHA, 400)
+
+
+def test_full_alpha_at_every_look_would_not_be_sound(monkeypatch):
+    """Guard against a vacuous soundness test: spending all of alpha at each look overclaims at a threshold."""
+    monkeypatch.setattr(sequential, "sequential_levels", lambda alpha, looks: (alpha,) * looks)
+    smooth, x = linear_point(0.25)
+    rate, _ = sequential_violations(smooth, x, 0.25, 1, 600, [0.0, 0.25, 0.5], N=2000, batch=50)
+    assert rate > binomial_slack(ALPHA, 600)
+
+
+# ------------------------------------------------------------------ soundness (SRS, misaligned chain)
+MISALIGNED = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
+STD = DEQSolve("anderson", 50, 1e-10)
+
+
+@pytest.mark.parametrize("pairing,reps", [(dict(conf_drop=100), 200), (dict(), 120)], ids=["fixed_K", "adaptive"])
+def test_sequential_srs_sound_on_a_misaligned_chain(pairing, reps):
+    """a = 0.95 with one naive step: the chain averages past noise and is far more confident than f_D
+    (test_smoothing); the table's radius 0.3 is the true radius (p_A exactly at its threshold)."""
+    model, x, r, c = _deq_setup(a=0.95)
+    smooth = Smooth(model, 2, SIGMA, standard=STD, srs=SRSConfig(**MISALIGNED, **pairing))
+    rate, _ = sequential_violations(smooth, x, r, c, reps, [0.0, r], N=800, batch=40)
+    assert rate <= binomial_slack(ALPHA, reps)
+
+
+def test_sequential_srs_refuses_what_it_cannot_certify():
+    model, x, _, _ = _deq_setup()
+    for cfg in (SRSConfig(**MISALIGNED, conf_drop=20, certificate="reference"),
+                SRSConfig(**MISALIGNED, refine_margin=1.0)):
+        with pytest.raises(ValueError):
+            Smooth(model, 2, SIGMA, standard=STD, srs=cfg).certify_sequential(x, 10, 100, ALPHA, 50, [0.1])
+
+
+# ------------------------------------------------------------------ the fixed-N path and the last look
+def _baseline_models():
+    model, x, _, _ = _deq_setup(a=0.5)
+    std = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12))
+    srs = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12),
+                 srs=SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0), conf_drop=60))
+    return x, std, srs
+
+
+def test_fixed_N_certify_is_unchanged():
+    """The certificates CERTIFY gave before sequential mode existed (same seed, same settings)."""
+    x, std, srs = _baseline_models()
+    a = std.certify(x, 20, 400, 0.01, 50, generator=torch.Generator().manual_seed(4))
+    assert (a.prediction, a.radius, a.n_A, a.n, a.p_A_lower) == (1, 0.1910855064041261, 282, 400, 0.6488327393307989)
+    assert a.counts.tolist() == [118, 282] and a.stop == "" and a.samples == 0
+    b = srs.certify(x, 20, 400, 0.01, 50, generator=torch.Generator().manual_seed(4))
+    assert (b.prediction, b.radius, b.n_A, b.p_A_lower, b.K, b.K_A, b.M) == (ABSTAIN, 0.0, 327, 0.4569666767051658,
+                                                                             60, 46, 8)
+
+
+def test_an_image_that_runs_to_N_is_fixed_N_certify_at_half_alpha():
+    """Same noise (the looks are whole mini-batches), bound at N at alpha / 2."""
+    x, std, _ = _baseline_models()
+    seq = std.certify_sequential(x, 20, 3200, 0.01, 50, [0.0, 0.1, 0.2, 0.3], generator=torch.Generator().manual_seed(4))
+    fixed = std.certify(x, 20, 3200, 0.01, 50, generator=torch.Generator().manual_seed(4))
+    assert seq.stop == "N" and seq.n == 3200 and seq.samples == 3220
+    assert seq.n_A == fixed.n_A and seq.p_A_lower == lower_confidence_bound(fixed.n_A, 3200, 0.005)
+    assert seq.radius == pytest.approx(0.5 * norm.ppf(seq.p_A_lower)) and 0 < seq.radius < fixed.radius
+
+
+def test_a_clear_image_stops_at_the_first_look():
+    smooth, x = linear_point(2.0)                      # p_A = Phi(4): every sample votes class 1
+    c = smooth.certify_sequential(x, 20, 10000, 0.001, 500, [0.0, 0.25, 0.5], generator=torch.Generator().manual_seed(0))
+    assert c.stop == "decided" and c.n == 500 and c.samples == 520 and c.prediction == 1
+    assert c.radius >= 0.5 and c.p_A_lower == lower_confidence_bound(500, 500, 0.001 / 2 / 5)
+
+
+# ------------------------------------------------------------------ certify.py
+SMOKE = ["--sequential", "--radii", "0", "0.25", "0.5", "--N0", "20", "--N", "400", "--batch", "50", "--max", "3",
+         "--skip", "50", "--quiet"]
+
+
+def test_certify_py_sequential_smoke_and_analysis(tiny_checkpoint, tmp_path):
+    out = tmp_path / "seq.tsv"
+    certify_script.main(["digits", tiny_checkpoint, "0.5", str(out)] + SMOKE)
+    meta, columns, rows, _ = read_rows(out)
+    assert tuple(columns) == SEQUENTIAL_COLUMNS and columns[:len(CERTIFY_COLUMNS)] == list(CERTIFY_COLUMNS)
+    assert meta["mode"] == "certify_sequential" and meta["radii"] == "[0.0, 0.25, 0.5]"
+    assert meta["looks"] == "[50, 100, 200, 400]" and meta["sequential"] == "true"
+    assert len(rows) == 3
+    for r in rows:
+        assert r["stop"] in sequential.STOP_REASONS and int(r["samples"]) == 20 + int(r["n"])
+        assert int(r["n"]) in (50, 100, 200, 400)
+    df = read_results(out)
+    assert len(df) == 3 and df["samples"].dtype.kind in "if" and list(df["stop"]) == [r["stop"] for r in rows]
+    assert certified_accuracy(df, [0.0, 0.25]).shape == (2,)
+    # --resume with another table is refused in one line naming the radii
+    with pytest.raises(SystemExit) as exc:
+        certify_script.main(["digits", tiny_checkpoint, "0.5", str(out), "--resume"] + SMOKE[:2] + ["0.3"] + SMOKE[5:])
+    assert exc.value.code == 2
+    assert read_rows(out)[2] == rows
+
+
+BAD_SEQUENTIAL = [
+    ("sequential_without_radii", ["--sequential"], ["--sequential needs the table's radii", "--radii"]),
+    ("radii_without_sequential", ["--radii", "0", "0.5"], ["--radii sets the table of --sequential"]),
+    ("radii_nan", ["--sequential", "--radii", "0", "nan"], ["--radii must be finite numbers >= 0", "nan"]),
+    ("radii_inf", ["--sequential", "--radii", "inf"], ["--radii must be finite numbers >= 0", "inf"]),
+    ("radii_negative", ["--sequential", "--radii", "-0.25"], ["--radii must be finite numbers >= 0", "-0.25"]),
+    ("srs_reference", ["--sequential", "--radii", "0", "--srs", "--conf_drop", "20", "--certificate", "reference"],
+     ["--sequential with --srs needs --certificate eliminated"]),
+    ("srs_refine", ["--sequential", "--radii", "0", "--srs", "--refine_margin", "1"],
+     ["--sequential with --srs does not take --refine_margin"]),
+]
+
+
+@pytest.mark.parametrize("name,extra,needles", BAD_SEQUENTIAL, ids=[c[0] for c in BAD_SEQUENTIAL])
+def test_bad_sequential_input_one_line_error_and_no_output(tiny_checkpoint, tmp_path, capsys, monkeypatch, name,
+                                                           extra, needles):
+    monkeypatch.setattr(srs_runner, "get_dataset", _no_dataset)
+    out = tmp_path / "res" / "out.tsv"
+    with pytest.raises(SystemExit) as exc:
+        certify_script.main(["digits", tiny_checkpoint, "0.25", str(out), "--N", "60", "--quiet"] + extra)
+    assert_one_line_error(capsys, exc, *needles)
+    assert not out.exists()
