@@ -96,10 +96,10 @@ def hp_certified_accuracy(df: pd.DataFrame, radii, alpha: float) -> np.ndarray:
     """
     if not 0 < alpha < 0.5:
         raise UserError(f"--hp-alpha {alpha}: must be in (0, 0.5), e.g. 0.001")
-    from statsmodels.stats.proportion import proportion_confint  # slow import, only needed here
+    from .bounds import lower_confidence_bound
 
     counts = _certified_counts(df, radii)
-    lower = [proportion_confint(int(k), len(df), alpha=2 * alpha, method="beta")[0] for k in counts]
+    lower = [lower_confidence_bound(int(k), len(df), alpha) for k in counts]
     return np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0)
 
 

@@ -42,6 +42,10 @@ class Method:
         """``base`` (common settings such as tol) with this method's settings."""
         return replace(base, **dict(self.settings))
 
+    def file_name(self, sigma: float) -> str:
+        """The method's TSV name (a ladder file is named apart: its header differs from a plain run's)."""
+        return file_name(self.label + (" ladder" if self.rungs else ""), sigma)
+
     def mode(self, s: Sampling):
         """The runner mode of this row: CERTIFY, or CERTIFY with the ladder."""
         if self.rungs:
@@ -133,7 +137,7 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
     """
     os.makedirs(out_dir, exist_ok=True)
     s = template.sampling
-    paths = {m.label: os.path.join(out_dir, file_name(m.label, s.sigma)) for m in methods}
+    paths = {m.label: os.path.join(out_dir, m.file_name(s.sigma)) for m in methods}
     specs = {m.label: replace(template, outfile=paths[m.label], smoothing=m.smoothing(template.smoothing))
              for m in methods}
     if not interleave:
@@ -367,16 +371,16 @@ class Honest:
 
 
 def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str, radii: Sequence[float],
-                      time_baseline: bool = True, tolerance: int = 1,
+                      time_baseline: bool = True, tolerance: int = 1, timed_labels: Optional[Sequence[str]] = None,
                       log: Callable[[str], None] = print) -> Honest:
     """Certify ``methods`` interleaved, find the equal-accuracy baseline on the certified model's ladder,
     and compare every method with MDEQ-D and with that baseline.
 
     The first method must be the certified standard model with its ladder (``standard(D, rungs=...)``).
     With ``time_baseline`` and a baseline cheaper than the certified model, a second interleaved pass
-    (``out_dir/vs_<baseline>``) runs the baseline for real beside every other method, so that the wall
-    clock over the baseline is measured side by side too (the certificates of that pass equal the first
-    pass's: same seeds).
+    (``out_dir/vs_<baseline>``) runs the baseline for real beside the other methods (those labelled in
+    ``timed_labels``, default all), so that the wall clock over the baseline is measured side by side too
+    (the certificates of that pass equal the first pass's: same seeds).
     """
     top = methods[0]
     if not top.rungs:
@@ -389,7 +393,7 @@ def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str
     timed: Dict[str, "pd.DataFrame"] = {}
     if time_baseline and base.label != top.label:
         k_method = standard(base.k, solver)
-        others = [m for m in methods[1:] if m.label != base.label]
+        others = [m for m in methods[1:] if m.label != base.label and (timed_labels is None or m.label in timed_labels)]
         if others:
             log(f"[sigma {s.sigma:g}] equal-accuracy baseline {base.label}: timing it beside the other methods")
             timed_paths = run_methods(template, [k_method] + others, os.path.join(out_dir, f"vs_{base.label}"), log)
