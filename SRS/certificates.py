@@ -112,6 +112,14 @@ def decide(cert: Certificate, c_hat: int, sigma: float) -> Certificate:
     return cert
 
 
+def record_cost(cert: Certificate, stats) -> Certificate:
+    """Copy what sampling the image cost (an ``SRS.sampling.SampleStats``) into ``cert``."""
+    cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
+    cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
+    cert.pilot = stats.pilot
+    return cert
+
+
 def eliminate_top_count(out: Prediction, K: int, K_A: int, M: int, alpha: float, exact: int = 0) -> Tuple[int, int, float]:
     """SRS PREDICT: the eliminated top count at alpha / 2, the discarded part counted for the runner-up.
 
@@ -140,5 +148,5 @@ def binomial_decision(out: Prediction, top: int, n1: int, n2: int, level: float)
     return out
 
 
-__all__ = ["Certificate", "Prediction", "bound_standard", "bound_eliminated", "decide", "eliminate_top_count",
+__all__ = ["Certificate", "Prediction", "bound_standard", "bound_eliminated", "decide", "record_cost", "eliminate_top_count",
            "binomial_decision"]

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .analysis import certified_accuracy
-from .certificates import Certificate, bound_standard, decide
+from .certificates import Certificate, bound_standard, decide, record_cost
 from .modes import certificate_row
 from .results import LADDER_COLUMNS, UNTIMED, read_results
 from .sampling import ABSTAIN, Counts, SampleStats, ensure_generator, noisy_batch
@@ -83,10 +83,7 @@ def certify_ladder(smooth: Smooth, x: torch.Tensor, n0: int, n: int, alpha: floa
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, smooth.sigma)
-        st = stats[k]
-        cert.nfe, cert.residual = st.nfe_per_sample, st.mean_residual
-        cert.std_calls, cert.std_rows = st.std_calls, st.std_rows
-        out[k] = cert
+        out[k] = record_cost(cert, stats[k])
     return Ladder(out, seconds[0])
 
 

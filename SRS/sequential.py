@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from .bounds import confidence_interval, row_decided, sequential_levels, sequential_looks, table_thresholds
-from .certificates import Certificate, bound_eliminated, bound_standard, decide
+from .certificates import Certificate, bound_eliminated, bound_standard, decide, record_cost
 from .pairing import pair_cap, plan_pairs
 from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator
 
@@ -170,10 +170,7 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     else:
         bound_standard(cert, level)
     decide(cert, c_hat, smooth.sigma)
-    cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
-    cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
-    cert.pilot = stats.pilot
-    return cert
+    return record_cost(cert, stats)
 
 
 def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alpha: float, level: float,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
-                           eliminate_top_count)
+                           eliminate_top_count, record_cost)
 from .pairing import image_route, pair_cap, plan_pairs
 from DEQ.interface import is_deq
 
@@ -156,10 +156,7 @@ class Smooth:
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, self.sigma)
-        cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
-        cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
-        cert.pilot = stats.pilot
-        return cert
+        return record_cost(cert, stats)
 
     def certify_sequential(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
                            radii, generator: Optional[torch.Generator] = None) -> Certificate:
