@@ -78,7 +78,7 @@ def table_grid(radii) -> float | None:
 
 
 def table_methods(radii) -> list:
-    """SRS rows set up for a certified-accuracy table on ``radii`` (README, results: 'For certified-accuracy
+    """SRS rows set up for a certified-accuracy table on ``radii`` (docs/results-digits.md: 'For certified-accuracy
     tables'): SRS-MDEQ-3A with ``--radius_grid <step> --second_look 3 --route_pilot 0.5``, and SRS-MDEQ-1A / -1N
     with the grid and second look that also re-solve rows of logit margin below 3 (``--refine_margin 3``; they keep
     the default 0.1 N pilot, with which they sent fewer images to the standard model on the digits model).  Empty
@@ -314,8 +314,8 @@ def main():
                "guarantee for the smoothed MDEQ-30A; the row marked (reference) uses the reference code's weaker "
                "bound (fixed K) for comparison with the paper. With K_A pairs and no misaligned pair, the sound "
                "certificate cannot exceed p_A_lower = (alpha/2)^(1/K_A), i.e. radius sigma * PhiInv(that): "
-               "see the README for the speed limit this implies. Rows marked grid<g> look3 are set up for this table "
-               "(README, results: 'For certified-accuracy tables'): their pairs aim at the table's radius grid g "
+               "see docs/results-digits.md for the speed limit this implies. Rows marked grid<g> look3 are set up for this table "
+               "(docs/results-digits.md: 'For certified-accuracy tables'): their pairs aim at the table's radius grid g "
                "(--radius_grid), a second look at up to 3 times the pairs is solved only when the first finds a "
                "misaligned pair (--second_look 3), pilot0.5 refines the route to the standard model with 0.5 N "
                "further SRS samples (--route_pilot 0.5), and refine3 re-solves with the standard model the rows whose "

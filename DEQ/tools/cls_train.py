@@ -21,7 +21,7 @@ local processes); on a busy machine oversubscribed threads made certification
 Under torchrun each process trains on TRAIN.BATCH_SIZE_PER_GPU rows of every global batch
 (WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training.py, DEQ/distributed.py).
 Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
-smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and the README.
+smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and docs/training.md.
 """
 import argparse
 
