@@ -299,21 +299,24 @@ class EqualAccuracy:
             every table radius (``SRS.ladder.equal_accuracy_rung``).
         k: its budget; nfe: its evaluations of f per sample.
         ladder: the ladder table (``SRS.ladder.ladder_table``).
+        frames: k -> the rung's rows (``SRS.ladder.rung_frames``).
     """
     label: str
     k: int
     nfe: float
     ladder: "pd.DataFrame"
+    frames: Dict[int, "pd.DataFrame"]
 
 
 def equal_accuracy_baseline(ladder_path: str, radii: Sequence[float], tolerance: int = 1,
-                            solver: str = "anderson") -> EqualAccuracy:
-    """The equal-accuracy baseline of the ladder file ``ladder_path`` (a :class:`Method` with rungs)."""
+                            solver: str = "anderson", reference: Optional[int] = None) -> EqualAccuracy:
+    """The equal-accuracy baseline of the ladder file ``ladder_path`` (a :class:`Method` with rungs) against
+    the rung ``reference`` (default: the top one, the certified model)."""
     frames = rung_frames(ladder_path)
-    k = equal_accuracy_rung(frames, radii, tolerance)
+    k = equal_accuracy_rung(frames, radii, tolerance, reference)
     letter = _LETTER.get(solver, solver)
-    table = ladder_table(frames, radii, label=lambda r: f"MDEQ-{r}{letter}")
-    return EqualAccuracy(f"MDEQ-{k}{letter}", k, float(frames[k]["nfe"].mean()), table)
+    table = ladder_table(frames, radii, reference, label=lambda r: f"MDEQ-{r}{letter}")
+    return EqualAccuracy(f"MDEQ-{k}{letter}", k, float(frames[k]["nfe"].mean()), table, frames)
 
 
 def add_equal_accuracy(summary: "pd.DataFrame", runs: Dict[str, "pd.DataFrame"], base: EqualAccuracy,
@@ -353,10 +356,6 @@ def summary_markdown(table: "pd.DataFrame") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
-           "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
-           "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
-           "Honest", "honest_comparison"]
 
 
 @dataclass
@@ -461,3 +460,8 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     df = pd.DataFrame(rows)
     df["speedup"] = df["s/image"].iloc[0] / df["s/image"]
     return df
+
+__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
+           "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
+           "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
+           "Honest", "honest_comparison"]

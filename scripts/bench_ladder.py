@@ -38,8 +38,8 @@ def main():
     rungs = sorted(set(args.rungs) | {args.reference, args.top})
     if not 1 <= args.reference <= args.top or rungs[0] < 1:
         raise UserError(f"--reference {args.reference} must be a budget between 1 and --top {args.top}")
-    from SRS.benchmark import EqualAccuracy, ladder_markdown
-    from SRS.ladder import LadderMode, equal_accuracy_rung, ladder_table, rung_frames
+    from SRS.benchmark import equal_accuracy_baseline, ladder_markdown
+    from SRS.ladder import LadderMode
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec, run
     run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.ckpt)))
     out = args.out or f"output/bench_ladder/{run_dir}_sigma{args.sigma:g}_top{args.top}.tsv"
@@ -49,15 +49,12 @@ def main():
                    smoothing=SmoothingSpec(f_solver="anderson", f_thresh=args.top, tol=0.0), device=args.device,
                    threads=args.threads, resume=os.path.isfile(out) and os.path.getsize(out) > 0, progress=False)
     run(spec, LadderMode(args.N0, args.N, args.alpha, args.batch, rungs))
-    frames = rung_frames(out)
     radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
-    k = equal_accuracy_rung(frames, radii, reference=args.reference)
-    table = ladder_table(frames, radii, reference=args.reference)
-    print(f"\n{args.ckpt}, sigma {args.sigma:g}, {len(frames[args.top])} images (every {args.skip}-th), "
+    base = equal_accuracy_baseline(out, radii, reference=args.reference)
+    print(f"\n{args.ckpt}, sigma {args.sigma:g}, {len(base.frames[args.top])} images (every {args.skip}-th), "
           f"N0 {args.N0}, N {args.N}, alpha {args.alpha:g}; certified accuracy in %, gaps against MDEQ-{args.reference}A\n")
-    print(ladder_markdown(EqualAccuracy(f"MDEQ-{k}A", k, float(frames[k]["nfe"].mean()), table)))
-    print(f"\nequal-accuracy baseline of MDEQ-{args.reference}A: MDEQ-{k}A; ladder file {out}")
-
+    print(ladder_markdown(base))
+    print(f"\nequal-accuracy baseline of MDEQ-{args.reference}A: {base.label}; ladder file {out}")
 
 if __name__ == "__main__":
     main()

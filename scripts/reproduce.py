@@ -97,10 +97,9 @@ def section(sigma, honest, radii, out_dir, train_secs, ckpt, samples, alpha=0.00
     curves and RRD figures; and the headline entries {label: (f-eval and wall speedups, gap, radius)}."""
     from SRS.analysis import plot_curves, relative_radius_difference, rrd_summary, summary_table, write_rrd_outputs
     from SRS.benchmark import ladder_markdown, max_gap, mean_column, summary_markdown, to_markdown
-    from SRS.ladder import rung_frames
     runs, base_eq = honest.runs, honest.baseline
     top = next(iter(runs))
-    frames = rung_frames(honest.paths[top])
+    frames = base_eq.frames
     rung_rows = {f"MDEQ-{k}A": frames[k] for k in sorted({1, 5, base_eq.k} & set(frames)) if f"MDEQ-{k}A" != top}
     table = summary_table({**rung_rows, **runs}, radii, baseline=top)
     curves = f"curves_sigma{sigma:g}.png"
