@@ -19,7 +19,7 @@ pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
 local processes); on a busy machine oversubscribed threads made certification
 ~50x slower, so lower it there.
 Under torchrun each process trains on TRAIN.BATCH_SIZE_PER_GPU rows of every global batch
-(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training.py, DEQ/distributed.py).
+(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training/, DEQ/distributed.py).
 Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
 smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and docs/training.md.
 """
