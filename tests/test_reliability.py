@@ -19,6 +19,7 @@ import torch
 from conftest import DIGITS_CFG, ROOT, TINY
 from DEQ.checkpoint import load_checkpoint, save_checkpoint
 from DEQ.errors import UserError
+from DEQ.files import atomic_write
 
 CODE = Path(ROOT) / "SRS" / "code"
 
@@ -288,6 +289,26 @@ def test_checkpoint_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o640
+
+
+def test_atomic_write_replaces_whole_files_with_the_umask_mode(tmp_path):
+    """The one writer of checkpoints and merged results: the new file gets 0666 minus the umask (not
+    mkstemp's 0600) and replaces the old one whole; a failure mid-write leaves the old file and no temporary."""
+    path = tmp_path / "results.tsv"
+    path.write_text("old\n")
+    old = os.umask(0o027)
+    try:
+        with atomic_write(str(path), prefix=".merge-", suffix=".tsv") as fh:
+            fh.write("new\n")
+            assert path.read_text() == "old\n"  # nothing is seen before the block ends
+    finally:
+        os.umask(old)
+    assert path.read_text() == "new\n" and stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(str(path), "wb") as fh:
+            fh.write(b"half a fi")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["results.tsv"]
 
 
 # ------------------------------------------------------------------ item 8: a failed run leaves nothing
