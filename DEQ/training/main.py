@@ -12,7 +12,7 @@ from ..acceleration import COMPILE_CHOICES
 from ..checkpoint import remove_stale_temporaries
 from ..checks import check_choice, check_number
 from ..config import load_config
-from ..distributed import DEFAULT_TIMEOUT_MINUTES, World
+from ..distributed import DEFAULT_TIMEOUT_MINUTES, World, check_ranks_agree
 from ..errors import UserError
 from ..utils import is_out_of_memory, pick_device, set_threads
 from .runs import (HeldLog, check_run_folder, close_logging, delete_run_files, run_name, setup_logging,
@@ -86,18 +86,16 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
 def _check_same_run(world: World, cfg, out: str, resume: bool, resume_from: Optional[str], overwrite: bool) -> None:
     """Refuse (the same line on every rank) ranks started with another config, run folder or resume flag
     than rank 0 (a multi-node launch types the command on every node)."""
+    def describe(rank: int, key: str, ref, value) -> str:
+        if key == "config":  # the first line of the yaml dumps that differs
+            ref, value = next(((a.strip(), b.strip()) for a, b in zip(ref.splitlines(), value.splitlines())
+                               if a != b), ("?", "?"))
+        return (f"rank {rank} was started with {key} {value!r}, rank 0 with {ref!r}: start every rank with the "
+                f"same command")
+
     mine = {"run folder": os.path.abspath(out), "--resume": resume, "--resume-from": resume_from,
             "--overwrite": overwrite, "config": cfg.dump()}
-    ranks = world.gather(mine)
-    for rank, other in enumerate(ranks):
-        for key, value in other.items():
-            ref = ranks[0][key]
-            if value != ref:
-                if key == "config":
-                    ref, value = next(((a.strip(), b.strip()) for a, b in zip(ref.splitlines(), value.splitlines())
-                                       if a != b), ("?", "?"))
-                raise UserError(f"rank {rank} was started with {key} {value!r}, rank 0 with {ref!r}: start every rank "
-                                f"with the same command")
+    check_ranks_agree(world, mine, describe)
 
 
 def _train(world: World, cfg, out: str, data_dir, resume, resume_from, overwrite, device, threads, quiet,
