@@ -326,7 +326,7 @@ class Trainer:
         stats = None
         try:
             while self.epoch < end:
-                t0 = time.time()
+                t0 = time.perf_counter()
                 tr = self.train_epoch()
                 self.world.sync_buffers(self.model)  # rank 0's BatchNorm statistics everywhere (evaluation, checkpoint)
                 stats = evaluate(self.model, self.test_loader, self.cfg.TRAIN.NOISE, self.device, world=self.world)
@@ -352,7 +352,8 @@ class Trainer:
                     solver = f"  steps {stats.mean_steps:.2f}  residual {stats.mean_residual:.2e}  nfe {stats.nfe:.1f}"
                 log.info("epoch %d/%d  loss %.4f  train acc %.2f%s | test clean %.2f  noisy(%.2f) %.2f%s | %.1fs%s",
                          self.epoch, end, tr["loss"], tr["acc"], jac, stats.clean_acc,
-                         self.cfg.TRAIN.NOISE, stats.noisy_acc, solver, time.time() - t0, "  *best" if is_best else "")
+                         self.cfg.TRAIN.NOISE, stats.noisy_acc, solver, time.perf_counter() - t0,
+                         "  *best" if is_best else "")
                 if self.attacker is not None:
                     log.info("  SmoothAdv %s: epsilon %.4g (of %.4g), %d steps, m %d", self.attacker.attack,
                              self.attacker.epsilon_at(self.epoch - 1), self.attacker.epsilon,
