@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local processes)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (under torchrun: auto or cuda, "
                    "rank r on cuda:LOCAL_RANK)")
-    p.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                    metavar="MINUTES", help="under torchrun: minutes a process waits for the others before the run stops "
                    f"with an error ({DEFAULT_TIMEOUT_MINUTES:g})")
     p.add_argument("--compile", default="auto", metavar="{" + ",".join(COMPILE_CHOICES) + "}",
