@@ -455,17 +455,17 @@ def check_model(cfg: CN) -> None:
     from .models import model_spec  # the registry: the one list of model names
     name, depth, ds = cfg.MODEL.NAME, cfg.MODEL.DEPTH, cfg.DATASET.DATASET
     spec = model_spec(name)
-    is_deq, implied = spec.deq, spec.depth
+    deq, implied = spec.deq, spec.depth
     if implied is None:
         if depth < 8 or (depth - 2) % 6:
             raise UserError(f"MODEL.NAME {name} needs MODEL.DEPTH = 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
     elif depth not in (0, implied):
-        what = "mdeq has no depth (its f_theta is solved, not stacked)" if is_deq else f"{name} has depth {implied}"
+        what = f"{name} has no depth (its f_theta is solved, not stacked)" if deq else f"{name} has depth {implied}"
         raise UserError(f"MODEL.DEPTH {depth} does not apply: {what}; remove MODEL.DEPTH or use MODEL.NAME resnet_cifar")
     if name == "resnet50" and ds != "imagenet":
         raise UserError(f"MODEL.NAME resnet50 is the ImageNet architecture, not one for {ds}: use resnet110 or "
                         f"resnet_cifar (MODEL.DEPTH) for {ds}")
-    if not is_deq:
+    if not deq:
         if cfg.MODEL.DROPOUT > 0:
             raise UserError(f"MODEL.DROPOUT {cfg.MODEL.DROPOUT} is the variational dropout of an MDEQ's f_theta; "
                             f"{name} has none: set MODEL.DROPOUT 0.0")
