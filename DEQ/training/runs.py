@@ -16,6 +16,7 @@ RUN_FILES = ("last.pth", "best.pth")
 
 
 def run_name(cfg_path: Optional[str], noise: float) -> str:
+    """The default run folder's name: ``<config file stem>_noise<sigma>`` (``default_noise<sigma>`` without one)."""
     stem = os.path.splitext(os.path.basename(cfg_path or "default"))[0]
     return f"{stem}_noise{noise:g}"
 
