@@ -5,7 +5,7 @@ import torch
 
 
 def build_optimizer(cfg, model):
-    """SGD (TRAIN.MOMENTUM, TRAIN.NESTEROV) or Adam over ``model``'s parameters, at TRAIN.LR with weight decay TRAIN.WD."""
+    """SGD (TRAIN.MOMENTUM, TRAIN.NESTEROV) or Adam over ``model``'s parameters, at TRAIN.LR, weight decay TRAIN.WD."""
     t = cfg.TRAIN
     if t.OPTIMIZER == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WD, nesterov=t.NESTEROV)
