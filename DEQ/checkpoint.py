@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -35,6 +34,7 @@ import torch
 
 from .checks import check_input_file
 from .errors import UserError
+from .files import atomic_write
 
 FORMAT = "deq-certify/1"
 
@@ -42,30 +42,13 @@ FORMAT = "deq-certify/1"
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pth"
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact (and at worst a
-    ``.tmp-*.pth`` file, removed by :func:`remove_stale_temporaries` at the next start).
+    """Write atomically (:func:`DEQ.files.atomic_write`): a crash mid-write leaves the previous file intact
+    (and at worst a ``.tmp-*.pth`` file, removed by :func:`remove_stale_temporaries` at the next start).
     The file gets the mode of an ordinary new file (0666 minus the umask), not mkstemp's 0600."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({**state, "format": FORMAT}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "wb", prefix=TMP_PREFIX, suffix=TMP_SUFFIX) as fh:
+        torch.save({**state, "format": FORMAT}, fh)
 
 
 def remove_stale_temporaries(folder: str) -> list:

@@ -54,7 +54,7 @@ models only, ignored by the ResNets):
 | TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size (under torchrun batch b goes to rank b mod WORLD_SIZE) |
 | TEST.MODEL_FILE | R '' | certify a checkpoint by passing it to SRS/code/certify.py; start training from one with MODEL.PRETRAINED |
 | DEBUG.DEBUG | R false | nothing reads it |
-| ATTACK.ADV_TRAINING | W | SmoothAdv training on (DEQ/attacks.py, DEQ/training.py) |
+| ATTACK.ADV_TRAINING | W | SmoothAdv training on (DEQ/attacks.py, DEQ/training/) |
 | ATTACK.ATTACK | W | PGD (Smooth-PGD) or DDN |
 | ATTACK.EPSILON | W | attack radius in [0,1] pixel units |
 | ATTACK.NUM_STEPS | W | attack steps |
@@ -177,7 +177,7 @@ _C.DEBUG = CN()
 _C.DEBUG.DEBUG = False
 
 # SmoothAdv training (Salman et al. 2019), keys of the SRS reference's MDEQ code; checked and used by
-# DEQ/attacks.py (SmoothAdvAttack) and DEQ/training.py.  EPSILON is an l2 radius in [0,1] pixel units
+# DEQ/attacks.py (SmoothAdvAttack) and DEQ/training/.  EPSILON is an l2 radius in [0,1] pixel units
 # (the reference takes 0-255 units / 256: its default 64.0 is 0.25 here).
 _C.ATTACK = CN()
 _C.ATTACK.ADV_TRAINING = False     # attack every training batch, train on (adversarial + noise)
@@ -412,8 +412,6 @@ def check_resume_config(stored: CN, cfg: CN, flag: str, path: str) -> None:
                         f"drop the override), or start a new run for {key} {value!r} (another --out, or --overwrite)")
 
 
-# MODEL.NAME -> (is a DEQ, depth the name implies or None for 'set by MODEL.DEPTH')
-MODEL_NAMES = {"mdeq": (True, 0), "resnet_cifar": (False, None), "resnet110": (False, 110), "resnet50": (False, 50)}
 NATIVE_SIZE = {"cifar10": 32, "imagenet": 224}
 
 
@@ -454,20 +452,20 @@ def check_model(cfg: CN) -> None:
     Raises:
         UserError: one line naming the key and the fix.
     """
+    from .models import model_spec  # the registry: the one list of model names
     name, depth, ds = cfg.MODEL.NAME, cfg.MODEL.DEPTH, cfg.DATASET.DATASET
-    if name not in MODEL_NAMES:
-        raise UserError(f"MODEL.NAME={name!r} is not a model; choose one of {', '.join(MODEL_NAMES)}")
-    is_deq, implied = MODEL_NAMES[name]
+    spec = model_spec(name)
+    deq, implied = spec.deq, spec.depth
     if implied is None:
         if depth < 8 or (depth - 2) % 6:
             raise UserError(f"MODEL.NAME {name} needs MODEL.DEPTH = 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
     elif depth not in (0, implied):
-        what = "mdeq has no depth (its f_theta is solved, not stacked)" if is_deq else f"{name} has depth {implied}"
+        what = f"{name} has no depth (its f_theta is solved, not stacked)" if deq else f"{name} has depth {implied}"
         raise UserError(f"MODEL.DEPTH {depth} does not apply: {what}; remove MODEL.DEPTH or use MODEL.NAME resnet_cifar")
     if name == "resnet50" and ds != "imagenet":
         raise UserError(f"MODEL.NAME resnet50 is the ImageNet architecture, not one for {ds}: use resnet110 or "
                         f"resnet_cifar (MODEL.DEPTH) for {ds}")
-    if not is_deq:
+    if not deq:
         if cfg.MODEL.DROPOUT > 0:
             raise UserError(f"MODEL.DROPOUT {cfg.MODEL.DROPOUT} is the variational dropout of an MDEQ's f_theta; "
                             f"{name} has none: set MODEL.DROPOUT 0.0")

@@ -18,7 +18,9 @@ the path it takes without torchrun).  Under torchrun :mod:`DEQ.training` uses:
 * :class:`RoundRobinBatches`: evaluation batch b goes to rank b mod WORLD_SIZE (batches as a
   one-process run forms them);
 * :func:`derived_seed` and :func:`rank_rng_state` / :func:`set_rank_rng_state`: per-rank random
-  streams (each rank draws the noise of its own samples) and their checkpointing.
+  streams (each rank draws the noise of its own samples) and their checkpointing;
+* :func:`check_ranks_agree`: the refusal of ranks started with another command than rank 0 (training
+  and certification).
 
 This module is the DEQ layer's own (``DEQ/`` never imports ``SRS/``); ``SRS.distributed.World`` is
 the certification runner's counterpart with the same conventions.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from typing import Callable, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -198,6 +200,29 @@ class World:
         if self.distributed:
             for buf in module.buffers():
                 dist.broadcast(buf.data, src=0)
+
+
+def check_ranks_agree(world: World, mine: Dict[str, object],
+                      describe: Callable[[int, str, object, object], str]) -> None:
+    """Refuse, with the same one line on every rank, ranks whose values differ from rank 0's (a torchrun
+    launch types the command on every node; a rank started otherwise would compute something else).
+
+    Args:
+        world: the job (one process: nothing to compare).
+        mine: this rank's values by name (picklable; compared with ``!=``).
+        describe: ``describe(rank, name, rank 0's value, that rank's value)`` -> the error line (the name
+            and the fix); a name one side lacks has the value None there.
+
+    Raises:
+        UserError: ``describe(...)`` of the first rank (in rank order) and, within it, the first name (rank
+            0's order, then names only that rank has) whose value is not rank 0's.
+    """
+    ranks = world.gather(mine)
+    ref = ranks[0]
+    for rank, other in enumerate(ranks):
+        for key in list(ref) + [k for k in other if k not in ref]:
+            if other.get(key) != ref.get(key):
+                raise UserError(describe(rank, key, ref.get(key), other.get(key)))
 
 
 # ---------------------------------------------------------------------- seeds and generator states

@@ -60,7 +60,8 @@ class DEQClassifier(Protocol):
 
 
 def is_deq(model) -> bool:
-    """Whether ``model`` offers :meth:`DEQClassifier.solve` (SRS needs it)."""
+    """Whether ``model`` offers :meth:`DEQClassifier.solve` (SRS needs it; training a DEQ also needs
+    ``forward_train``, :func:`DEQ.models.is_trainable_deq`)."""
     return isinstance(model, DEQClassifier)
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from DEQ.errors import UserError
 
+from .bounds import lower_confidence_bound
 from .results import FIXED_COLUMNS, REQUIRED_COLUMNS, read_results
 
 STAT_COLUMNS = ("ACR", "abstain", "time (s)", "speedup")
@@ -89,15 +90,14 @@ def mean_time(df: pd.DataFrame) -> float:
 
 
 def hp_certified_accuracy(df: pd.DataFrame, radii, alpha: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound (level ``alpha``) on certified accuracy at each radius.
+    """One-sided Clopper-Pearson lower bound (level ``alpha``, :func:`SRS.bounds.lower_confidence_bound`) on
+    certified accuracy at each radius.
 
     Accounts for the finite test sample: with probability >= 1 - alpha the population certified
     accuracy at a given radius is at least this value.
     """
     if not 0 < alpha < 0.5:
         raise UserError(f"--hp-alpha {alpha}: must be in (0, 0.5), e.g. 0.001")
-    from .bounds import lower_confidence_bound
-
     counts = _certified_counts(df, radii)
     lower = [lower_confidence_bound(int(k), len(df), alpha) for k in counts]
     return np.nan_to_num(np.asarray(lower, dtype=float), nan=0.0)

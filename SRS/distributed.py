@@ -28,8 +28,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch.distributed as dist
 
-from DEQ.distributed import World
-from DEQ.errors import UserError
+from DEQ.distributed import World, check_ranks_agree
 
 
 def check_same(world: World, settings: Dict[str, str]) -> None:
@@ -37,14 +36,14 @@ def check_same(world: World, settings: Dict[str, str]) -> None:
 
     Args:
         world: the job.
-        settings: this rank's settings (the results header's resume-checked entries).
+        settings: this rank's settings (the results header's resume-checked entries), compared by
+            :func:`DEQ.distributed.check_ranks_agree` in the order of their names.
     """
-    gathered = world.gather(settings)
-    for rank, other in enumerate(gathered):
-        for key in sorted(set(settings) | set(other)):
-            if other.get(key) != gathered[0].get(key):
-                raise UserError(f"ranks disagree on settings: rank 0 has {key}={gathered[0].get(key)} but rank {rank} "
-                                f"has {key}={other.get(key)}; start every rank with the same command")
+    def describe(rank: int, key: str, ref, value) -> str:
+        return (f"ranks disagree on settings: rank 0 has {key}={ref} but rank {rank} has {key}={value}; start every "
+                f"rank with the same command")
+
+    check_ranks_agree(world, dict(sorted(settings.items())), describe)
 
 
 def wait_all(world: World, while_waiting: Callable[[], None] = lambda: None, poll: float = 1.0) -> None:

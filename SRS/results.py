@@ -22,7 +22,6 @@ import platform
 import re
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from DEQ.checks import writable_dir_problem
 from DEQ.errors import UserError
+from DEQ.files import atomic_write
 
 # ----------------------------------------------------------------------------- columns
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -284,22 +284,12 @@ def consolidate(outfile: str, columns: Sequence[str], meta: Dict[str, object], r
         part._load_existing(truncate=False)
         for row in part.rows:
             merged.setdefault(int(row["idx"]), row)
-    folder = os.path.dirname(os.path.abspath(outfile))
-    fd, tmp = tempfile.mkstemp(prefix=".merge-", suffix=".tsv", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            for key, value in meta.items():
-                fh.write(f"# {key}: {header_value(value)}\n")
-            fh.write("\t".join(columns) + "\n")
-            for idx in sorted(merged):
-                fh.write("\t".join(merged[idx][c] for c in columns) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, outfile)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(outfile, "w", prefix=".merge-", suffix=".tsv") as fh:
+        for key, value in meta.items():
+            fh.write(f"# {key}: {header_value(value)}\n")
+        fh.write("\t".join(columns) + "\n")
+        for idx in sorted(merged):
+            fh.write("\t".join(merged[idx][c] for c in columns) + "\n")
     for path in shards:
         os.remove(path)
 

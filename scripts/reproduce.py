@@ -48,10 +48,10 @@ def digits_checkpoint(sigma: float, retrain: bool, device: str, cfg_path: str = 
         log(f"reusing {last}")
         return last, None
     log(f"training {cfg_path} at noise {sigma:g} -> {out} (log: {out}/train.log)")
-    t0 = time.time()
+    t0 = time.perf_counter()
     outcome = train(cfg_path, sigma, out=out, resume=exists and not retrain, overwrite=exists and retrain,
                     device=device, quiet=True, progress=sys.stdout.isatty())
-    secs = time.time() - t0
+    secs = time.perf_counter() - t0
     stats = outcome.stats
     log(f"trained in {secs / 60:.1f} min: clean {stats.clean_acc:.1f}%, noisy {stats.noisy_acc:.1f}%")
     return outcome.last_path, secs
@@ -169,7 +169,7 @@ def adversarial_report(args) -> None:
     from SRS.results import PREDICTION_COLUMNS, read_results
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
     out_dir = args.out or "reports/digits_adversarial"
-    t_start = time.time()
+    t_start = time.perf_counter()
     lines = ["# Gaussian vs SmoothAdv training, the ResNet baseline, and attacks (digits)", "",
              f"Command: `{' '.join(['python'] + sys.argv)}`. Certification: standard randomized smoothing of the "
              f"standard model (MDEQ-30A; the ResNet's forward), N0 {args.N0}, N {args.adv_N}, alpha 0.001, every "
@@ -212,7 +212,7 @@ def adversarial_report(args) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(report, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    log(f"report written to {report} ({(time.time() - t_start) / 60:.1f} min)")
+    log(f"report written to {report} ({(time.perf_counter() - t_start) / 60:.1f} min)")
 
 
 @cli_main
@@ -277,7 +277,7 @@ def main():
         out_dir = args.out or ("reports/quick" if args.quick else default_report_dir(args.cfg))
         radii = args.radii
     os.makedirs(out_dir, exist_ok=True)
-    t_start = time.time()
+    t_start = time.perf_counter()
     sections, headlines = [], {}
     for sigma in sigmas:
         if args.paper:
@@ -299,7 +299,7 @@ def main():
         print(f"\nsigma {sigma:g}: ladder of MDEQ-30A, equal-accuracy baseline {honest.baseline.label}\n\n"
               f"{ladder_markdown(honest.baseline)}\n\n{summary_markdown(honest.summary)}\n\n" +
               "\n".join(headline_lines(sigma, headline, honest.baseline.label)) + "\n", flush=True)
-    total = time.time() - t_start
+    total = time.perf_counter() - t_start
     summary = ["# Standard randomized smoothing vs SRS" + (" (CIFAR-10)" if args.paper else " on the embedded digits"), "",
                f"Command: `{' '.join(['python'] + sys.argv)}` ({total / 60:.1f} min on this machine for this "
                f"invocation; result files already in the folder are reused, and the tables give the seconds per image "

@@ -19,6 +19,7 @@ import torch
 from conftest import DIGITS_CFG, ROOT, TINY
 from DEQ.checkpoint import load_checkpoint, save_checkpoint
 from DEQ.errors import UserError
+from DEQ.files import atomic_write
 
 CODE = Path(ROOT) / "SRS" / "code"
 
@@ -240,6 +241,28 @@ def test_train_resume_flag_takes_no_value_and_resume_from_takes_a_path():
     assert b.resume is False and b.resume_from == "run/best.pth" and b.opts == ["TRAIN.END_EPOCH", "5"]
 
 
+@pytest.mark.parametrize("timeout,data_dir", [("--dist-timeout", "--data-dir"), ("--dist_timeout", "--data_dir")])
+def test_multi_word_flags_take_hyphens_and_underscores(timeout, data_dir, capsys):
+    """Training (documented with hyphens) and certification (underscores, the reference code's names) both
+    take either spelling of every multi-word flag; --help shows the documented one only."""
+    from SRS.cli import certify_parser
+    train = CLI["train"].parse_args(["--cfg", "x.yaml", timeout, "7", data_dir, "/data", "TRAIN.END_EPOCH", "5"])
+    assert (train.dist_timeout, train.data_dir, train.opts) == (7.0, "/data", ["TRAIN.END_EPOCH", "5"])
+    certify = certify_parser().parse_args(["cifar10", "ck.pth", "0.5", "out.tsv", timeout, "9", data_dir, "/data",
+                                           "--f-thresh", "3", "--std_thresh", "30"])
+    assert (certify.dist_timeout, certify.data_dir, certify.f_thresh, certify.std_thresh) == (9.0, "/data", 3, 30)
+    assert CLI["train"].parse_args(["--cfg", "x.yaml", "--dist", "2"]).dist_timeout == 2.0  # one flag, two spellings
+    with pytest.raises(SystemExit):
+        CLI["train"].parse_args(["--help"])
+    helps = {"train": capsys.readouterr().out, "certify": certify_parser().format_help()}
+    for cli, shown, hidden in (("train", "--dist-timeout", "--dist_timeout"), ("train", "--data-dir", "--data_dir"),
+                               ("certify", "--f_thresh", "--f-thresh"), ("certify", "--data-dir", "--data_dir")):
+        assert shown in helps[cli] and hidden not in helps[cli], (cli, shown)
+    with pytest.raises(SystemExit):
+        CLI["train"].parse_args(["--cfg", "x.yaml", "--dist-time_out", "2"])  # mixed separators: no such flag
+    assert "unrecognized arguments: --dist-time_out" in capsys.readouterr().err
+
+
 def test_train_refuses_then_resumes_with_an_override_then_overwrites(tiny_checkpoint, tmp_path, capsys):
     run = tmp_path / "run"
     _run_folder(tmp_path, tiny_checkpoint)
@@ -288,6 +311,26 @@ def test_checkpoint_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o640
+
+
+def test_atomic_write_replaces_whole_files_with_the_umask_mode(tmp_path):
+    """The one writer of checkpoints and merged results: the new file gets 0666 minus the umask (not
+    mkstemp's 0600) and replaces the old one whole; a failure mid-write leaves the old file and no temporary."""
+    path = tmp_path / "results.tsv"
+    path.write_text("old\n")
+    old = os.umask(0o027)
+    try:
+        with atomic_write(str(path), prefix=".merge-", suffix=".tsv") as fh:
+            fh.write("new\n")
+            assert path.read_text() == "old\n"  # nothing is seen before the block ends
+    finally:
+        os.umask(old)
+    assert path.read_text() == "new\n" and stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(str(path), "wb") as fh:
+            fh.write(b"half a fi")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["results.tsv"]
 
 
 # ------------------------------------------------------------------ item 8: a failed run leaves nothing

@@ -10,7 +10,8 @@ from DEQ.checkpoint import COHEN_ARCHS, file_sha256, load_model, load_pretrained
 from DEQ.config import load_config
 from DEQ.data import dataset_info
 from DEQ.errors import UserError
-from DEQ.models import ResNetClassifier, build_model, is_deq, resnet50, resnet_cifar
+from DEQ.interface import is_deq
+from DEQ.models import ResNetClassifier, build_model, resnet50, resnet_cifar
 
 RESNET_DIGITS = os.path.join(ROOT, "experiments", "digits", "resnet_digits.yaml")
 

@@ -1,25 +1,23 @@
-"""Model registry: MODEL.NAME -> builder.
+"""Models by MODEL.NAME (the registry, :mod:`DEQ.models.registry`) and the question a trainer asks of one.
 
 ``mdeq`` (the multiscale DEQ, :mod:`DEQ.models.mdeq`) and the randomized-smoothing
 ResNet baselines (:mod:`DEQ.models.resnet`): ``resnet_cifar`` (Cohen et al.'s CIFAR
 ResNet of depth MODEL.DEPTH = 6n+2), ``resnet110`` (the same, depth 110) and
 ``resnet50`` (torchvision's, ImageNet).  DEQs have a ``.solve`` method (fixed-point
-solve with a chosen solver, budget and warm start); ResNets are plain classifiers.
+solve with a chosen solver, budget and warm start, :func:`DEQ.interface.is_deq`) and a
+``.forward_train`` (:func:`is_trainable_deq`); ResNets are plain classifiers.
 """
-from typing import Callable, Dict
-
 import torch
 
-from ..interface import is_deq as is_deq_classifier
+from ..interface import is_deq
 from .mdeq import DEQOutput, MDEQClsNet, TrainOutput
+from .registry import MODELS, ModelSpec, model_spec, register_model
 from .resnet import ResNetClassifier, build_resnet, resnet50, resnet_cifar
 
-MODELS: Dict[str, Callable] = {
-    "mdeq": MDEQClsNet,
-    "resnet_cifar": build_resnet,
-    "resnet110": build_resnet,
-    "resnet50": build_resnet,
-}
+register_model("mdeq", MDEQClsNet, deq=True)
+register_model("resnet_cifar", build_resnet, depth=None)
+register_model("resnet110", build_resnet, depth=110)
+register_model("resnet50", build_resnet, depth=50)
 
 
 def build_model(cfg) -> torch.nn.Module:
@@ -34,24 +32,23 @@ def build_model(cfg) -> torch.nn.Module:
     Raises:
         UserError: MODEL.NAME is not in :data:`MODELS`.
     """
-    builder = MODELS.get(cfg.MODEL.NAME)
-    if builder is None:
-        from ..errors import UserError
-        raise UserError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a model; choose one of {', '.join(MODELS)}")
-    return builder(cfg)
+    return model_spec(cfg.MODEL.NAME).builder(cfg)
 
 
-def is_deq(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a deep equilibrium model (has ``.solve`` and ``.forward_train``).
+def is_trainable_deq(model: torch.nn.Module) -> bool:
+    """Whether ``model`` trains as a deep equilibrium model: it has :meth:`DEQ.interface.DEQClassifier.solve`
+    (:func:`DEQ.interface.is_deq`) and ``.forward_train`` (unrolled pretraining, fixed point with the implicit
+    or phantom gradient, Jacobian term).
 
     Args:
         model: any classifier.
 
     Returns:
-        bool: True for MDEQClsNet (and wrappers exposing its methods), False for plain classifiers.
+        bool: True for MDEQClsNet (and wrappers exposing its methods), False for plain classifiers and for
+        DEQs that can only be solved.
     """
-    return is_deq_classifier(model) and hasattr(model, "forward_train")
+    return is_deq(model) and hasattr(model, "forward_train")
 
 
-__all__ = ["MODELS", "MDEQClsNet", "DEQOutput", "TrainOutput", "ResNetClassifier", "build_model", "build_resnet",
-           "is_deq", "resnet50", "resnet_cifar"]
+__all__ = ["MODELS", "MDEQClsNet", "DEQOutput", "ModelSpec", "TrainOutput", "ResNetClassifier", "build_model",
+           "build_resnet", "is_trainable_deq", "model_spec", "register_model", "resnet50", "resnet_cifar"]

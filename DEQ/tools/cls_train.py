@@ -19,7 +19,7 @@ pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
 local processes); on a busy machine oversubscribed threads made certification
 ~50x slower, so lower it there.
 Under torchrun each process trains on TRAIN.BATCH_SIZE_PER_GPU rows of every global batch
-(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training.py, DEQ/distributed.py).
+(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training/, DEQ/distributed.py).
 Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
 smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and docs/training.md.
 """
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local processes)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (under torchrun: auto or cuda, "
                    "rank r on cuda:LOCAL_RANK)")
-    p.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES,
                    metavar="MINUTES", help="under torchrun: minutes a process waits for the others before the run stops "
                    f"with an error ({DEFAULT_TIMEOUT_MINUTES:g})")
     p.add_argument("--compile", default="auto", metavar="{" + ",".join(COMPILE_CHOICES) + "}",
