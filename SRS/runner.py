@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from DEQ.acceleration import (COMPILE_CHOICES, PRECISIONS, Runtime, apply_runtime, compile_report,
                               resolve_runtime, static_rows)
-from DEQ.checkpoint import file_sha256, load_model
+from DEQ.checkpoint import load_model
 from DEQ.checks import check_choice, check_count, check_number
 from DEQ.data import dataset_info, get_dataset
 from DEQ.errors import UserError
@@ -38,6 +38,7 @@ from .results import (RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, co
                       read_rows, shard_files, shard_path)
 from .settings import WARM_STARTS, DEQSolve, SRSConfig
 from .smooth import Smooth
+from .source import ModelInfo, ModelSource, checkpoint_info, model_object, object_info, object_runtime
 
 SRS_DEFAULTS = SRSConfig()   # the defaults the flags fall back to (one place: SRSConfig)
 
@@ -230,7 +231,9 @@ class RunSpec:
 
     Attributes:
         data: which images.
-        checkpoint: written by ``DEQ/tools/cls_train.py`` (or a bare reference state_dict with ``cfg``).
+        checkpoint: the model to certify: a checkpoint path (written by ``DEQ/tools/cls_train.py``, or a bare
+            reference state_dict with ``cfg``), or a model object (a ``torch.nn.Module``, or an
+            ``SRS.source.ModelObject`` around one; what it must provide is said there).
         outfile: the results TSV (``SRS.results``).
         sampling: sigma, N0, N, alpha, batch.
         smoothing: the smoothed classifier's settings.
@@ -247,7 +250,7 @@ class RunSpec:
         precision: 'fp32' or 'bf16': the certified model's precision (a header entry, checked on --resume).
     """
     data: DataSpec
-    checkpoint: str
+    checkpoint: ModelSource
     outfile: str
     sampling: Sampling
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
@@ -303,45 +306,45 @@ class Mode(Protocol):
 # ----------------------------------------------------------------------------- running
 @dataclass
 class Loaded:
-    """The checkpoint, its config and its hash, the data set and the device of a run."""
+    """The model, what the run takes from its source (``SRS.source``), the data set and the device of a run."""
     model: torch.nn.Module
-    cfg: object
-    checkpoint_sha256: str
+    info: ModelInfo
     dataset: object
     device: torch.device
     runtime: Runtime = Runtime()
 
 
 def load(spec: RunSpec, device: torch.device) -> Loaded:
-    """Model, config, checkpoint hash, data set and device, with a check that the checkpoint fits the data set."""
-    loaded = load_model(spec.checkpoint, device, cfg_path=spec.cfg)  # read once: weights and sha256
-    cfg = loaded.cfg
-    trained_on = loaded.checkpoint.get("dataset", cfg.DATASET.DATASET)
-    info = dataset_info(spec.data.dataset)
-    if trained_on != spec.data.dataset:
-        raise UserError(f"checkpoint {spec.checkpoint} was trained on {trained_on}, not {spec.data.dataset}: "
-                        f"pass the matching DATASET or checkpoint")
-    if cfg.MODEL.NUM_CLASSES != info.num_classes:
-        raise UserError(f"checkpoint {spec.checkpoint} has {cfg.MODEL.NUM_CLASSES} classes but {spec.data.dataset} has "
-                        f"{info.num_classes}: use a checkpoint for this data set")
-    dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=cfg.MODEL.IMAGE_SIZE[0])
-    runtime = resolve_runtime(spec.compile, spec.precision, device, pad_rows=static_rows(spec.sampling.batch, spec.sampling.N0, spec.sampling.N))
-    return Loaded(apply_runtime(loaded.model.eval(), runtime), cfg, loaded.sha256, dataset, device, runtime)
+    """Model, what the run takes from its source, data set and device, with the checks that the model (checkpoint
+    or model object, ``SRS.source``) fits the data set."""
+    rows = static_rows(spec.sampling.batch, spec.sampling.N0, spec.sampling.N)
+    obj = model_object(spec.checkpoint)
+    if obj is None:
+        loaded = load_model(spec.checkpoint, device, cfg_path=spec.cfg)  # read once: weights and sha256
+        info = checkpoint_info(spec.checkpoint, loaded, spec.data.dataset, spec.cfg)
+        model = loaded.model
+        runtime = resolve_runtime(spec.compile, spec.precision, device, pad_rows=rows)
+    else:
+        info = object_info(obj, spec.data.dataset, spec.cfg)
+        model = obj.model.to(device)
+        runtime = object_runtime(model, spec.compile, spec.precision, device, pad_rows=rows)
+    dataset = get_dataset(spec.data.dataset, spec.data.split, spec.data.data_dir, image_size=info.image_size)
+    return Loaded(apply_runtime(model.eval(), runtime), info, dataset, device, runtime)
 
 
-def build_smooth(spec: RunSpec, model: torch.nn.Module, cfg) -> Smooth:
-    """The smoothed classifier of ``spec`` on ``model`` (defaults from the checkpoint config ``cfg``)."""
-    default = DEQSolve(cfg.DEQ.F_SOLVER, cfg.DEQ.F_THRES, cfg.DEQ.F_TOL)
+def build_smooth(spec: RunSpec, model: torch.nn.Module, info: ModelInfo) -> Smooth:
+    """The smoothed classifier of ``spec`` on ``model`` (defaults from its source, ``info``)."""
+    default = info.default
     standard, srs = spec.smoothing.resolve(default)
     sm = spec.smoothing
     solver_flags = [f for f, v in (("--f_solver", sm.f_solver), ("--f_thresh", sm.f_thresh), ("--tol", sm.tol)) if v is not None]
     if solver_flags and srs is None and not is_deq(model):
-        raise UserError(f"{solver_flags[0]} sets the fixed-point solver of a deep equilibrium model, but the checkpoint "
-                        f"is a {cfg.MODEL.NAME} (one forward pass, no solver): drop {solver_flags[0]}")
+        raise UserError(f"{solver_flags[0]} sets the fixed-point solver of a deep equilibrium model, but {info.kind} "
+                        f"(one forward pass, no solver): drop {solver_flags[0]}")
     if srs is not None and not is_deq(model):
-        raise UserError(f"--srs needs a deep equilibrium model, but the checkpoint is a {cfg.MODEL.NAME} (no fixed "
-                        f"point to warm-start); certify it without --srs (standard randomized smoothing)")
-    return Smooth(model, cfg.MODEL.NUM_CLASSES, spec.sampling.sigma, standard=standard, srs=srs)
+        raise UserError(f"--srs needs a deep equilibrium model, but {info.kind} (no fixed point to warm-start); "
+                        f"certify it without --srs (standard randomized smoothing)")
+    return Smooth(model, info.num_classes, spec.sampling.sigma, standard=standard, srs=srs)
 
 
 def smooth_header(smooth: Smooth, routes: bool = True) -> Dict[str, object]:
@@ -363,8 +366,7 @@ def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, thread
     sampling = {"sigma": s.sigma, **({"N0": s.N0} if s.N0 is not None else {}), "N": s.N, "alpha": s.alpha,
                 "skip": d.skip, "batch": s.batch, "seed": spec.seed, "max": d.max}
     return {**provenance(), "mode": mode.name, "dataset": d.dataset, "split": d.split, **sampling, **mode.header(),
-            "checkpoint": spec.checkpoint, "checkpoint_sha256": loaded.checkpoint_sha256,
-            "cfg_sha256": file_sha256(spec.cfg) if spec.cfg else None,
+            **loaded.info.header,
             "data_dir": os.path.abspath(d.data_dir) if d.data_dir and d.dataset != "digits" else None,
             "device": str(loaded.device), "threads": threads, **smooth_header(smooth, mode.routes),
             "precision": loaded.runtime.precision, "compile": loaded.runtime.describe()}
@@ -398,7 +400,7 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
     try:
         loaded = load(spec, device)
         set_seed(spec.seed)
-        smooth = build_smooth(spec, loaded.model, loaded.cfg)
+        smooth = build_smooth(spec, loaded.model, loaded.info)
         header = run_header(spec, mode, smooth, loaded, threads)
         check_same(world, {k: header_value(v) for k, v in header.items() if k not in RESUME_IGNORED_KEYS})
         if not world.distributed and not shard_files(spec.outfile):
