@@ -85,9 +85,10 @@ def main():
                                    conf_drop=args.fixed_K or "auto")
         print(f"\n{args.random_init}, random init, device {device}, N0={args.N0}, N={args.N}, batch={args.batch}, "
               f"K={args.fixed_K or 'auto'}, {args.images} images")
-        print("| method | s/image | speedup | std calls/image |\n|---|---:|---:|---:|")
+        print("| method | s/image | planner s/image | speedup | std calls/image |\n|---|---:|---:|---:|---:|")
         for _, r in table.iterrows():
-            print(f"| {r['method']} | {r['s/image']:.3f} | {r['speedup']:.2f}x | {r['std calls/image']:.1f} |")
+            print(f"| {r['method']} | {r['s/image']:.3f} | {r['planner s/image']:.4f} | {r['speedup']:.2f}x | "
+                  f"{r['std calls/image']:.1f} |")
         return
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
     template = RunSpec(data=DataSpec(args.dataset, skip=args.skip, max=args.max), checkpoint=args.ckpt, outfile="",
