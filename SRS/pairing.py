@@ -448,6 +448,7 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
     return plan
 
 
-__all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed", "grid_goal", "grid_pair_count", "grid_z",
+__all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed", "grid_goal",
+           "grid_pair_count", "grid_z",
            "adaptive_pair_count", "two_looks", "PairPlan", "fixed_pairs", "first_in_A",
            "RouteCosts", "predicted_n_A", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

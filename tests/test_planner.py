@@ -138,10 +138,12 @@ def test_pair_counts_equal_the_reference():
     straightforward implementation over a grid of inputs, asked twice (the second time from the memo)."""
     for n_A, n, alpha, slack, cap, exact, looks in _grid_of_inputs(120):
         for K in {0, 1, cap, max(n_A - exact, 0)}:
-            assert eliminated_z(n_A, n, K, alpha, 0, exact, looks) == _ref_eliminated_z(n_A, n, K, alpha, 0, exact, looks)
+            want_z = _ref_eliminated_z(n_A, n, K, alpha, 0, exact, looks)
+            assert eliminated_z(n_A, n, K, alpha, 0, exact, looks) == want_z
         want = _ref_pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks)
         for _ in range(2):
-            assert pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks) == want, (n_A, n, alpha, cap, exact)
+            got = pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks)
+            assert got == want, (n_A, n, alpha, cap, exact)
         goal = 1.25
         assert pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=goal, exact=exact, looks=looks) == \
             _ref_pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=goal, exact=exact, looks=looks)
