@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 RESUME_HINT = "interrupted: results written so far are complete; rerun with --resume to continue"
@@ -37,10 +38,26 @@ def cli_main(fn=None, *, interrupted: str = RESUME_HINT):
     return decorate(fn) if fn is not None else decorate
 
 
+CONSOLE_PREFIX = "deq-"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with the toolkit's contract for bad input: a usage mistake (unknown
     flag, missing or malformed value) is the one line ``error: <problem>; see PROG --help`` on stderr and
-    exit code 2, without argparse's usage block.  Every command line builds its parser from this class."""
+    exit code 2, without argparse's usage block.  Every command line builds its parser from this class.
+
+    PROG is the ``prog`` given (the script's name, e.g. ``certify.py``), except when the process runs as one
+    of the installed console commands (``deq-certify``, ...: ``sys.argv[0]`` named ``deq-*``), whose name
+    it then is, so usage and errors name the command the user typed."""
+
+    def __init__(self, *args, **kwargs):
+        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        if command.startswith(CONSOLE_PREFIX):
+            if args:
+                args = (command,) + args[1:]
+            else:
+                kwargs["prog"] = command
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
