@@ -473,6 +473,45 @@ def apply_runtime(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return RuntimeClassifier(model, runtime, device.type)
 
 
+def compiled_vs_eager(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, solver: str = "anderson",
+                      max_iter: int = 30) -> Dict[str, object]:
+    """Solve ``x`` with a DEQ (``set_runtime``) eagerly and under ``runtime``, and compare (``scripts/check_compile.py``).
+
+    The compiled model is solved twice: the first call compiles (and, with ``runtime.fallback``, runs the
+    agreement check of :class:`CompileGuard`), the second replays what was compiled (CUDA graphs); the second
+    call's logits are compared with the eager ones.  The model's runtime is reset to eager afterwards.
+
+    Args:
+        model: a DEQ in eval mode.
+        x: (B, C, H, W) inputs on the model's device.
+        runtime: the compiled runtime to check (e.g. ``resolve_runtime('auto', ...)``).
+        solver, max_iter: the fixed-point solve (tolerance 0: exactly ``max_iter`` evaluations).
+
+    Returns:
+        dict: ``rows``; ``disagreeing`` (:func:`disagreeing_rows` of the replay against eager);
+        ``argmax_equal`` (rows with the very same argmax); ``max_abs_diff`` of the logits and ``logit_scale``
+        (largest |eager logit|); ``fell_back`` (the guard fell back to eager: a compile failure or a
+        disagreement, each with its warning line); ``compile_seconds`` (first calls).
+    """
+    model.set_runtime(None)
+    with torch.no_grad():
+        eager = model.solve(x, solver, max_iter, None, 0.0).logits
+        model.set_runtime(runtime)
+        try:
+            model.solve(x, solver, max_iter, None, 0.0)
+            compiled = model.solve(x, solver, max_iter, None, 0.0).logits
+            engine = model.engine
+        finally:
+            model.set_runtime(None)
+    finite = torch.isfinite(eager) & torch.isfinite(compiled)
+    return {"rows": int(x.shape[0]), "disagreeing": disagreeing_rows(compiled, eager, runtime.precision),
+            "argmax_equal": int((compiled.argmax(1) == eager.argmax(1)).sum()),
+            "max_abs_diff": float((compiled - eager)[finite].abs().max()) if finite.any() else float("nan"),
+            "logit_scale": float(eager[finite].abs().max()) if finite.any() else float("nan"),
+            "fell_back": bool(engine is not None and engine.guard.eager),
+            "compile_seconds": engine.compile_seconds if engine is not None else 0.0}
+
+
 def compile_report(model: torch.nn.Module) -> Optional[str]:
     """The one-line compile-time report of a model under a runtime, once (None: nothing to say)."""
     engine = getattr(model, "engine", None) or (model if isinstance(model, RuntimeClassifier) else None)
@@ -481,4 +520,4 @@ def compile_report(model: torch.nn.Module) -> Optional[str]:
 
 __all__ = ["COMPILE_CHOICES", "PRECISIONS", "TIE_TOLERANCE", "Runtime", "static_rows", "resolve_runtime",
            "apply_runtime", "autocast", "pad_to", "exception_line", "warn", "disagreeing_rows", "CompileGuard", "Compiled",
-           "Engine", "RuntimeClassifier", "compile_report", "raise_recompile_limit"]
+           "Engine", "RuntimeClassifier", "compiled_vs_eager", "compile_report", "raise_recompile_limit"]

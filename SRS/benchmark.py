@@ -427,8 +427,12 @@ def ladder_markdown(base: EqualAccuracy) -> str:
     return "\n".join(lines)
 
 
+RANDOM_INIT_METHODS = ("MDEQ-30A", "SRS-MDEQ-1A", "SRS-MDEQ-3A", "SRS-MDEQ-1N")
+
+
 def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int, device, seed: int = 0,
-                       conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print) -> "pd.DataFrame":
+                       conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print,
+                       methods: Optional[Sequence[str]] = None) -> "pd.DataFrame":
     """Seconds per image of MDEQ-30A and SRS-1A/-3A/-1N on a seeded random-init model built from a config
     (e.g. experiments/cifar/cls_mdeq_LARGE.yaml), on seeded uniform-noise images of the config's size.
 
@@ -436,6 +440,8 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     accuracies mean nothing here and are not reported.  Budgets are exact (tol 0), as in the paper's
     notation; the first image of every method is a warm-up (allocator, cuDNN autotuning) and not timed.
     ``planner s/image`` is the pairing planner's mean seconds per timed image (``Certificate.planner_seconds``).
+    ``methods``: the labels of ``RANDOM_INIT_METHODS`` to time (None: all); MDEQ-30A, the speedups' reference,
+    is always timed.
     """
     import torch
     from DEQ.config import load_config
@@ -449,11 +455,13 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     std = DEQSolve("anderson", 30, 0.0)
     warm = DEQSolve("anderson", 10, 0.0)
     K = None if conf_drop == "auto" else int(conf_drop)
-    methods = {"MDEQ-30A": None}
+    chosen = {"MDEQ-30A": None}
     for k, solver in ((1, "anderson"), (3, "anderson"), (1, "naive")):
-        methods[f"SRS-MDEQ-{k}{_LETTER[solver]}"] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
+        label = f"SRS-MDEQ-{k}{_LETTER[solver]}"
+        if methods is None or label in methods:
+            chosen[label] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
     rows = []
-    for label, srs_cfg in methods.items():
+    for label, srs_cfg in chosen.items():
         smooth = Smooth(model, cfg.MODEL.NUM_CLASSES, 0.5, standard=std, srs=srs_cfg)
         times, calls, planner = [], [], []
         for i in range(n_images + 1):
@@ -478,4 +486,4 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
 __all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
            "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
            "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
-           "Honest", "honest_comparison"]
+           "Honest", "honest_comparison", "RANDOM_INIT_METHODS", "random_init_timing"]

@@ -217,3 +217,19 @@ def test_guard_checks_once_and_not_after_falling_back():
     assert guard.check("eval", logits, lambda: calls.append(1) or logits)
     assert guard.check("eval", logits, lambda: calls.append(1) or -logits) and calls == [1]  # checked once
     assert CompileGuard(ON).check("eval", logits, lambda: -logits)                             # on: never checked
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile with CUDA graphs)")
+def test_auto_keeps_a_real_compile_on_cuda(tiny_checkpoint, digits_batch, capsys):
+    """The real thing on a GPU: --compile auto (inductor, CUDA graphs) compiles the tiny MDEQ, its first batch
+    passes the agreement check, nothing falls back and nothing is printed but the compile note."""
+    from DEQ.acceleration import compiled_vs_eager
+    dev = torch.device("cuda")
+    model = load_model(tiny_checkpoint, dev).model.eval()
+    for precision in ("fp32", "bf16"):
+        runtime = resolve_runtime("auto", precision, dev, pad_rows=len(digits_batch))
+        assert runtime.compile and runtime.cuda_graphs and runtime.fallback
+        r = compiled_vs_eager(model, digits_batch.to(dev), runtime, "anderson", 8)
+        assert not r["fell_back"] and r["disagreeing"] == 0, r
+    assert not [line for line in _stderr_lines(capsys) if line.startswith("warning:")]
