@@ -475,7 +475,8 @@ def apply_runtime(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 
 def compiled_vs_eager(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, solver: str = "anderson",
                       max_iter: int = 30) -> Dict[str, object]:
-    """Solve ``x`` with a DEQ (``set_runtime``) eagerly and under ``runtime``, and compare (``scripts/check_compile.py``).
+    """Solve ``x`` with a DEQ (``set_runtime``) eagerly and under ``runtime``, and compare them
+    (``scripts/check_compile.py``).
 
     The compiled model is solved twice: the first call compiles (and, with ``runtime.fallback``, runs the
     agreement check of :class:`CompileGuard`), the second replays what was compiled (CUDA graphs); the second
