@@ -67,6 +67,7 @@ class Prediction:
     M: int = 0
     std_calls: int = 0
     refined: int = 0
+    planner_seconds: float = 0.0     # CPU time of the pairing planner (no column: ``SRS.results.PLANNER``)
 
     def __int__(self):
         return self.prediction

@@ -43,10 +43,11 @@ def certificate_row(c: Certificate, idx: int, label: int) -> Dict[str, object]:
 
 
 def prediction_row(p: Prediction, idx: int, label: int) -> Dict[str, object]:
-    """The PREDICT_COLUMNS of one image (``time`` is added by the runner)."""
+    """The PREDICT_COLUMNS of one image (``time`` is added by the runner), and the planner's seconds (``PLANNER``,
+    no column)."""
     return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
             "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "K": p.K, "K_A": p.K_A,
-            "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status}
+            "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status, PLANNER: p.planner_seconds}
 
 
 class _NoExtras:

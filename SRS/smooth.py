@@ -201,6 +201,7 @@ class Smooth:
             M = self._misaligned(x, log, plan.positions, top, batch_size, stats)
             n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha, plan.exact)
         out.nfe, out.std_calls, out.refined = stats.nfe_per_sample, stats.std_calls, stats.refined
+        out.planner_seconds = stats.planner_seconds
         if bad:
             out.status = f"nonfinite_logits({bad})"
             return out
