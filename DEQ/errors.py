@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -38,6 +39,9 @@ def cli_main(fn=None, *, interrupted: str = RESUME_HINT):
     return decorate(fn) if fn is not None else decorate
 
 
+CONSOLE_PREFIX = "deq-"
+
+
 def other_spelling(option: str) -> Optional[str]:
     """The other spelling of a multi-word long flag: ``--a_b`` <-> ``--a-b`` (None for a one-word flag, a
     short flag, or one that mixes both separators)."""
@@ -62,7 +66,19 @@ class ArgumentParser(argparse.ArgumentParser):
       defined with is the one --help and error messages show; the other (:func:`other_spelling`) is a
       hidden alias of the same flag, added when parsing unless some flag is defined with that spelling.
       An abbreviation that matches only one flag (in either spelling) stays unambiguous.
+    * PROG is the ``prog`` given (the script's name, e.g. ``certify.py``), except when the process runs as
+      one of the installed console commands (``deq-certify``, ...: ``sys.argv[0]`` named ``deq-*``), whose
+      name it then is, so usage and errors name the command the user typed.
     """
+
+    def __init__(self, *args, **kwargs):
+        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        if command.startswith(CONSOLE_PREFIX):
+            if args:
+                args = (command,) + args[1:]
+            else:
+                kwargs["prog"] = command
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr)

@@ -120,7 +120,8 @@ def run_resuming(spec: RunSpec, mode, label: str, log: Callable[[str], None] = p
 
 
 def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
-                log: Callable[[str], None] = print, interleave: bool = True) -> Dict[str, str]:
+                log: Callable[[str], None] = print, interleave: bool = True,
+                planner: Optional[Dict[str, List[float]]] = None) -> Dict[str, str]:
     """Certify with every method (resuming files already there); return label -> TSV path.
 
     Interleaved (the default): image by image, each image through every method before the next, so a
@@ -134,7 +135,13 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
             settings such as ``tol``); its ``outfile`` is replaced by one file per method in ``out_dir``.
         methods: the rows, see :func:`standard` and :func:`srs`.
         interleave: False runs each method over all images before the next method.
+        planner: if given, label -> the pairing planner's seconds of every image certified now (the
+            runner's ``planner_seconds``; images resumed from a file add none).
     """
+    def record(label: str, summary: Dict[str, float]) -> None:
+        if planner is not None and summary["images"]:
+            planner.setdefault(label, []).extend([summary["planner_seconds"]] * summary["images"])
+
     os.makedirs(out_dir, exist_ok=True)
     s = template.sampling
     paths = {m.label: os.path.join(out_dir, m.file_name(s.sigma)) for m in methods}
@@ -142,7 +149,7 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
              for m in methods}
     if not interleave:
         for m in methods:
-            run_resuming(specs[m.label], m.mode(s), m.label, log)
+            record(m.label, run_resuming(specs[m.label], m.mode(s), m.label, log))
         return paths
     total = image_count(template)
     t0 = time.perf_counter()
@@ -151,7 +158,7 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
             spec = specs[m.label]
             spec = replace(spec, data=replace(spec.data, max=j),
                            resume=os.path.isfile(spec.outfile) and os.path.getsize(spec.outfile) > 0)
-            run(spec, m.mode(s))
+            record(m.label, run(spec, m.mode(s)))
         if j == total or j % max(1, total // 10) == 0:
             log(f"[sigma {s.sigma:g}] {j}/{total} images through {len(methods)} methods, interleaved "
                 f"({time.perf_counter() - t0:.0f}s)")
@@ -343,7 +350,7 @@ def summary_markdown(table: "pd.DataFrame") -> str:
     """The method summary as a markdown table."""
     fmt = {"s/image": "{:.2f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "f-eval vs equal-acc.": "{:.2f}x",
            "wall vs equal-acc.": "{:.2f}x", "f-eval vs 30A": "{:.2f}x", "wall vs 30A": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
-           "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
+           "planner s/image": "{:.4f}", "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
            "fallbacks": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
     head = "| " + " | ".join(table.columns) + " |\n|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
     lines = [head]
@@ -379,13 +386,15 @@ def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str
     With ``time_baseline`` and a baseline cheaper than the certified model, a second interleaved pass
     (``out_dir/vs_<baseline>``) runs the baseline for real beside the other methods (those labelled in
     ``timed_labels``, default all), so that the wall clock over the baseline is measured side by side too
-    (the certificates of that pass equal the first pass's: same seeds).
+    (the certificates of that pass equal the first pass's: same seeds).  The summary's ``planner s/image``
+    is the pairing planner's mean seconds per image certified in the first pass (NaN: every image resumed).
     """
     top = methods[0]
     if not top.rungs:
         raise ValueError("the first method must be the certified model with its ladder: standard(D, rungs=...)")
     s = template.sampling
-    paths = run_methods(template, methods, out_dir, log)
+    planner: Dict[str, List[float]] = {}
+    paths = run_methods(template, methods, out_dir, log, planner=planner)
     runs = {label: read_results(p) for label, p in paths.items()}
     solver = dict(top.settings).get("f_solver", "anderson")
     base = equal_accuracy_baseline(paths[top.label], radii, tolerance, solver)
@@ -398,6 +407,8 @@ def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str
             timed_paths = run_methods(template, [k_method] + others, os.path.join(out_dir, f"vs_{base.label}"), log)
             timed = {label: read_results(p) for label, p in timed_paths.items()}
     summary = method_summary(runs, top.label, radii, (s.N0 or 0) + s.N, s.alpha, s.sigma)
+    summary.insert(summary.columns.get_loc("s/image") + 1, "planner s/image",
+                   [float(np.mean(planner[m])) if planner.get(m) else float("nan") for m in summary["method"]])
     return Honest(paths, runs, add_equal_accuracy(summary, runs, base, timed), base, timed)
 
 
@@ -416,14 +427,21 @@ def ladder_markdown(base: EqualAccuracy) -> str:
     return "\n".join(lines)
 
 
+RANDOM_INIT_METHODS = ("MDEQ-30A", "SRS-MDEQ-1A", "SRS-MDEQ-3A", "SRS-MDEQ-1N")
+
+
 def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int, device, seed: int = 0,
-                       conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print) -> "pd.DataFrame":
+                       conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print,
+                       methods: Optional[Sequence[str]] = None) -> "pd.DataFrame":
     """Seconds per image of MDEQ-30A and SRS-1A/-3A/-1N on a seeded random-init model built from a config
     (e.g. experiments/cifar/cls_mdeq_LARGE.yaml), on seeded uniform-noise images of the config's size.
 
     A speed measurement only: the weights and images are not trained or real, so certificates and
     accuracies mean nothing here and are not reported.  Budgets are exact (tol 0), as in the paper's
     notation; the first image of every method is a warm-up (allocator, cuDNN autotuning) and not timed.
+    ``planner s/image`` is the pairing planner's mean seconds per timed image (``Certificate.planner_seconds``).
+    ``methods``: the labels of ``RANDOM_INIT_METHODS`` to time (None: all); MDEQ-30A, the speedups' reference,
+    is always timed.
     """
     import torch
     from DEQ.config import load_config
@@ -437,13 +455,15 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     std = DEQSolve("anderson", 30, 0.0)
     warm = DEQSolve("anderson", 10, 0.0)
     K = None if conf_drop == "auto" else int(conf_drop)
-    methods = {"MDEQ-30A": None}
+    chosen = {"MDEQ-30A": None}
     for k, solver in ((1, "anderson"), (3, "anderson"), (1, "naive")):
-        methods[f"SRS-MDEQ-{k}{_LETTER[solver]}"] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
+        label = f"SRS-MDEQ-{k}{_LETTER[solver]}"
+        if methods is None or label in methods:
+            chosen[label] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
     rows = []
-    for label, srs_cfg in methods.items():
+    for label, srs_cfg in chosen.items():
         smooth = Smooth(model, cfg.MODEL.NUM_CLASSES, 0.5, standard=std, srs=srs_cfg)
-        times, calls = [], []
+        times, calls, planner = [], [], []
         for i in range(n_images + 1):
             x = images[i].to(device)
             if device.type == "cuda":
@@ -455,7 +475,9 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
             if i:
                 times.append(time.time() - t0)
                 calls.append(c.std_calls)
-        rows.append({"method": label, "s/image": float(np.mean(times)), "std calls/image": float(np.mean(calls))})
+                planner.append(c.planner_seconds)
+        rows.append({"method": label, "s/image": float(np.mean(times)), "std calls/image": float(np.mean(calls)),
+                     "planner s/image": float(np.mean(planner))})
         log(f"{label}: {rows[-1]['s/image']:.3f} s/image")
     df = pd.DataFrame(rows)
     df["speedup"] = df["s/image"].iloc[0] / df["s/image"]
@@ -464,4 +486,4 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
 __all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
            "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
            "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
-           "Honest", "honest_comparison"]
+           "Honest", "honest_comparison", "RANDOM_INIT_METHODS", "random_init_timing"]

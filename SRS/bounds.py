@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
-from scipy.stats import norm
+import numpy as np
+from scipy.stats import beta, norm
 from statsmodels.stats.proportion import proportion_confint
 
 
@@ -24,6 +25,37 @@ def upper_confidence_bound(k: float, n: float, alpha: float) -> float:
     if n <= 0:
         return 1.0
     return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[1])
+
+
+def lower_confidence_bounds(k, n, alpha: float) -> np.ndarray:
+    """:func:`lower_confidence_bound` elementwise, equal to it bit for bit: the same scipy quantile
+    (``beta.ppf(alpha, k, n - k + 1)``, what statsmodels' ``proportion_confint(method="beta")`` evaluates)
+    on arrays, with the same edge cases (0 where k = 0 or n <= 0).
+
+    Args:
+        k: successes (array-like of whole numbers); n: trials (array-like or one number, broadcast with k).
+        alpha: one-sided failure probability.
+
+    Returns:
+        float64 array of k's broadcast shape.
+    """
+    k, n = np.broadcast_arrays(np.asarray(k), np.asarray(n))
+    out = np.zeros(k.shape)
+    ok = (n > 0) & (k != 0)
+    if ok.any():
+        out[ok] = beta.ppf(alpha, k[ok], n[ok] - k[ok] + 1)
+    return out
+
+
+def upper_confidence_bounds(k, n, alpha: float) -> np.ndarray:
+    """:func:`upper_confidence_bound` elementwise, equal to it bit for bit (``beta.isf(alpha, k + 1, n - k)``
+    on arrays; 1 where k = n or n <= 0).  Arguments and result as :func:`lower_confidence_bounds`."""
+    k, n = np.broadcast_arrays(np.asarray(k), np.asarray(n))
+    out = np.ones(k.shape)
+    ok = (n > 0) & (k != n)
+    if ok.any():
+        out[ok] = beta.isf(alpha, k[ok] + 1, n[ok] - k[ok])
+    return out
 
 
 def radius_from_p(p_lower: float, sigma: float) -> float:
@@ -118,6 +150,7 @@ def row_decided(lower: float, upper: float, thresholds: Sequence[float]) -> bool
     return not any(lower < t < upper for t in thresholds)
 
 
-__all__ = ["lower_confidence_bound", "upper_confidence_bound", "radius_from_p", "eliminated_count",
+__all__ = ["lower_confidence_bound", "upper_confidence_bound", "lower_confidence_bounds", "upper_confidence_bounds",
+           "radius_from_p", "eliminated_count",
            "eliminated_p_lower", "sequential_looks", "sequential_levels", "confidence_interval", "table_thresholds",
            "row_decided"]

@@ -45,6 +45,7 @@ class Certificate:
     looks: int = 1                   # looks at the misalignment bound planned (second_look)
     samples: int = 0                 # sequential CERTIFY: noisy samples drawn (selection + estimation up to the stop)
     stop: str = ""                   # sequential CERTIFY: why sampling stopped (``SRS.sequential``)
+    planner_seconds: float = 0.0     # CPU time of the pairing planner (no column: ``SRS.results.PLANNER``)
     counts: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator:
@@ -66,6 +67,7 @@ class Prediction:
     M: int = 0
     std_calls: int = 0
     refined: int = 0
+    planner_seconds: float = 0.0     # CPU time of the pairing planner (no column: ``SRS.results.PLANNER``)
 
     def __int__(self):
         return self.prediction
@@ -116,7 +118,7 @@ def record_cost(cert: Certificate, stats) -> Certificate:
     """Copy what sampling the image cost (an ``SRS.sampling.SampleStats``) into ``cert``."""
     cert.nfe, cert.residual = stats.nfe_per_sample, stats.mean_residual
     cert.std_calls, cert.std_rows, cert.refined = stats.std_calls, stats.std_rows, stats.refined
-    cert.pilot = stats.pilot
+    cert.pilot, cert.planner_seconds = stats.pilot, stats.planner_seconds
     return cert
 
 

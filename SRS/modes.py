@@ -28,24 +28,26 @@ from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
 from .sampling import derived_seed
 from .bounds import sequential_looks
-from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
+from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PLANNER, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
 from .smooth import Smooth
 
 
 def certificate_row(c: Certificate, idx: int, label: int) -> Dict[str, object]:
-    """The CERTIFY_COLUMNS of one image (``time`` is added by the runner)."""
+    """The CERTIFY_COLUMNS of one image (``time`` is added by the runner), and the planner's seconds (``PLANNER``,
+    no column)."""
     return {"idx": idx, "label": label, "predict": c.prediction, "radius": float(c.radius),
             "correct": int(c.prediction == label), "n_A": c.n_A, "n": c.n, "p_A_lower": c.p_A_lower,
             "p_m_upper": c.p_m_upper, "N_A_E": c.N_A_E, "K": c.K, "K_A": c.K_A, "M": c.M, "nfe": c.nfe,
             "residual": c.residual, "status": c.status, "route": c.route, "std_calls": c.std_calls,
-            "std_rows": c.std_rows}
+            "std_rows": c.std_rows, PLANNER: c.planner_seconds}
 
 
 def prediction_row(p: Prediction, idx: int, label: int) -> Dict[str, object]:
-    """The PREDICT_COLUMNS of one image (``time`` is added by the runner)."""
+    """The PREDICT_COLUMNS of one image (``time`` is added by the runner), and the planner's seconds (``PLANNER``,
+    no column)."""
     return {"idx": idx, "label": label, "predict": p.prediction, "correct": int(p.prediction == label),
             "n1": p.n1, "n2": p.n2, "pvalue": p.pvalue, "p_m_upper": p.p_m_upper, "K": p.K, "K_A": p.K_A,
-            "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status}
+            "M": p.M, "nfe": p.nfe, "std_calls": p.std_calls, "status": p.status, PLANNER: p.planner_seconds}
 
 
 class _NoExtras:

@@ -35,14 +35,17 @@ alpha (1 + P(fallback)).)  Adaptive K with the fallback is tested on closed-form
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
+import numpy as np
 import torch
 from scipy.stats import norm
 
-from .bounds import eliminated_p_lower, lower_confidence_bound, upper_confidence_bound
+from .bounds import (eliminated_p_lower, lower_confidence_bound, lower_confidence_bounds, upper_confidence_bound,
+                     upper_confidence_bounds)
 from .settings import DEQSolve, SRSConfig
 
 PAIR_SEED_SALT = 0x5EED5EED
@@ -62,9 +65,83 @@ def _z(p: float) -> float:
     return float(norm.ppf(p)) if p >= 0.5 else -math.inf
 
 
+# The planner's searches evaluate the same few bounds over and over (per probe of a bisection, per
+# predicted n_A of the route, per image).  They read them from memoised chunks of consecutive counts,
+# each computed by one vectorised scipy call (``SRS.bounds.lower_confidence_bounds``, equal bit for bit
+# to the scalar bound): every value, hence every decision, is the one the scalar functions give.
+_CHUNK = 256
+_CACHED_CHUNKS = 4096                     # at most ~8 MB of float64
+
+
+@functools.lru_cache(maxsize=_CACHED_CHUNKS)
+def _bound_chunk(upper: bool, n: int, level: float, start: int) -> np.ndarray:
+    """The lower (``upper`` False) or upper Clopper-Pearson bound of c / n at ``level`` for c in
+    [start, start + _CHUNK) and c <= n."""
+    counts = np.arange(start, min(start + _CHUNK, n + 1))
+    return (upper_confidence_bounds if upper else lower_confidence_bounds)(counts, n, level)
+
+
+@functools.lru_cache(maxsize=_CACHED_CHUNKS)
+def _count_z_chunk(n: int, level: float, start: int) -> np.ndarray:
+    """``_z(lower_confidence_bound(c, n, level))`` for c in [start, start + _CHUNK) and c <= n."""
+    p = _bound_chunk(False, n, level, start)
+    return np.where(p >= 0.5, norm.ppf(p), -np.inf)
+
+
+@functools.lru_cache(maxsize=_CACHED_CHUNKS)
+def _clean_upper_chunk(level: float, start: int) -> np.ndarray:
+    """``upper_confidence_bound(0, K, level)`` for K in [start, start + _CHUNK) (no misaligned pair)."""
+    K = np.arange(start, start + _CHUNK)
+    return upper_confidence_bounds(np.zeros_like(K), K, level)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer())
+
+
+def _in_table(c, n) -> bool:
+    """Whether the count c of n is read from the memoised chunks (whole numbers, 0 <= c <= n)."""
+    return _whole(c) and _whole(n) and 0 <= c <= n
+
+
+def count_bound(c: int, n: int, level: float, upper: bool = False) -> float:
+    """``lower_confidence_bound(c, n, level)`` (``upper``: ``upper_confidence_bound``), read from the
+    memoised chunks (the scalar computation for a count outside 0..n or not a whole number)."""
+    if not _in_table(c, n):
+        return (upper_confidence_bound if upper else lower_confidence_bound)(c, n, level)
+    c = int(c)
+    return float(_bound_chunk(upper, int(n), level, c - c % _CHUNK)[c % _CHUNK])
+
+
+def count_z(c: int, n: int, level: float) -> float:
+    """``PhiInv(lower_confidence_bound(c, n, level))`` (-inf below 1/2), read from the memoised chunks
+    (the scalar computation for a count outside 0..n or not a whole number)."""
+    if not _in_table(c, n):
+        return _z(lower_confidence_bound(c, n, level))
+    c = int(c)
+    return float(_count_z_chunk(int(n), level, c - c % _CHUNK)[c % _CHUNK])
+
+
+def clean_upper_bound(K: int, level: float) -> float:
+    """``upper_confidence_bound(0, K, level)``: the misalignment bound of K pairs none of which is
+    misaligned, read from the memoised chunks (the scalar computation for K not a whole number >= 0)."""
+    if not (_whole(K) and K >= 0):
+        return upper_confidence_bound(0, K, level)
+    K = int(K)
+    return float(_clean_upper_chunk(level, K - K % _CHUNK)[K % _CHUNK])
+
+
 def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: int = 0, looks: int = 1) -> float:
-    """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains)."""
-    return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact, looks)[2])
+    """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains).
+
+    With M = 0 (every search of the planner) the two bounds come from the memoised chunks
+    (:func:`clean_upper_bound`, :func:`count_z`) and the count N_A_E from the same arithmetic as
+    ``SRS.bounds.eliminated_count``: the value is that of ``eliminated_p_lower`` bit for bit."""
+    if M != 0:
+        return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact, looks)[2])
+    p_m_upper = clean_upper_bound(K_A, alpha / 2 / looks)
+    n_a_e = int(exact) + int(math.floor((n_A - exact) * (1.0 - p_m_upper)))
+    return count_z(n_a_e, n, alpha / 2)
 
 
 def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
@@ -83,30 +160,56 @@ def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
     Returns:
         0 when the SRS counts alone abstain (so would the eliminated certificate: no pairs needed);
         K_A in [1, min(cap, n_A)] otherwise; None when even min(cap, n_A) pairs fall short.
+
+    A pure function of its arguments, memoised on them: the route of a radius grid asks the same
+    searches for every image with the same selection count.
     """
-    z_target = _z(lower_confidence_bound(n_A, n, alpha)) if z_goal is None else z_goal
+    return _pairs_needed(n_A, n, alpha, slack, cap, z_goal, exact, looks)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal: Optional[float], exact: int,
+                  looks: int) -> Optional[int]:
+    """:func:`pairs_needed` with positional arguments (the memo's key): a bisection on K_A."""
+    z_target = count_z(n_A, n, alpha) if z_goal is None else z_goal
     if z_target == -math.inf:
         return 0
     z_target = max(z_target - slack, 0.0)     # at least certify radius 0 (not abstain)
     if n_A - exact <= 0:
         return 0                               # every sample of A is exact: nothing to pair
     hi = min(cap, n_A - exact)
-    if hi < 1 or eliminated_z(n_A, n, hi, alpha, 0, exact, looks) < z_target:
+    z_of = _clean_z(n_A, n, alpha, exact, looks)
+    if hi < 1 or z_of(hi) < z_target:
         return None
     lo = 1                                     # eliminated_z is non-decreasing in K_A (M = 0)
     while lo < hi:
         mid = (lo + hi) // 2
-        if eliminated_z(n_A, n, mid, alpha, 0, exact, looks) >= z_target:
+        if z_of(mid) >= z_target:
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
+def _clean_z(n_A: int, n: int, alpha: float, exact: int, looks: int) -> Callable[[int], float]:
+    """K -> ``eliminated_z(n_A, n, K, alpha, 0, exact, looks)`` for the probes of one search, bit for bit: the
+    same bounds (memoised chunks) and the same arithmetic for N_A_E, without the per-call checks (done
+    once here; whole numbers K >= 0 only, as every search probes)."""
+    if not all(_whole(v) for v in (n_A, n, exact)) or not 0 <= n_A <= n:
+        return lambda K: eliminated_z(n_A, n, K, alpha, 0, exact, looks)
+    level_m, level_p, free, exact, n = alpha / 2 / looks, alpha / 2, n_A - exact, int(exact), int(n)
+
+    def z_of(K: int) -> float:
+        p_m_upper = _clean_upper_chunk(level_m, K - K % _CHUNK)[K % _CHUNK]
+        c = exact + int(math.floor(free * (1.0 - p_m_upper)))
+        return _count_z_chunk(n, level_p, c - c % _CHUNK)[c % _CHUNK]
+    return z_of
+
+
 def grid_goal(n_A: int, n: int, alpha: float, grid: float) -> Optional[float]:
     """radius / sigma of the largest multiple of ``grid`` (in sigma) at or below the radius the SRS
     counts alone give (None when they abstain)."""
-    z = _z(lower_confidence_bound(n_A, n, alpha))
+    z = count_z(n_A, n, alpha)
     if z == -math.inf:
         return None
     return math.floor(z / grid + 1e-9) * grid
@@ -234,7 +337,7 @@ def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
     upper Clopper-Pearson bound of k0 / n0.  Near the radius cap the pairs needed grow without bound,
     so the prediction leans to the high side: an image goes to SRS only when it is clearly cheaper
     there (k0 = n0 always predicts n_A = n, i.e. the standard model)."""
-    return int(math.floor(n * upper_confidence_bound(k0, n0, level)))
+    return int(math.floor(n * count_bound(k0, n0, level, upper=True)))
 
 
 def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: RouteCosts, warm_rows: int,
@@ -251,8 +354,8 @@ def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: Ro
     to be too cautious near the radius cap: 9 of 15 digits images fell back at sigma 0.25 instead
     of 3.)"""
     if grid:
-        low = int(math.floor(n * lower_confidence_bound(k0, n0, GRID_ROUTE_LEVEL)))
-        high = int(math.floor(n * upper_confidence_bound(k0, n0, GRID_ROUTE_LEVEL)))
+        low = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL)))
+        high = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL, upper=True)))
         spread = {int(round(low + (high - low) * t / GRID_ROUTE_POINTS)) for t in range(GRID_ROUTE_POINTS + 1)}
         spread.add(int(math.floor(n * k0 / n0)))
         needs = [grid_pair_count(m, n, alpha, grid, min(max_pairs, m), descend=False, looks=looks)
@@ -345,6 +448,7 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
     return plan
 
 
-__all__ = ["pair_permutation", "eliminated_z", "pairs_needed", "grid_goal", "grid_pair_count", "grid_z",
+__all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed", "grid_goal",
+           "grid_pair_count", "grid_z",
            "adaptive_pair_count", "two_looks", "PairPlan", "fixed_pairs", "first_in_A",
            "RouteCosts", "predicted_n_A", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

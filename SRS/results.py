@@ -51,6 +51,9 @@ LADDER_COLUMNS = CERTIFY_COLUMNS + ("ladder",)
 # A row entry (never a column) with seconds of the row's work that belong to no method: the runner leaves
 # them out of ``time`` (the ladder's lower-rung heads).
 UNTIMED = "_untimed"
+# A row entry (never a column) with the seconds the pairing planner took within the row's time (``SRS.pairing``;
+# ``Certificate.planner_seconds``): the runner reports their mean in its summary, ``planner_seconds``.
+PLANNER = "_planner_seconds"
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time", "n1", "n2", "pvalue", "p_m_upper", "K", "K_A", "M",
                    "nfe", "std_calls", "status")
 # QCRS: certify's columns (predict / radius / correct / p_A_lower are the QCRS result), then the search,
@@ -433,6 +436,6 @@ def read_results(path, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFra
 
 
 __all__ = ["REQUIRED_COLUMNS", "PREDICTION_COLUMNS", "INT_COLUMNS", "FIXED_COLUMNS", "CERTIFY_COLUMNS", "PREDICT_COLUMNS", "QCRS_EXTRA_COLUMNS",
-           "QCRS_COLUMNS", "SEQUENTIAL_COLUMNS", "ATTACK_COLUMNS", "LADDER_COLUMNS", "UNTIMED", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
+           "QCRS_COLUMNS", "SEQUENTIAL_COLUMNS", "ATTACK_COLUMNS", "LADDER_COLUMNS", "UNTIMED", "PLANNER", "RESUME_IGNORED_KEYS", "ResultsFile", "header_value", "parse_header_line", "parse_header",
            "provenance", "read_rows", "read_results", "parse_time", "shard_path", "shard_files", "consolidate",
            "count_rows"]

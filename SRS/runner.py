@@ -34,8 +34,8 @@ from DEQ.solvers import SOLVERS
 from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 
 from .distributed import World, check_same, deal, wait_all
-from .results import (RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, count_rows, header_value, provenance,
-                      read_rows, shard_files, shard_path)
+from .results import (PLANNER, RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, count_rows, header_value,
+                      provenance, read_rows, shard_files, shard_path)
 from .settings import WARM_STARTS, DEQSolve, SRSConfig
 from .smooth import Smooth
 from .source import ModelInfo, ModelSource, checkpoint_info, model_object, object_info, object_runtime
@@ -389,8 +389,9 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
         Summary over the whole file (after --resume too): ``rows``, ``accuracy`` and
         ``seconds_per_image`` over all its rows, ``images`` computed now, ``skipped_done`` already
         there, ``main`` (whether this is rank 0, the process that should report), plus the mode's
-        own entries.  Running out of memory is a one-line error saying what to lower; the rows
-        written so far stay.
+        own entries; and ``planner_seconds``, the pairing planner's mean seconds per image over the
+        images this process computed now (NaN when none; in no column of the file).  Running out of
+        memory is a one-line error saying what to lower; the rows written so far stay.
     """
     spec.validate(routes=mode.routes)
     world = World.from_env() if world is None else world
@@ -424,7 +425,7 @@ def _run_single(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, heade
     finally:
         progress.close()
         results.close()
-    return _summary(mode, results.rows, new, done)
+    return {**_summary(mode, results.rows, new, done), "planner_seconds": progress.planner_mean}
 
 
 def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, header, world: World) -> Dict[str, float]:
@@ -455,7 +456,7 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
         return read_rows(out)[2]
 
     rows = world.on_rank0(merge_all)
-    return _summary(mode, rows, len(rows) - len(done), len(done))
+    return {**_summary(mode, rows, len(rows) - len(done), len(done)), "planner_seconds": progress.planner_mean}
 
 
 class _Progress:
@@ -464,6 +465,7 @@ class _Progress:
     def __init__(self, label: str, total: int, show: bool, count: Optional[Callable[[], int]] = None):
         self.bar = tqdm(total=total, desc=label, unit="img", disable=not show, dynamic_ncols=True)
         self.count, self.correct, self.new, self.seconds = count, 0, 0, 0.0
+        self.planner = 0.0
 
     def image_done(self, row: Dict[str, object]) -> None:
         self.new += 1
@@ -471,6 +473,11 @@ class _Progress:
         self.seconds += float(row["time"])
         self.bar.set_postfix(acc=f"{100.0 * self.correct / self.new:.1f}%", s_per_img=f"{self.seconds / self.new:.2f}")
         self.refresh()
+
+    @property
+    def planner_mean(self) -> float:
+        """The planner's mean seconds per image done here (NaN: none)."""
+        return self.planner / self.new if self.new else float("nan")
 
     def refresh(self) -> None:
         n = self.count() if self.count is not None else self.new
@@ -500,6 +507,7 @@ def _loop(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, results: Re
                             f"(the {len(results.rows)} rows written so far are kept; continue with --resume)") from None
         # the first image's time includes compiling (--compile); UNTIMED work belongs to no method
         row["time"] = time.perf_counter() - t0 - row.pop(UNTIMED, 0.0)
+        progress.planner += row.pop(PLANNER, 0.0)
         note = compile_report(smooth.base_classifier)
         if note:
             print(note, flush=True)

@@ -14,8 +14,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -39,6 +41,7 @@ class SampleStats:
         self.std_rows = 0               # ... and the samples they solved
         self.refined = 0                # SRS samples re-solved by the standard model (refine_margin)
         self.pilot = 0                  # SRS samples of the route pilot (route_pilot; in no certificate)
+        self.planner_seconds = 0.0      # CPU time of the pairing planner (route choice, pair counts; ``planning``)
         self._res_sum = None
         self._res_n = None
 
@@ -57,6 +60,16 @@ class SampleStats:
             s, n = torch.where(finite, residual, torch.zeros_like(residual)).sum(), finite.sum()
             self._res_sum = s if self._res_sum is None else self._res_sum + s
             self._res_n = n if self._res_n is None else self._res_n + n
+
+    @contextlib.contextmanager
+    def planning(self):
+        """Add the time spent inside the ``with`` block (the pairing planner of ``SRS.pairing``) to
+        ``planner_seconds``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.planner_seconds += time.perf_counter() - t0
 
     @property
     def nfe_per_sample(self) -> float:

@@ -179,8 +179,9 @@ def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alp
     in CERTIFY (a uniform subsample of A sized from n_A), misalignment at alpha / 2, and the p_A bound at
     the stopping look's share ``level`` of alpha / 2."""
     srs, n = smooth.srs, cert.n
-    plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
-                      pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma)
+    with stats.planning():
+        plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
+                          pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma)
     M = smooth._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
     K, K_A = plan.K, plan.K_A
     if plan.more is not None and M > 0:

@@ -145,8 +145,9 @@ class Smooth:
             cert.status = f"nonfinite_logits({bad0 + bad1})"
         elif log is not None:
             exact = exact_mask(log, srs)
-            plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
-                              pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact, self.sigma)
+            with stats.planning():
+                plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
+                                  pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact, self.sigma)
             M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
             K, K_A = plan.K, plan.K_A
             if plan.more is not None and M > 0:     # second look: only when the first found a misaligned pair
@@ -193,11 +194,14 @@ class Smooth:
         out = Prediction(ABSTAIN, int(counts[top]), int(counts[top2[1]]))
         n1, n2, level = out.n1, out.n2, alpha
         if log is not None and not bad:
-            plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
-                              pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs), self.sigma)
+            with stats.planning():
+                plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
+                                  pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs),
+                                  self.sigma)
             M = self._misaligned(x, log, plan.positions, top, batch_size, stats)
             n1, n2, level = eliminate_top_count(out, plan.K, plan.K_A, M, alpha, plan.exact)
         out.nfe, out.std_calls, out.refined = stats.nfe_per_sample, stats.std_calls, stats.refined
+        out.planner_seconds = stats.planner_seconds
         if bad:
             out.status = f"nonfinite_logits({bad})"
             return out
@@ -259,7 +263,8 @@ class Smooth:
         functions of the noise, which is all the pairing argument needs."""
         srs = self.srs
         k, seen, rate = int(sel[c_hat]), n0, (stats.refined / n0 if n0 else 0.0)
-        route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma)
+        with stats.planning():
+            route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma)
         size = math.ceil(srs.route_pilot * n)
         if route == "srs" or size <= 0:
             return route, rate
@@ -275,7 +280,9 @@ class Smooth:
         flagged = int(log.flagged().numel()) if log is not None else 0
         k, seen = k + int(pilot[c_hat]), n0 + size
         rate = (stats.refined + flagged) / seen
-        return image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma), rate
+        with stats.planning():
+            route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma)
+        return route, rate
 
     def _refine(self, x, log: PhaseLog, counts, batch_size: int, stats: SampleStats) -> None:
         """Re-solve the flagged samples with the standard model (regenerated noise, full batches) and

@@ -65,7 +65,8 @@ def main():
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
-    p.add_argument("--methods", nargs="+", default=None, help="subset of method labels to run")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of method labels to run (--random-init: of MDEQ-30A, SRS-MDEQ-1A, -3A, -1N)")
     p.add_argument("--out", default=None, help="TSV folder (default output/bench_certify/sigma<S>)")
     p.add_argument("--radii", type=float, nargs="+", default=None)
     p.add_argument("--device", default="auto")
@@ -77,17 +78,22 @@ def main():
     args = p.parse_args()
     import torch
     torch.set_num_threads(max(args.threads, 1))
-    from SRS.benchmark import (comparison, honest_comparison, ladder_markdown, random_init_timing, srs, standard,
-                               summary_markdown, to_markdown)
+    from SRS.benchmark import (RANDOM_INIT_METHODS, comparison, honest_comparison, ladder_markdown, random_init_timing,
+                               srs, standard, summary_markdown, to_markdown)
     if args.random_init:
+        unknown = set(args.methods or ()) - set(RANDOM_INIT_METHODS)
+        if unknown:
+            raise UserError(f"unknown --methods {sorted(unknown)} with --random-init; choose from "
+                            f"{list(RANDOM_INIT_METHODS)}")
         device = pick_device(args.device)
         table = random_init_timing(args.random_init, args.images, args.N0, args.N, args.batch, device,
-                                   conf_drop=args.fixed_K or "auto")
+                                   conf_drop=args.fixed_K or "auto", methods=args.methods)
         print(f"\n{args.random_init}, random init, device {device}, N0={args.N0}, N={args.N}, batch={args.batch}, "
               f"K={args.fixed_K or 'auto'}, {args.images} images")
-        print("| method | s/image | speedup | std calls/image |\n|---|---:|---:|---:|")
+        print("| method | s/image | planner s/image | speedup | std calls/image |\n|---|---:|---:|---:|---:|")
         for _, r in table.iterrows():
-            print(f"| {r['method']} | {r['s/image']:.3f} | {r['speedup']:.2f}x | {r['std calls/image']:.1f} |")
+            print(f"| {r['method']} | {r['s/image']:.3f} | {r['planner s/image']:.4f} | {r['speedup']:.2f}x | "
+                  f"{r['std calls/image']:.1f} |")
         return
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
     template = RunSpec(data=DataSpec(args.dataset, skip=args.skip, max=args.max), checkpoint=args.ckpt, outfile="",

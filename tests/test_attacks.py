@@ -261,6 +261,7 @@ def test_gaussian_training_has_no_attack_entry(tiny_checkpoint):
     assert "attack" not in ckpt and "ADV_TRAINING: false" in ckpt["config"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attacks_on_cuda_match_cpu_with_a_cpu_generator(tiny_deq):
     model, x, y = tiny_deq

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from SRS.benchmark import (comparison, max_gap, method_summary, paper_methods, run_methods, sound_speed_limit, srs,
-                           standard)
+                           standard, summary_markdown)
 from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
 
 
@@ -146,6 +146,10 @@ def test_honest_comparison_names_the_equal_accuracy_baseline_and_times_it(tmp_pa
     assert s.loc[srs_label, "f-eval vs equal-acc."] == pytest.approx(k / honest.runs[srs_label]["nfe"].mean())
     assert s.loc[srs_label, "f-eval vs 30A" if "f-eval vs 30A" in s.columns else "f-eval speedup"] == \
         pytest.approx(8 / honest.runs[srs_label]["nfe"].mean())
+    # the planner's seconds per image, measured inside the certification and in no column of the files
+    assert 0 < s.loc[srs_label, "planner s/image"] < 1 and s.loc["MDEQ-8A", "planner s/image"] == 0
+    assert "planner s/image" in summary_markdown(honest.summary)
+    assert not any("planner" in c for c in honest.runs[srs_label].columns)
     if k < 8:
         assert set(honest.timed) == {f"MDEQ-{k}A", srs_label}
         assert s.loc[srs_label, "wall vs equal-acc."] == pytest.approx(

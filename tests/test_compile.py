@@ -79,6 +79,7 @@ def test_eager_and_compiled_certificates_agree_cpu(tiny_checkpoint, inductor):
     _agreement(tiny_checkpoint, torch.device("cpu"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled path with CUDA graphs)")
 def test_eager_and_compiled_certificates_agree_cuda(tiny_checkpoint):
     """The same on the GPU: torch.compile with CUDA graphs (mode reduce-overhead) against eager."""
@@ -262,6 +263,7 @@ def test_compiled_training_step_agrees_cpu(inductor):
     assert model.engine.train_f is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled training solve, CUDA graphs)")
 def test_compiled_training_step_agrees_cuda():
     """The same on the GPU (CUDA graphs), fp32 and under AMP's fp16 autocast (state fp32 in both)."""

@@ -421,9 +421,23 @@ class MDEQClsNet(nn.Module):
 
     def _solve_engine(self, x: torch.Tensor, solver: str, max_iter: int, z0: Optional[torch.Tensor],
                       tol: float, rungs: Sequence[int] = ()) -> DEQOutput:
-        """:meth:`solve` through the runtime's engine: rows padded to the static size, state and solver fp32,
+        """:meth:`solve` through the runtime's engine.  Under ``--compile auto`` the first call is also solved
+        eagerly and the predictions compared (``CompileGuard.check``): on disagreement the engine falls back
+        to eager and this call returns the eager solve."""
+        engine = self.engine
+        out = self._solve_with(engine, x, solver, max_iter, z0, tol, rungs)
+        eager = []
+
+        def eager_logits():
+            eager.append(self._solve_with(engine.eager_twin(), x, solver, max_iter, z0, tol, rungs))
+            return eager[0].logits
+        return out if engine.guard.check("eval", out.logits, eager_logits) else eager[0]
+
+    def _solve_with(self, engine: Engine, x: torch.Tensor, solver: str, max_iter: int, z0: Optional[torch.Tensor],
+                    tol: float, rungs: Sequence[int] = ()) -> DEQOutput:
+        """:meth:`solve` through ``engine``: rows padded to the static size, state and solver fp32,
         stem / f / head as the runtime says, padded rows dropped from every output."""
-        engine, rows = self.engine, x.shape[0]
+        rows = x.shape[0]
         pad = engine.runtime.rows_for(rows)
         xp = pad_to(x, pad)
         injection = engine.inject(xp)
@@ -487,6 +501,8 @@ class MDEQClsNet(nn.Module):
                 else:
                     fn = func
                 result = solve(self.f_solver, fn, z0, f_thres or self.f_thres, tol=self.f_tol, stop_mode=self.stop_mode)
+                if train_f is not None:
+                    result = self._check_train_solve(result, func, z0, shapes, f_thres)
             z_star = result.z.detach().requires_grad_()
             new_z = func(z_star)
             if compute_jac_loss:
@@ -494,6 +510,24 @@ class MDEQClsNet(nn.Module):
             if self.grad_mode == "implicit" and torch.is_grad_enabled():
                 new_z = attach_implicit_backward(new_z, z_star, self.b_solver, self.b_thres, self.b_tol, self.stop_mode)
         return TrainOutput(self.head(new_z, shapes), jac_loss, result)
+
+    def _check_train_solve(self, result, func, z0: torch.Tensor, shapes, f_thres: Optional[int]):
+        """The training solve's agreement check (``--compile auto``, once: ``CompileGuard.check``): the compiled
+        solve's fixed point against the eager one's (same dropout masks), compared by the predictions of
+        the head in eval mode (running statistics: no batch-norm statistics are updated).  Returns the
+        solve to use: the eager one after a disagreement (the engine then runs eager)."""
+        guard = self.engine.guard
+        if "train" not in guard.pending:
+            return result
+        eager = solve(self.f_solver, func, z0, f_thres or self.f_thres, tol=self.f_tol, stop_mode=self.stop_mode)
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            self.eval()
+            compiled_logits, eager_logits = self.head(result.z, shapes), self.head(eager.z, shapes)
+        finally:
+            for m, training in modes:
+                m.training = training
+        return result if guard.check("train", compiled_logits, lambda: eager_logits) else eager
 
 
 
