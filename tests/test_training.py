@@ -15,6 +15,7 @@ from DEQ.models import build_model
 from DEQ.training import Trainer
 
 CONFIGS = ["experiments/digits/cls_mdeq_digits.yaml", "experiments/digits/cls_mdeq_digits32.yaml",
+           "experiments/digits/cls_mdeq_digits32b2.yaml",
            "experiments/cifar/cls_mdeq_SMALL.yaml",
            "experiments/cifar/cls_mdeq_LARGE.yaml", "experiments/imagenet/cls_mdeq_SMALL.yaml"]
 
@@ -33,10 +34,11 @@ def test_each_shipped_config_builds_and_runs_forward(path):
     assert again.z.shape == out.z.shape
 
 
-def test_digits32_config_trains_on_32x32_digits(tmp_path):
-    """The 32x32 setting (digits resized; depth matters there): a tiny-epoch run trains, and its
+@pytest.mark.parametrize("name", ["cls_mdeq_digits32.yaml", "cls_mdeq_digits32b2.yaml"])
+def test_digits32_config_trains_on_32x32_digits(tmp_path, name):
+    """The 32x32 settings (digits resized; depth matters there): a tiny-epoch run trains, and its
     checkpoint certifies 32x32 inputs."""
-    cfg = load_config(os.path.join(ROOT, "experiments/digits/cls_mdeq_digits32.yaml"),
+    cfg = load_config(os.path.join(ROOT, "experiments/digits", name),
                       ["TRAIN.END_EPOCH", "1", "PERCENT", "0.05", "TRAIN.PRETRAIN_STEPS", "1"], noise=0.5)
     assert list(cfg.MODEL.IMAGE_SIZE) == [32, 32]
     trainer = Trainer(cfg, torch.device("cpu"), str(tmp_path), show_progress=False)
