@@ -90,7 +90,8 @@ def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None
     run_options.add_argument("--seed", type=int, default=0)
     run_options.add_argument("--data-dir", dest="data_dir", default=None,
                              help="local data root for cifar10 / imagenet")
-    run_options.add_argument("--cfg", default=None, help="yaml config, only for bare reference state_dicts that carry none")
+    run_options.add_argument("--cfg", default=None,
+                             help="yaml config, only for bare reference state_dicts that carry none")
     run_options.add_argument("--overwrite", action="store_true", help="replace an existing OUTFILE")
     run_options.add_argument("--quiet", action="store_true", help="no progress bar")
     run_options.add_argument("--dist_timeout", type=float, default=120.0,
@@ -237,7 +238,6 @@ def attack_main(args) -> Dict[str, float]:
     return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch))
 
 
-__all__ = ["add_common_args", "add_smoothing_args", "add_runtime_args", "smoothing_spec", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args",
-           "run_spec",
-           "certify_mode", "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
-           "attack_main"]
+__all__ = ["add_common_args", "add_smoothing_args", "add_runtime_args", "smoothing_spec", "certify_parser",
+           "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec", "certify_mode", "certify_main", "predict_main",
+           "certify_qcrs_main", "attack_parser", "attack_main"]

@@ -15,7 +15,7 @@ A mode names its columns (owned by ``SRS.results``), adds header entries of its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 

@@ -14,11 +14,10 @@ the same rows as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -35,7 +34,7 @@ from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 from .distributed import World, check_same, deal, wait_all
 from .results import (RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, count_rows, header_value, provenance,
                       read_rows, shard_files, shard_path)
-from .settings import CERTIFICATES, DEQSolve, SmoothingSpec, SRSConfig, parse_conf_drop
+from .settings import DEQSolve, SmoothingSpec, SRSConfig, parse_conf_drop
 from .smooth import Smooth
 
 # ----------------------------------------------------------------------------- the run description
@@ -419,4 +418,5 @@ def _mean(rows: List[Dict[str, str]], column: str) -> float:
 
 
 __all__ = ["parse_conf_drop", "DataSpec", "Sampling", "SmoothingSpec", "RunSpec", "Mode", "Loaded", "load", "build_smooth",
-           "certified_model", "smoothing_header", "smooth_header", "certified_line", "run_header", "image_generator", "run"]
+           "certified_model", "smoothing_header", "smooth_header", "certified_line", "run_header", "image_generator",
+           "run"]

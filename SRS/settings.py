@@ -248,7 +248,8 @@ class SRSOptions:
         second_look: G > 1 plans a second look at the pairs, up to G times the first look's in all,
             solved only when the first look finds a misaligned pair; both sizes are fixed before any
             pair is solved and each look's misalignment bound is taken at alpha_1 / 2 (union bound,
-            ``SRS.bounds.eliminated_p_lower``).  0 turns it off.
+            ``SRS.bounds.eliminated_p_lower``).  The eliminated certificate's only (the others take one
+            look, :attr:`looks`); 0 turns it off.
         warm_start: where a non-warm-up batch starts: 'previous' (the paper's chain: sample j from sample
             j of the previous batch) or 'mean' (every sample from the mean of the previous batch's
             solutions).  Either way the chain's predictions are a function of the image's noise alone,
@@ -474,7 +475,8 @@ class SmoothingSpec(SRSOptions):
                 a, b = getattr(self, step_flag), getattr(self, std_flag)
                 if a is not None and b is not None and a != b:
                     raise UserError(f"--{step_flag} {a} and --{std_flag} {b} both name the certified model in standard "
-                                    f"mode (without --srs); give one of them (with --srs, --{step_flag} is the SRS step)")
+                                    f"mode (without --srs); give one of them (with --srs, --{step_flag} is the SRS "
+                                    f"step)")
         if self.conf_drop is not None and self.conf_drop > n:
             raise UserError(f"--conf_drop {self.conf_drop} is larger than --{n_name} {n}: the pairs are drawn from "
                             f"those samples; lower it")

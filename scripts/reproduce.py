@@ -73,7 +73,8 @@ def table_methods(radii=None) -> list:
     table).  The recipe itself (``--srs --f_thresh 3``) is the paper's SRS-MDEQ-3A row."""
     from SRS.benchmark import srs
     table = {} if radii is None else {"radii": tuple(radii)}
-    return [srs(1, refine_margin=3, route_pilot=0.1, **table), srs(1, "naive", refine_margin=3, route_pilot=0.1, **table)]
+    return [srs(1, refine_margin=3, route_pilot=0.1, **table),
+            srs(1, "naive", refine_margin=3, route_pilot=0.1, **table)]
 
 
 def section(sigma, honest, radii, out_dir, train_secs, ckpt, samples, alpha=0.001):

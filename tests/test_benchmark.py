@@ -91,7 +91,8 @@ def test_reproduction_table_rows_refine_low_margins_and_aim_at_the_table():
     settings = [dict(m.settings) for m in rows]
     assert all(s["refine_margin"] == 3 and s["route_pilot"] == 0.1 and "radii" not in s for s in settings)
     rows = reproduce.table_methods([0.0, 0.3])
-    assert all(dict(m.settings)["radii"] == (0.0, 0.3) for m in rows) and rows[0].label.endswith("radii0,0.3 pilot0.1 refine3")
+    assert all(dict(m.settings)["radii"] == (0.0, 0.3) for m in rows)
+    assert rows[0].label == "SRS-MDEQ-1A radii0,0.3 pilot0.1 refine3"
     paper = paper_methods(radii=[0.0, 0.3])
     assert all(dict(m.settings)["radii"] == (0.0, 0.3) for m in paper[1:])
     assert all("radii" not in dict(m.settings) for m in paper_methods(400, radii=[0.0, 0.3]))

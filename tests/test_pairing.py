@@ -145,7 +145,8 @@ def test_adaptive_count_stops_where_the_cap_saturates():
 
 def _grid_pair_count(n_A, n, alpha, grid, cap, exact=0, descend=True, looks=1):
     """The pair count of the former ``--radius_grid`` rule, kept as the reference: the fewest pairs reaching the
-    largest multiple of ``grid`` (units of sigma) at or below the SRS counts' radius, descending the grid under a cap."""
+    largest multiple of ``grid`` (units of sigma) at or below the SRS counts' radius, descending the grid under a
+    cap."""
     from scipy.stats import norm
     p = lower_confidence_bound(n_A, n, alpha)
     if p < 0.5:
