@@ -63,6 +63,7 @@ models only, ignored by the ResNets):
 | ATTACK.TRAIN_MULTI_NOISE | W | train on all m noisy copies (else one) |
 | ATTACK.NO_GRAD_ATTACK | W | gradient-free (Stein) attack direction |
 | ATTACK.RANDOM_START | W | start the attack from a uniform draw in the ball |
+| CERTIFY.SOLVER, THRES, TOL | W | the certified model (SRS/code/*.py, both modes, unless --std_solver/--std_thresh/--tol): solver, budget in evaluations of f, residual tolerance; default anderson, 30, 0.0 (the paper's MDEQ-30A); the ImageNet config sets broyden, 14 (MDEQ-14B); a checkpoint config without the section gets the defaults; a training --resume may change them |
 
 "D" keys keep their values in a ResNet config (the defaults are MDEQ's), so a yaml
 derived from an MDEQ one loads; only the two that would change the training
@@ -189,6 +190,16 @@ _C.ATTACK.NUM_NOISE_VEC = 1        # m noise vectors per input (smoothed soft cl
 _C.ATTACK.TRAIN_MULTI_NOISE = True  # train on all m noisy copies (else one per input)
 _C.ATTACK.NO_GRAD_ATTACK = False   # PGD direction from the noise alone (Stein estimate), no backward pass
 _C.ATTACK.RANDOM_START = True      # PGD starts from a uniform draw in the epsilon ball
+
+
+# The certified model: what SRS/code/certify.py (and predict, QCRS, attack) certify in standard mode and with --srs,
+# unless --std_solver / --std_thresh / --tol name another (SRS.settings.SmoothingSpec.resolve).  Training does not
+# read it (its evaluation solves with DEQ.F_SOLVER / F_THRES); a checkpoint config written before the section
+# existed is merged onto these defaults.
+_C.CERTIFY = CN()
+_C.CERTIFY.SOLVER = "anderson"     # the paper's MDEQ-30A on CIFAR-10 (ImageNet: broyden, MDEQ-14B)
+_C.CERTIFY.THRES = 30
+_C.CERTIFY.TOL = 0.0               # 0: every solve runs its whole budget
 
 
 def get_default_config() -> CN:
@@ -344,12 +355,13 @@ _COUNTS = (("TRAIN.BATCH_SIZE_PER_GPU", 1), ("TEST.BATCH_SIZE_PER_GPU", 1), ("TR
            ("MODEL.NUM_CLASSES", 1), ("MODEL.DEPTH", 0),
            ("MODEL.NUM_GROUPS", 1), ("MODEL.NUM_LAYERS", 1), ("MODEL.EXPANSION_FACTOR", 1),
            ("MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", 1), ("MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", 1),
-           ("DEQ.F_THRES", 1), ("DEQ.B_THRES", 1), ("DEQ.RAND_F_THRES_DELTA", 0), ("LOSS.JAC_INCREMENTAL", 1))
+           ("DEQ.F_THRES", 1), ("DEQ.B_THRES", 1), ("DEQ.RAND_F_THRES_DELTA", 0), ("LOSS.JAC_INCREMENTAL", 1),
+           ("CERTIFY.THRES", 1))
 _NUMBERS = (("TRAIN.NOISE", 0, False, None), ("TRAIN.LR", 0, True, None), ("TRAIN.WD", 0, False, None),
             ("TRAIN.MOMENTUM", 0, False, None), ("TRAIN.LR_FACTOR", 0, True, None), ("PERCENT", 0, True, 1),
             ("DEQ.F_TOL", 0, False, None), ("DEQ.B_TOL", 0, False, None), ("MODEL.DROPOUT", 0, False, 1),
             ("LOSS.JAC_LOSS_FREQ", 0, False, 1), ("LOSS.JAC_LOSS_WEIGHT", 0, False, None),
-            ("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0, False, None))
+            ("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0, False, None), ("CERTIFY.TOL", 0, False, None))
 
 # Keys the code does not read (see the table at the top): a value other than the accepted ones
 # would be silently ignored, so it is refused.  (key, accepted values, what to do instead).
@@ -379,6 +391,7 @@ _REFUSED = (
 RESUME_CHANGEABLE = ("TRAIN.END_EPOCH", "PERCENT", "TRAIN.BATCH_SIZE_PER_GPU", "OUTPUT_DIR", "LOG_DIR", "DATA_DIR",
                      "DATASET.ROOT", "WORKERS", "PRINT_FREQ", "PIN_MEMORY", "TEST.BATCH_SIZE_PER_GPU",
                      "CUDNN.BENCHMARK", "CUDNN.DETERMINISTIC", "CUDNN.ENABLED")
+RESUME_CHANGEABLE += ("CERTIFY.SOLVER", "CERTIFY.THRES", "CERTIFY.TOL")  # what certification certifies, not training
 
 
 def _leaves(cfg: CN, prefix: str = ""):
@@ -512,9 +525,9 @@ def validate(cfg: CN) -> None:
         for v in _get(cfg, key):
             check_count(f"every entry of {key}", v, 1)
     from .solvers import SOLVERS
-    for key in ("F_SOLVER", "B_SOLVER"):
-        if cfg.DEQ[key] not in SOLVERS:
-            raise UserError(f"DEQ.{key}={cfg.DEQ[key]!r} is not a solver; choose one of {', '.join(sorted(SOLVERS))}")
+    for key in ("DEQ.F_SOLVER", "DEQ.B_SOLVER", "CERTIFY.SOLVER"):
+        if _get(cfg, key) not in SOLVERS:
+            raise UserError(f"{key}={_get(cfg, key)!r} is not a solver; choose one of {', '.join(sorted(SOLVERS))}")
     if cfg.DEQ.STOP_MODE not in ("abs", "rel"):
         raise UserError(f"DEQ.STOP_MODE must be 'abs' or 'rel', got {cfg.DEQ.STOP_MODE!r}")
     if cfg.DEQ.GRAD not in ("implicit", "phantom"):

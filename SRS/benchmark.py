@@ -21,8 +21,8 @@ from .analysis import certified_accuracy, read_results, summary_table, to_markdo
 from .pairing import pairs_needed
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode
 from .ladder import DEFAULT_RUNGS, LadderMode, equal_accuracy_rung, ladder_table, rung_frames
-from .runner import RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
-from .settings import DEQSolve, SRSConfig
+from .runner import RunSpec, Sampling, SmoothingSpec, run
+from .settings import DEQSolve, SRSConfig, SRSOptions, declared, parse_conf_drop
 from .smooth import Smooth
 
 _LETTER = {"anderson": "A", "naive": "N", "broyden": "B"}
@@ -59,48 +59,47 @@ def standard(k: int, solver: str = "anderson", rungs: Sequence[int] = ()) -> Met
                   tuple(sorted(set(rungs))))
 
 
-def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30), conf_drop: Union[int, str] = "auto",
-        warmup: Tuple[str, int] = ("anderson", 10), certificate: str = "eliminated",
-        step_tol: Optional[float] = None, step_cost: Optional[float] = None, refine_margin: float = 0.0,
-        radius_grid: Optional[float] = None, second_look: float = 0.0, warm_start: str = "previous",
-        route_pilot: Optional[float] = None) -> Method:
-    """SRS-MDEQ-k<solver>; adaptive pairing unless conf_drop is a number (label gets ' K=<n>');
-    step_tol: the SRS step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>');
-    refine_margin: low-margin samples re-solved by the standard model (label gets ' refine<m>');
-    radius_grid: adaptive pairs aim at that radius grid (label gets ' grid<g>');
-    second_look: a second look at the pairs (label gets ' look<G>');
-    warm_start: 'mean' starts every sample from the previous batch's mean solution (label gets ' mean');
-    route_pilot: the route pilot's fraction of N (None: the default; label gets ' pilot<f>')."""
-    suffix = "" if certificate == "eliminated" else f" ({certificate})"
-    if radius_grid is not None:
-        suffix = f" grid{radius_grid:g}" + suffix
-    if second_look:
-        suffix = f" look{second_look:g}" + suffix
-    if route_pilot is not None:
-        suffix = f" pilot{route_pilot:g}" + suffix
-    if refine_margin > 0:
-        suffix = f" refine{refine_margin:g}" + suffix
-    if warm_start != "previous":
-        suffix = f" {warm_start}" + suffix
-    if conf_drop != "auto" and certificate != "none":
-        suffix = f" K={conf_drop}" + suffix
+def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30),
+        warmup: Tuple[str, int] = ("anderson", 10), step_tol: Optional[float] = None, **options) -> Method:
+    """SRS-MDEQ-k<solver>: the SRS step of k evaluations certifying the standard model ``std``, every other
+    option at its declared default (``SRS.settings``: the recipe's adaptive pairing aimed at the table's
+    radii, a second look, a route pilot of 0.5 N) unless given.
+
+    Args:
+        step_tol: the step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>').
+        options: options that ``SRS.settings.SRSOptions`` declares, by field name (``conf_drop`` also as
+            'auto' or K).  The label gets each one's declared suffix (``Option.label``) for a value other
+            than its default, in declaration order, e.g. ' K=400 (reference)', ' pilot0.1', ' refine3'.
+
+    Raises:
+        TypeError: for a name that is not a declared option.
+    """
+    names = [name for name, _, _ in declared(SRSOptions)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"srs() got options that SRS.settings does not declare: {', '.join(unknown)}")
+    if "conf_drop" in options:
+        options["conf_drop"] = parse_conf_drop(options["conf_drop"])
+    given = SRSOptions(**options)  # the declared types (3 -> 3.0, a list of radii -> a tuple)
+    suffix = "".join(opt.label_of(getattr(given, name)) for name, opt, default in declared(SRSOptions)
+                     if name in options and opt.label is not None and getattr(given, name) != default)
     budget = f"{k}{_LETTER[solver]}" if step_tol is None else f"tol{step_tol:g}-{k}{_LETTER[solver]}"
     settings = (("srs", True), ("f_solver", solver), ("f_thresh", k), ("warmup_solver", warmup[0]),
-                ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]),
-                ("conf_drop", parse_conf_drop(conf_drop)), ("certificate", certificate),
-                ("step_tol", step_tol), ("step_cost", step_cost), ("refine_margin", refine_margin),
-                ("radius_grid", radius_grid), ("second_look", second_look), ("warm_start", warm_start))
-    if route_pilot is not None:
-        settings += (("route_pilot", route_pilot),)
-    return Method(f"SRS-MDEQ-{budget}{suffix}", settings)
+                ("warmup_thresh", warmup[1]), ("std_solver", std[0]), ("std_thresh", std[1]), ("step_tol", step_tol))
+    return Method(f"SRS-MDEQ-{budget}{suffix}", settings + tuple((name, getattr(given, name)) for name in names
+                                                                if name in options))
 
 
 def paper_methods(conf_drop: Union[int, str] = "auto", std: Tuple[str, int] = ("anderson", 30),
-                  rungs: Sequence[int] = DEFAULT_RUNGS) -> List[Method]:
+                  rungs: Sequence[int] = DEFAULT_RUNGS, radii: Optional[Sequence[float]] = None) -> List[Method]:
     """The rows of the paper's CIFAR-10 table: the certified model with its ladder (which holds the
-    paper's MDEQ-1A and MDEQ-5A rows and the equal-accuracy baseline), SRS-1N, SRS-1A, SRS-3A."""
-    return [standard(std[1], std[0], rungs=[k for k in rungs if k <= std[1]]), srs(1, "naive", std, conf_drop),
-            srs(1, "anderson", std, conf_drop), srs(3, "anderson", std, conf_drop)]
+    paper's MDEQ-1A and MDEQ-5A rows and the equal-accuracy baseline), SRS-1N, SRS-1A, SRS-3A.  The SRS
+    rows pair as ``conf_drop`` says: the paper's fixed K (label ' K=<K>'), or 'auto', the default adaptive
+    pairing, aimed at ``radii`` (pixel units; None: the default table of multiples of sigma / 2)."""
+    table = {"radii": tuple(radii)} if radii is not None and conf_drop == "auto" else {}
+    return [standard(std[1], std[0], rungs=[k for k in rungs if k <= std[1]]),
+            srs(1, "naive", std, conf_drop=conf_drop, **table), srs(1, "anderson", std, conf_drop=conf_drop, **table),
+            srs(3, "anderson", std, conf_drop=conf_drop, **table)]
 
 
 def file_name(label: str, sigma: float) -> str:
@@ -156,7 +155,7 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
     for j in range(1, total + 1):
         for m in methods:
             spec = specs[m.label]
-            spec = replace(spec, data=replace(spec.data, max=j),
+            spec = replace(spec, data=replace(spec.data, max=j), announce=spec.announce and j == 1,
                            resume=os.path.isfile(spec.outfile) and os.path.getsize(spec.outfile) > 0)
             record(m.label, run(spec, m.mode(s)))
         if j == total or j % max(1, total // 10) == 0:

@@ -1,17 +1,17 @@
-"""The command lines of certify.py, predict.py and certify_qcrs.py: argparse, and flags -> RunSpec.
+"""The command lines of certify.py, predict.py, certify_qcrs.py and attack.py: argparse, and flags -> RunSpec.
 
 The work itself is ``SRS.runner.run`` with a mode of ``SRS.modes``; this module only parses,
-turns the flags into a typed :class:`SRS.runner.RunSpec` and validates it.
+turns the flags into a typed :class:`SRS.runner.RunSpec` and validates it.  The certification
+flags are not written here: they come from the options declared in ``SRS.settings``
+(:func:`add_smoothing_args`, :func:`smoothing_spec`), in the main group or among the advanced SRS
+options as their declaration says.
 
-Flags keep the names of the SRS reference code (--batch --skip --max --split
---N0 --N --alpha --f_solver --f_thresh --srs --warmup_solver --warmup_thresh
---warmup_interval --conf_drop).  Which classifier is certified:
-
-* standard mode: the DEQ solved from zeros with --f_solver / --f_thresh
-  (default: the checkpoint config's DEQ.F_SOLVER / DEQ.F_THRES);
-* --srs: --f_solver / --f_thresh are the SRS step from the warm start; the
-  certified classifier is the standard model --std_solver / --std_thresh
-  (default: the checkpoint config's), used on the --conf_drop paired samples.
+Flags keep the names of the SRS reference code (--batch --skip --max --split --N0 --N --alpha
+--f_solver --f_thresh --srs --warmup_solver --warmup_thresh --warmup_interval --conf_drop).  Which
+classifier is certified: the checkpoint config's CERTIFY section (SOLVER, THRES, TOL; MDEQ-30A with
+tol 0 unless the config says otherwise), in both modes, unless --std_solver / --std_thresh / --tol
+name another.  In standard mode --f_solver / --f_thresh name the certified model too (as in the
+reference code); with --srs they are the SRS step from the warm start (anderson, 3 by default).
 """
 from __future__ import annotations
 
@@ -21,81 +21,86 @@ from typing import Dict
 from DEQ.acceleration import COMPILE_CHOICES, PRECISIONS
 from DEQ.data import DATASETS
 from DEQ.errors import ArgumentParser, UserError
-from DEQ.solvers import SOLVERS
 
 from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, QCRSMode, SequentialMode
 from .qcrs import DEFAULT_LEFT_RATIO, DEFAULT_RIGHT_RATIO, QCRSSettings
-from .runner import SRS_DEFAULTS, DataSpec, RunSpec, Sampling, SmoothingSpec, parse_conf_drop, run
-from .settings import WARM_STARTS
+from .runner import DataSpec, RunSpec, Sampling, run
+from .settings import SmoothingSpec, SRSOptions, declared, default_radii
+
+ADVANCED = "advanced SRS options"
+RUN_OPTIONS = "run options"
+# Flags that no longer exist, with what replaces them: refused in one line that says so.
+REMOVED_FLAGS = {
+    "--radius_grid": "--radius_grid is replaced by --radii r1 ... rm, the radii of your certified-accuracy table "
+                     "(default: multiples of sigma/2 from 0 to 3 sigma; the pairs aim at the largest of them at or "
+                     "below each image's SRS radius): pass --radii instead",
+}
+
+
+class _Removed(argparse.Action):
+    """A flag that no longer exists: refused in one line (``message``) while the flags are parsed."""
+
+    def __init__(self, option_strings, dest, message: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UserError(self.message)
+
+
+def add_smoothing_args(main, advanced) -> None:
+    """The flag of every option ``SmoothingSpec`` declares (``SRS.settings``): main options into ``main``,
+    the others into ``advanced``; the solver flags first, then the SRS options.  Each flag's argparse
+    default is None (not given: the declaration's default)."""
+    inherited = {name for name, _, _ in declared(SRSOptions)}
+    own = [d for d in declared(SmoothingSpec) if d[0] not in inherited]
+    for name, opt, default in own + declared(SRSOptions):
+        shown = opt.default_text if opt.default_text is not None else default
+        kwargs = dict(dest=name, default=None, help=f"{opt.help} (default: {shown})".replace("%", "%%"))
+        if opt.const is not None:
+            kwargs.update(action="store_const", const=opt.const)
+        else:
+            kwargs.update(type=opt.type, metavar=opt.metavar)
+            if opt.nargs:
+                kwargs["nargs"] = opt.nargs
+        (advanced if opt.advanced else main).add_argument(opt.flag, **kwargs)
 
 
 def add_common_args(p: argparse.ArgumentParser, with_sigma: bool = True) -> None:
+    """The arguments every certification CLI shares: the main ones in ``p``'s own group, the other
+    certification options in an "advanced SRS options" group, and run settings in "run options"."""
     p.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("base_classifier", help="checkpoint written by DEQ/tools/cls_train.py")
     if with_sigma:
         p.add_argument("sigma", type=float, help="noise level of the smoothed classifier (pixel units)")
     p.add_argument("outfile", help="output TSV")
-    p.add_argument("--batch", type=int, default=1000, help="noisy samples per mini-batch (SRS chain width)")
-    p.add_argument("--skip", type=int, default=1, help="certify every skip-th image")
-    p.add_argument("--max", type=int, default=-1, help="stop after this many images (-1: all)")
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    p.add_argument("--f_solver", default=None, help=f"solver ({', '.join(sorted(SOLVERS))}); standard model in standard mode, SRS step with --srs")
-    p.add_argument("--f_thresh", type=int, default=None, help="solver budget in evaluations of f")
-    p.add_argument("--srs", action="store_true", help="serialized randomized smoothing (warm-started chain)")
-    p.add_argument("--warmup_solver", default=None, help="solver of the warm-up batches (default: --f_solver)")
-    p.add_argument("--warmup_thresh", type=int, default=None, help="budget of the warm-up batches (default 10)")
-    p.add_argument("--warmup_interval", type=int, default=0, help="every k-th batch is a warm-up (0: only the first)")
-    p.add_argument("--warm_start", default="previous", metavar="{" + ",".join(WARM_STARTS) + "}",
-                   help="with --srs: each sample starts from the previous batch's sample at its position (previous, "
-                        "the paper's chain, default) or from the mean of the previous batch's solutions (mean)")
-    p.add_argument("--conf_drop", default="auto",
-                   help="paired standard solves of the correlation-eliminated bound: 'auto' (default: adaptive, "
-                        "chosen per image from the SRS counts) or a fixed K of the N samples (reference: 400)")
-    p.add_argument("--radius_slack", type=float, default=SRS_DEFAULTS.radius_slack,
-                   help="adaptive pairing: aim within this many sigma of the radius the SRS counts alone give (0.05)")
-    p.add_argument("--radius_grid", type=float, default=None,
-                   help="adaptive pairing: aim at the largest multiple of this radius (pixel units, e.g. the step of "
-                        "your certified-accuracy table) at or below the SRS counts' radius, instead of --radius_slack")
-    p.add_argument("--second_look", type=float, default=0.0,
-                   help="adaptive pairing: G > 1 plans a second look of up to G times the first look's pairs, solved "
-                        "only when the first finds a misaligned pair (each look's bound at half the level); 0 (default) off")
-    p.add_argument("--max_pairs", type=int, default=None, help="adaptive pairing: most paired standard solves per image (default N)")
-    p.add_argument("--no_fallback", action="store_true",
-                   help="adaptive pairing: never certify an image with the standard model outright, even where SRS "
-                        "plus its pairs would cost more")
-    p.add_argument("--step_cost", type=float, default=None,
-                   help="adaptive pairing: evaluations of f one SRS step is expected to cost, for the fallback's cost "
-                        "model (default --f_thresh; set it with --step_tol, where --f_thresh is only a cap)")
-    p.add_argument("--refine_margin", type=float, default=0.0,
-                   help="with --srs: re-solve with the standard model the SRS samples whose top-two logit margin is "
-                        "below this (their prediction is then exact, never misaligned); 0 (default) turns it off")
-    p.add_argument("--route_pilot", type=float, default=SRS_DEFAULTS.route_pilot,
-                   help="adaptive pairing: where the N0 selection samples send an image to the standard model, this "
-                        "fraction of N further SRS samples (own noise stream, in no certificate) refine that decision; "
-                        "0 turns it off (default 0.1)")
-    p.add_argument("--step_tol", type=float, default=None,
-                   help="with --srs: tolerance of the SRS step from the warm start (default --tol); with a tolerance "
-                        "--f_thresh is a cap and the step stops once every sample's residual is below it")
-    p.add_argument("--certificate", choices=["eliminated", "reference", "none"], default="eliminated",
-                   help="SRS certificate: eliminated (sound, default), reference (the reference code's weaker variant), none (no guarantee)")
-    p.add_argument("--std_solver", default=None, help="standard model's solver in SRS mode (default: checkpoint config)")
-    p.add_argument("--std_thresh", type=int, default=None, help="standard model's budget in SRS mode (default: checkpoint config)")
-    p.add_argument("--tol", type=float, default=None, help="solver residual tolerance (default: checkpoint config DEQ.F_TOL)")
-    p.add_argument("--no_chain_across_phases", action="store_true", help="restart the SRS chain for the estimation samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--data-dir", dest="data_dir", default=None, help="local data root for cifar10 / imagenet")
-    p.add_argument("--cfg", default=None, help="yaml config, only for bare reference state_dicts that carry none")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default: 0.001)")
+    p.add_argument("--batch", type=int, default=1000,
+                   help="noisy samples per mini-batch, the SRS chain's width (default: 1000)")
+    p.add_argument("--skip", type=int, default=1, help="certify every skip-th image (default: 1)")
+    p.add_argument("--max", type=int, default=-1, help="stop after this many images (default: -1, all)")
+    advanced = p.add_argument_group(ADVANCED, "the certified model, the SRS step and warm-up, and adaptive pairing")
+    add_smoothing_args(p, advanced)
     p.add_argument("--resume", action="store_true", help="continue an interrupted OUTFILE")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTFILE")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dist_timeout", type=float, default=120.0,
-                   help="under torchrun: minutes a rank waits for the others before the run stops with an error (120)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local "
-                        "processes); lower it on a busy machine")
-    add_runtime_args(p)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
+    for flag, message in REMOVED_FLAGS.items():
+        p.add_argument(flag, action=_Removed, message=message)
+    run_options = p.add_argument_group(RUN_OPTIONS)
+    run_options.add_argument("--split", choices=["train", "test"], default="test")
+    run_options.add_argument("--seed", type=int, default=0)
+    run_options.add_argument("--data-dir", dest="data_dir", default=None,
+                             help="local data root for cifar10 / imagenet")
+    run_options.add_argument("--cfg", default=None,
+                             help="yaml config, only for bare reference state_dicts that carry none")
+    run_options.add_argument("--overwrite", action="store_true", help="replace an existing OUTFILE")
+    run_options.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_options.add_argument("--dist_timeout", type=float, default=120.0,
+                             help="under torchrun: minutes a rank waits for the others before the run stops with an "
+                                  "error (120)")
+    run_options.add_argument("--threads", type=int, default=None,
+                             help="CPU threads for torch (default: OMP_NUM_THREADS, else usable cores / torchrun local "
+                                  "processes); lower it on a busy machine")
+    add_runtime_args(run_options)
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -110,16 +115,15 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def certify_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="certify.py", description="Certify many examples (randomized smoothing / SRS)")
+    p = ArgumentParser(prog="certify.py", description="Certify many examples (randomized smoothing / SRS). The "
+                       "recipe: certify.py DATASET CKPT SIGMA OUT --srs --f_thresh 3")
+    p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class (default: 100)")
+    p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A (default: 100000)")
     add_common_args(p)
-    p.add_argument("--N0", type=int, default=100, help="samples for selecting the top class")
-    p.add_argument("--N", type=int, default=100000, help="samples for estimating p_A")
     p.add_argument("--sequential", action="store_true",
-                   help="sequential CERTIFY for a table at --radii: each image stops sampling at the first look "
+                   help="sequential CERTIFY for the table at --radii: each image stops sampling at the first look "
                         "(batch, 2 batch, 4 batch, ..., N) where its table row is decided; same guarantee (level "
                         "alpha), the bound at N taken at alpha / 2")
-    p.add_argument("--radii", type=float, nargs="+", default=None,
-                   help="with --sequential: the radii of the certified-accuracy table (pixel units, as analyze.py)")
     return p
 
 
@@ -170,21 +174,16 @@ def attack_parser() -> argparse.ArgumentParser:
 
 
 def smoothing_spec(args) -> SmoothingSpec:
-    """The smoothed classifier's flags."""
-    return SmoothingSpec(
-        srs=args.srs, f_solver=args.f_solver, f_thresh=args.f_thresh, tol=args.tol, std_solver=args.std_solver,
-        std_thresh=args.std_thresh, step_tol=args.step_tol, warmup_solver=args.warmup_solver,
-        warmup_thresh=args.warmup_thresh, warmup_interval=args.warmup_interval, warm_start=args.warm_start,
-        conf_drop=parse_conf_drop(args.conf_drop), certificate=args.certificate,
-        chain_across_phases=not args.no_chain_across_phases, radius_slack=args.radius_slack,
-        max_pairs=args.max_pairs, fallback=not args.no_fallback, step_cost=args.step_cost,
-        refine_margin=args.refine_margin, route_pilot=args.route_pilot, radius_grid=args.radius_grid,
-        second_look=args.second_look)
+    """The smoothed classifier's flags: every declared option given on the command line (the others keep
+    their declared defaults)."""
+    given = {name: getattr(args, name) for name, _, _ in declared(SmoothingSpec)}
+    return SmoothingSpec(**{name: value for name, value in given.items() if value is not None})
 
 
-def run_spec(args, routes: bool = True) -> RunSpec:
+def run_spec(args, routes: bool = True, table: bool = False) -> RunSpec:
     """The typed run description of parsed flags, validated (every error one line, before any work;
-    ``routes``: whether the mode has CERTIFY's standard fallback route, see ``RunSpec.validate``)."""
+    ``routes``, ``table``: whether the mode has CERTIFY's standard fallback route and whether it decides a
+    table at ``--radii``, see ``SmoothingSpec.validate``)."""
     sampling = Sampling(sigma=args.sigma, N=args.N, alpha=args.alpha, batch=args.batch, N0=getattr(args, "N0", None))
     sampling.validate()  # sigma and the sample sizes first: the other checks refer to them
     spec = RunSpec(data=DataSpec(args.dataset, args.split, args.data_dir, args.skip, args.max),
@@ -192,28 +191,26 @@ def run_spec(args, routes: bool = True) -> RunSpec:
                    smoothing=smoothing_spec(args), cfg=args.cfg, seed=args.seed, device=args.device,
                    threads=args.threads, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                    dist_timeout=args.dist_timeout, compile=args.compile, precision=args.precision)
-    spec.validate(routes=routes)
+    spec.validate(routes=routes, table=table)
     if spec.smoothing.srs and spec.smoothing.certificate == "none":
         print("warning: --certificate none certifies the SRS chain as if it were the standard model: NOT a guarantee")
     return spec
 
 
 def certify_mode(args, spec: RunSpec):
-    """certify.py's mode: CERTIFY, or sequential CERTIFY with --sequential (validated: one-line errors)."""
+    """certify.py's mode: CERTIFY, or sequential CERTIFY of the table at --radii (default: multiples of sigma/2
+    from 0 to 3 sigma) with --sequential (validated: one-line errors)."""
     if not args.sequential:
-        if args.radii is not None:
-            raise UserError("--radii sets the table of --sequential; add --sequential, or drop --radii (analyze.py "
-                            "takes the table's radii of a fixed-N run)")
         return CertifyMode(args.N0, args.N, args.alpha, args.batch)
-    mode = SequentialMode(args.N0, args.N, args.alpha, args.batch, args.radii)
     s = spec.smoothing
+    mode = SequentialMode(args.N0, args.N, args.alpha, args.batch, s.radii or default_radii(args.sigma))
     mode.validate(s.srs, s.certificate, s.refine_margin)
     return mode
 
 
 def certify_main(args) -> Dict[str, float]:
     """certify.py: CERTIFY every chosen image (sequentially with --sequential)."""
-    spec = run_spec(args)
+    spec = run_spec(args, table=args.sequential)
     return run(spec, certify_mode(args, spec))
 
 
@@ -241,7 +238,6 @@ def attack_main(args) -> Dict[str, float]:
     return run(spec, AttackMode(settings, args.sigma, args.N, args.alpha, args.batch))
 
 
-__all__ = ["add_common_args", "add_runtime_args", "certify_parser", "predict_parser", "qcrs_parser", "add_qcrs_args",
-           "run_spec",
-           "certify_mode", "certify_main", "predict_main", "certify_qcrs_main", "attack_parser",
-           "attack_main"]
+__all__ = ["add_common_args", "add_smoothing_args", "add_runtime_args", "smoothing_spec", "certify_parser",
+           "predict_parser", "qcrs_parser", "add_qcrs_args", "run_spec", "certify_mode", "certify_main", "predict_main",
+           "certify_qcrs_main", "attack_parser", "attack_main"]

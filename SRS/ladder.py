@@ -124,6 +124,7 @@ class LadderMode:
     name: str = "certify_ladder"
     columns = LADDER_COLUMNS
     routes = True  # CERTIFY of standard models: no SRS flag applies (refused without --srs)
+    table = False
 
     def header(self) -> Dict[str, object]:
         return {"rungs": ",".join(str(k) for k in sorted(set(self.rungs)))}

@@ -14,9 +14,8 @@ A mode names its columns (owned by ``SRS.results``), adds header entries of its 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,6 +28,7 @@ from .qcrs import QCRS, QCRSSettings
 from .sampling import derived_seed
 from .bounds import sequential_looks
 from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PLANNER, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
+from .settings import check_radii
 from .smooth import Smooth
 
 
@@ -70,21 +70,11 @@ class CertifyMode(_NoExtras):
     name: str = "certify"
     columns = CERTIFY_COLUMNS
     routes = True
+    table = False
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         c = smooth.certify(x, self.N0, self.N, self.alpha, self.batch, generator=generator)
         return certificate_row(c, idx, label)
-
-
-def check_radii(radii: Optional[Sequence[float]]) -> Tuple[float, ...]:
-    """The table radii of ``--radii``, sorted without repeats; UserError (one line) unless there is at least
-    one and each is a finite number >= 0."""
-    if not radii:
-        raise UserError("--sequential needs the table's radii: pass --radii r1 ... rm (e.g. --radii 0 0.25 0.5)")
-    for r in radii:
-        if not (isinstance(r, (int, float)) and math.isfinite(r) and r >= 0):
-            raise UserError(f"--radii must be finite numbers >= 0 (pixel units), got {r}")
-    return tuple(sorted({float(r) for r in radii}))
 
 
 @dataclass
@@ -101,6 +91,7 @@ class SequentialMode:
     name: str = "certify_sequential"
     columns = SEQUENTIAL_COLUMNS
     routes = True  # CERTIFY's standard fallback route applies
+    table = True   # --radii is the table it decides
 
     def validate(self, srs: bool = False, certificate: str = "eliminated", refine_margin: float = 0.0) -> None:
         """One-line errors before any work: the radii, and SRS settings sequential SRS cannot certify
@@ -138,6 +129,7 @@ class PredictMode(_NoExtras):
     name: str = "predict"
     columns = PREDICT_COLUMNS
     routes = False  # PREDICT has no standard fallback route
+    table = False
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         p = smooth.predict(x, self.N, self.alpha, self.batch, generator=generator)
@@ -155,6 +147,7 @@ class QCRSMode:
     name: str = "certify_qcrs"
     columns = QCRS_COLUMNS
     routes = True
+    table = False
     GUARANTEE = ("predict/radius: per-input certificate for g_{best_sigma} at that input only (w.p. >= 1 - alpha); "
                  "the input-dependent classifier is NOT certified; fixed_*: ordinary certificate for g_{sigma}")
 
@@ -264,6 +257,7 @@ class AttackMode:
     name: str = "attack"
     columns = ATTACK_COLUMNS
     routes = False  # PREDICT at the attacked input
+    table = False
 
     def header(self) -> Dict[str, object]:
         s = self.settings

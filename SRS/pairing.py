@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from scipy.stats import norm
 
 from .bounds import (eliminated_p_lower, lower_confidence_bound, lower_confidence_bounds, upper_confidence_bound,
                      upper_confidence_bounds)
-from .settings import DEQSolve, SRSConfig
+from .settings import DEFAULT_TABLE_Z, SAMPLE_OVERHEAD, DEQSolve, SRSConfig
 
 PAIR_SEED_SALT = 0x5EED5EED
 
@@ -206,41 +206,42 @@ def _clean_z(n_A: int, n: int, alpha: float, exact: int, looks: int) -> Callable
     return z_of
 
 
-def grid_goal(n_A: int, n: int, alpha: float, grid: float) -> Optional[float]:
-    """radius / sigma of the largest multiple of ``grid`` (in sigma) at or below the radius the SRS
-    counts alone give (None when they abstain)."""
+def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Optional[float]:
+    """radius / sigma of the largest table radius (``radii``, in units of sigma) at or below the radius the
+    SRS counts alone give; 0 (certify, do not abstain) when none is; None when the counts abstain."""
     z = count_z(n_A, n, alpha)
     if z == -math.inf:
         return None
-    return math.floor(z / grid + 1e-9) * grid
+    return max([r for r in radii if r <= z + 1e-9], default=0.0)
 
 
-def grid_pair_count(n_A: int, n: int, alpha: float, grid: float, cap: int, exact: int = 0,
-                    descend: bool = True, looks: int = 1) -> Optional[int]:
-    """K_A of adaptive pairing on a radius grid (``--radius_grid``): the fewest pairs with which, if
-    none is misaligned, the eliminated certificate reaches the largest grid radius at or below the
-    SRS counts' own radius; where the cap makes that unreachable, the next grid radius down that it
-    reaches (``descend``; None instead when not).  0 when the counts abstain or nothing is reachable.
-    A function of n_A, ``exact`` and the fixed grid, so the pairing argument above holds unchanged."""
-    goal = grid_goal(n_A, n, alpha, grid)
+def radii_pair_count(n_A: int, n: int, alpha: float, radii: Sequence[float], cap: int, exact: int = 0,
+                     descend: bool = True, looks: int = 1) -> Optional[int]:
+    """K_A of adaptive pairing aimed at the table radii ``radii`` (units of sigma; ``--radii``): the fewest
+    pairs with which, if none is misaligned, the eliminated certificate reaches the largest table radius
+    at or below the SRS counts' own radius (:func:`radii_goal`); where the cap makes that unreachable,
+    the next table radius down that it reaches, down to radius 0 (``descend``; None instead when not).
+    0 when the counts abstain or nothing is reachable.  For radii on a grid (0, g, 2g, ... up to the
+    largest radius reachable) these are the pair counts of aiming at the multiples of g.  A function of
+    n_A, ``exact`` and the fixed radii, so the pairing argument above holds unchanged."""
+    goal = radii_goal(n_A, n, alpha, radii)
     if goal is None:
         return 0
-    while goal >= 0:
-        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=goal, exact=exact, looks=looks)
+    for target in sorted({r for r in radii if r <= goal} | {goal, 0.0}, reverse=True):
+        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=target, exact=exact, looks=looks)
         if need is not None or not descend:
             return need
-        goal -= grid
     return 0
 
 
-def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: float, cap: int, exact: int = 0,
-                        grid: Optional[float] = None, looks: int = 1) -> int:
-    """K_A of adaptive pairing: ``pairs_needed``; where the cap makes that target unreachable, the
-    fewest pairs within ``slack`` of what the cap itself would give (the radius saturates in K_A, so
-    the last pairs before the cap buy almost nothing).  With ``grid`` (radius grid in sigma units):
-    :func:`grid_pair_count` instead of the slack.  A function of n_A and ``exact`` (see above)."""
-    if grid:
-        return grid_pair_count(n_A, n, alpha, grid, cap, exact, looks=looks)
+def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: Optional[float], cap: int, exact: int = 0,
+                        radii: Optional[Sequence[float]] = None, looks: int = 1) -> int:
+    """K_A of adaptive pairing: with table ``radii`` (units of sigma) :func:`radii_pair_count`; else
+    ``pairs_needed`` within ``slack``, and where the cap makes that target unreachable, the fewest pairs
+    within ``slack`` of what the cap itself would give (the radius saturates in K_A, so the last pairs
+    before the cap buy almost nothing).  A function of n_A and ``exact`` (see above)."""
+    if radii:
+        return radii_pair_count(n_A, n, alpha, radii, cap, exact, looks=looks)
     need = pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks)
     if need is not None:
         return need
@@ -310,7 +311,7 @@ def two_looks(perm: torch.Tensor, in_A: torch.Tensor, K_first: int, K_total: int
 class RouteCosts:
     """Cost model in evaluations of f, per noisy sample: a standard sample costs D + overhead, an SRS
     sample S + overhead (warm-up samples W + overhead); overhead is the stem, head and noise of one
-    sample expressed in evaluations of f (``SRSConfig.overhead``)."""
+    sample expressed in evaluations of f (``SRS.settings.SAMPLE_OVERHEAD``)."""
     standard: float
     srs: float
     warmup: float
@@ -328,7 +329,7 @@ class RouteCosts:
 
 
 ROUTE_LEVEL = 0.1
-GRID_ROUTE_LEVEL = 0.25   # radius grid: the route checks the central half of the prediction of n_A ...
+GRID_ROUTE_LEVEL = 0.25   # table radii: the route checks the central half of the prediction of n_A ...
 GRID_ROUTE_POINTS = 24    # ... at this many points (and the point estimate)
 
 
@@ -340,25 +341,25 @@ def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
     return int(math.floor(n * count_bound(k0, n0, level, upper=True)))
 
 
-def choose_route(k0: int, n0: int, n: int, alpha: float, slack: float, costs: RouteCosts, warm_rows: int,
-                 max_pairs: int, grid: Optional[float] = None, looks: int = 1) -> str:
+def choose_route(k0: int, n0: int, n: int, alpha: float, slack: Optional[float], costs: RouteCosts, warm_rows: int,
+                 max_pairs: int, radii: Optional[Sequence[float]] = None, looks: int = 1) -> str:
     """'srs' or 'standard', from the selection count alone (see the module docstring for why).
 
     SRS is chosen when its predicted cost (the SRS pass plus the pairs ``pairs_needed`` predicts for
     n_A = ``predicted_n_A``) is below the cost of n standard samples and the pairs fit ``max_pairs``.
-    With a radius ``grid`` the pairs are those of :func:`grid_pair_count` (no descent: a grid radius
-    the pairs cannot reach means lost accuracy), the largest of its counts over n_A values spread
-    across the central half of the prediction (``GRID_ROUTE_LEVEL`` each side) and its point
-    estimate: on a grid the pairs are not monotone in n_A (just above a grid radius they are many),
+    With table ``radii`` (units of sigma) the pairs are those of :func:`radii_pair_count` (no descent: a
+    table radius the pairs cannot reach means lost accuracy), the largest of its counts over n_A values
+    spread across the central half of the prediction (``GRID_ROUTE_LEVEL`` each side) and its point
+    estimate: aimed at table radii the pairs are not monotone in n_A (just above one they are many),
     so every likely n_A must be affordable.  (The whole 80% interval of the slack rule was measured
     to be too cautious near the radius cap: 9 of 15 digits images fell back at sigma 0.25 instead
     of 3.)"""
-    if grid:
+    if radii:
         low = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL)))
         high = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL, upper=True)))
         spread = {int(round(low + (high - low) * t / GRID_ROUTE_POINTS)) for t in range(GRID_ROUTE_POINTS + 1)}
         spread.add(int(math.floor(n * k0 / n0)))
-        needs = [grid_pair_count(m, n, alpha, grid, min(max_pairs, m), descend=False, looks=looks)
+        needs = [radii_pair_count(m, n, alpha, radii, min(max_pairs, m), descend=False, looks=looks)
                  for m in sorted(spread)]
         need = None if None in needs else max(needs)
     else:
@@ -374,8 +375,8 @@ def route_costs(cfg: SRSConfig, standard: DEQSolve, refine_rate: float = 0.0) ->
     """The cost model of ``cfg`` with the standard model ``standard`` (evaluations of f per sample);
     ``refine_rate``: the expected fraction of SRS samples re-solved by the standard model."""
     step = cfg.step.max_iter if cfg.step_cost is None else cfg.step_cost
-    std = standard.max_iter + cfg.overhead
-    return RouteCosts(std, step + cfg.overhead + refine_rate * std, cfg.warmup.max_iter + cfg.overhead)
+    std = standard.max_iter + SAMPLE_OVERHEAD
+    return RouteCosts(std, step + SAMPLE_OVERHEAD + refine_rate * std, cfg.warmup.max_iter + SAMPLE_OVERHEAD)
 
 
 def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int,
@@ -386,7 +387,7 @@ def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, al
     if not (cfg.adaptive and cfg.fallback and cfg.pairs):
         return "srs"
     route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard, refine_rate), warm_rows,
-                         cfg.max_pairs or n, grid_z(cfg, sigma), cfg.looks)
+                         cfg.max_pairs or n, radii_z(cfg, sigma), cfg.looks)
     return "srs" if route == "srs" else "fallback"
 
 
@@ -400,13 +401,17 @@ def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_bud
     return cap
 
 
-def grid_z(cfg: SRSConfig, sigma: Optional[float]) -> Optional[float]:
-    """``cfg.radius_grid`` in units of sigma (None: no grid)."""
-    if cfg.radius_grid is None:
+def radii_z(cfg: SRSConfig, sigma: Optional[float]) -> Optional[Tuple[float, ...]]:
+    """The table radii adaptive pairing aims at, in units of sigma, sorted (rounded to 12 decimals, so that
+    a radius of k sigma / 2 is exactly k / 2); None with ``radius_slack`` (the slack rule).  No
+    ``cfg.radii``: the paper's table, 0, 0.5, ..., 3 (``SRS.settings.default_radii``)."""
+    if cfg.radius_slack is not None:
         return None
+    if cfg.radii is None:
+        return DEFAULT_TABLE_Z
     if sigma is None:
-        raise ValueError("a radius grid needs the noise level sigma")
-    return cfg.radius_grid / sigma
+        raise ValueError("table radii in pixel units need the noise level sigma")
+    return tuple(sorted({round(r / sigma, 12) for r in cfg.radii}))
 
 
 def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int, alpha: float,
@@ -421,7 +426,7 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
         cap: most pairs (:func:`pair_cap`), adaptive mode only.
         exact: (n,) bool, positions whose prediction is the standard model's own (re-solved by
             ``refine_margin``): they are left out of A's pairable part, and counted as ``exact``.
-        sigma: the noise level (needed with ``cfg.radius_grid``, which is in pixel units).
+        sigma: the noise level (needed with ``cfg.radii``, which are in pixel units).
 
     Returns:
         :class:`PairPlan` (sorted positions, all in A and not exact; K scanned; K_A solved; exact).
@@ -441,14 +446,14 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
     if not cfg.adaptive:
         plan = fixed_pairs(perm, in_A, cfg.conf_drop)
     else:
-        first = adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap, n_exact, grid_z(cfg, sigma), cfg.looks)
+        first = adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap, n_exact, radii_z(cfg, sigma), cfg.looks)
         total = min(int(math.ceil(cfg.second_look * first)), cap, int(in_A.sum())) if cfg.looks == 2 else first
         plan = two_looks(perm, in_A, first, total) if total > first else first_in_A(perm, in_A, first)
     plan.exact = n_exact
     return plan
 
 
-__all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed", "grid_goal",
-           "grid_pair_count", "grid_z",
+__all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed",
+           "radii_goal", "radii_pair_count", "radii_z",
            "adaptive_pair_count", "two_looks", "PairPlan", "fixed_pairs", "first_in_A",
            "RouteCosts", "predicted_n_A", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

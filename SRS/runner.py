@@ -14,11 +14,10 @@ the same rows as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
@@ -30,32 +29,16 @@ from DEQ.checks import check_choice, check_count, check_number
 from DEQ.data import dataset_info, get_dataset
 from DEQ.errors import UserError
 from DEQ.interface import is_deq
-from DEQ.solvers import SOLVERS
 from DEQ.utils import is_out_of_memory, pick_device, set_seed, set_threads
 
 from .distributed import World, check_same, deal, wait_all
 from .results import (PLANNER, RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consolidate, count_rows, header_value,
                       provenance, read_rows, shard_files, shard_path)
-from .settings import WARM_STARTS, DEQSolve, SRSConfig
+from .settings import DEQSolve, SmoothingSpec, SRSConfig, parse_conf_drop
 from .smooth import Smooth
 from .source import ModelInfo, ModelSource, checkpoint_info, model_object, object_info, object_runtime
 
-SRS_DEFAULTS = SRSConfig()   # the defaults the flags fall back to (one place: SRSConfig)
-
-CERTIFICATES = ("eliminated", "reference", "none")
-
-
 # ----------------------------------------------------------------------------- the run description
-def parse_conf_drop(value) -> Optional[int]:
-    """``--conf_drop``: 'auto' (or None) -> None (adaptive pairing), else a whole number K."""
-    if value is None or value == "auto":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--conf_drop must be 'auto' (adaptive pairing) or a whole number K, got {value!r}") from None
-
-
 @dataclass(frozen=True)
 class DataSpec:
     """Which images: data set, split, local root, every ``skip``-th image, at most ``max`` (-1: all)."""
@@ -102,130 +85,6 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class SmoothingSpec:
-    """The smoothed classifier as the flags describe it; None fields take the checkpoint config's value.
-
-    Standard mode: ``f_solver``/``f_thresh`` are the standard model.  ``srs``: they are the SRS step
-    from the warm start and ``std_solver``/``std_thresh`` the standard model (see ``SRS.cli``).
-    ``conf_drop`` None is adaptive pairing (``--conf_drop auto``)."""
-    srs: bool = False
-    f_solver: Optional[str] = None
-    f_thresh: Optional[int] = None
-    tol: Optional[float] = None
-    std_solver: Optional[str] = None
-    std_thresh: Optional[int] = None
-    step_tol: Optional[float] = None
-    warmup_solver: Optional[str] = None
-    warmup_thresh: Optional[int] = None
-    warmup_interval: int = 0
-    warm_start: str = "previous"
-    conf_drop: Optional[int] = None
-    certificate: str = "eliminated"
-    chain_across_phases: bool = True
-    radius_slack: float = SRS_DEFAULTS.radius_slack
-    max_pairs: Optional[int] = None
-    fallback: bool = True
-    step_cost: Optional[float] = None
-    refine_margin: float = 0.0
-    route_pilot: float = SRS_DEFAULTS.route_pilot
-    radius_grid: Optional[float] = None
-    second_look: float = 0.0
-
-    def validate(self, n: int, n_name: str = "N", routes: bool = True) -> None:
-        """Every setting error, one line each (``n``: the samples the pairs are drawn from; ``routes``: whether
-        the mode has the standard fallback route; PREDICT has none, so its flags are refused there)."""
-        check_number("--tol", self.tol, 0, hint=" (0: always run the whole budget)")
-        for flag in ("f_solver", "warmup_solver", "std_solver"):
-            name = getattr(self, flag)
-            if name is not None and name not in SOLVERS:
-                raise UserError(f"--{flag} {name!r} is not a solver; choose one of {', '.join(sorted(SOLVERS))}")
-        for flag in ("f_thresh", "warmup_thresh", "std_thresh"):
-            v = getattr(self, flag)
-            if v is not None and v < 1:
-                raise UserError(f"--{flag} must be >= 1 evaluation, got {v}")
-        if self.certificate not in CERTIFICATES:
-            raise UserError(f"--certificate {self.certificate!r} is not one of {', '.join(CERTIFICATES)}")
-        if self.conf_drop is not None:
-            if self.conf_drop < 0:
-                raise UserError(f"--conf_drop must be >= 0, got {self.conf_drop}")
-            if self.conf_drop > n:
-                raise UserError(f"--conf_drop {self.conf_drop} is larger than --{n_name} {n}: the pairs are drawn "
-                                f"from those samples; lower it")
-        if self.srs and self.conf_drop == 0 and self.certificate != "none":
-            raise UserError(f"--conf_drop 0 pairs no sample, so the {self.certificate} certificate has no evidence "
-                            f"about the standard model and abstains on every image; use --conf_drop auto or a K > 0")
-        check_choice("--warm_start", self.warm_start, WARM_STARTS)
-        srs_only = [f for f, on in (("--std_solver", self.std_solver is not None),
-                                    ("--std_thresh", self.std_thresh is not None),
-                                    ("--certificate", self.certificate != "eliminated"),
-                                    ("--conf_drop", self.conf_drop is not None),
-                                    ("--warmup_solver", self.warmup_solver is not None),
-                                    ("--warmup_thresh", self.warmup_thresh is not None),
-                                    ("--warmup_interval", self.warmup_interval != 0),
-                                    ("--step_tol", self.step_tol is not None),
-                                    ("--no_chain_across_phases", not self.chain_across_phases),
-                                    ("--warm_start", self.warm_start != "previous")) if on]
-        if srs_only and not self.srs:
-            raise UserError(f"{srs_only[0]} sets the SRS chain or its certificate, which needs --srs (without it "
-                            f"--f_solver/--f_thresh/--tol set the certified standard model)")
-        if self.warmup_interval < 0:
-            raise UserError(f"--warmup_interval must be >= 0, got {self.warmup_interval}")
-        check_number("--radius_slack", self.radius_slack, 0, hint=" (in units of sigma)")
-        if self.max_pairs is not None and not 1 <= self.max_pairs <= n:
-            raise UserError(f"--max_pairs must be between 1 and --{n_name} {n} (pairs are drawn from those samples), "
-                            f"got {self.max_pairs}")
-        check_number("--step_tol", self.step_tol, 0)
-        check_number("--step_cost", self.step_cost, 0, strict=True, hint=" (evaluations of f)")
-        check_number("--refine_margin", self.refine_margin, 0, hint=" (a logit margin; 0 turns it off)")
-        if self.refine_margin > 0 and not self.srs:
-            raise UserError("--refine_margin re-solves low-margin SRS samples, which needs --srs")
-        check_number("--route_pilot", self.route_pilot, 0, hint=" (a fraction of N; 0 turns the pilot off)")
-        check_number("--radius_grid", self.radius_grid, 0, strict=True, hint=" (pixel units, e.g. a table's radius step)")
-        if not (self.second_look == 0 or (math.isfinite(self.second_look) and self.second_look > 1)):
-            raise UserError(f"--second_look must be 0 (off) or a factor > 1 (pairs of both looks over the first "
-                            f"look's), got {self.second_look}")
-        if self.second_look and self.certificate != "eliminated":
-            raise UserError("--second_look splits the eliminated certificate's misalignment bound; it needs "
-                            "--certificate eliminated")
-        adaptive_only = [f for f, on in (("--radius_grid", self.radius_grid is not None),
-                                         ("--second_look", self.second_look != 0),
-                                         ("--radius_slack", self.radius_slack != SRS_DEFAULTS.radius_slack),
-                                         ("--max_pairs", self.max_pairs is not None),
-                                         ("--no_fallback", not self.fallback),
-                                         ("--step_cost", self.step_cost is not None),
-                                         ("--route_pilot", self.route_pilot != SRS_DEFAULTS.route_pilot)) if on]
-        if adaptive_only and (not self.srs or self.conf_drop is not None):
-            raise UserError(f"{adaptive_only[0]} sets adaptive pairing, which needs --srs and --conf_drop auto")
-        if self.radius_grid is not None and self.radius_slack != SRS_DEFAULTS.radius_slack:
-            raise UserError("--radius_grid replaces --radius_slack (pairs aim at grid radii); give one of them")
-        route_only = [f for f, on in (("--no_fallback", not self.fallback),
-                                      ("--route_pilot", self.route_pilot != SRS_DEFAULTS.route_pilot),
-                                      ("--step_cost", self.step_cost is not None)) if on]
-        if route_only and not routes:
-            raise UserError(f"{route_only[0]} sets the standard fallback route of CERTIFY; PREDICT has no such route "
-                            f"(its pairs are sized without it): drop {route_only[0]}")
-        if self.route_pilot != SRS_DEFAULTS.route_pilot and not self.fallback:
-            raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
-
-    def resolve(self, default: DEQSolve) -> Tuple[DEQSolve, Optional[SRSConfig]]:
-        """(standard model, SRS settings or None), the None fields filled from ``default`` (the checkpoint
-        config's solver, budget and tolerance)."""
-        tol = default.tol if self.tol is None else self.tol  # explicit, so the header records the tolerance used
-        if not self.srs:
-            return DEQSolve(self.f_solver or default.solver, self.f_thresh or default.max_iter, tol), None
-        standard = DEQSolve(self.std_solver or default.solver, self.std_thresh or default.max_iter, tol)
-        step = DEQSolve(self.f_solver or "anderson", self.f_thresh or 1, tol if self.step_tol is None else self.step_tol)
-        warm = DEQSolve(self.warmup_solver or step.solver, self.warmup_thresh or 10, tol)
-        return standard, SRSConfig(step=step, warmup=warm, warmup_interval=self.warmup_interval,
-                                   warm_start=self.warm_start, conf_drop=self.conf_drop,
-                                   certificate=self.certificate, chain_across_phases=self.chain_across_phases,
-                                   radius_slack=self.radius_slack, max_pairs=self.max_pairs, fallback=self.fallback,
-                                   step_cost=self.step_cost, refine_margin=self.refine_margin,
-                                   route_pilot=self.route_pilot, radius_grid=self.radius_grid,
-                                   second_look=self.second_look)
-
-
-@dataclass(frozen=True)
 class RunSpec:
     """Everything one run needs.  Built by ``SRS.cli`` from the flags, or directly (benchmark, tests).
 
@@ -248,6 +107,7 @@ class RunSpec:
             (``DEQ.acceleration``; the row counts of ``static_rows(batch, N0, N)`` are compiled, other calls
             padded to the next of them).
         precision: 'fp32' or 'bf16': the certified model's precision (a header entry, checked on --resume).
+        announce: print the one line naming the certified model before the work (rank 0 only).
     """
     data: DataSpec
     checkpoint: ModelSource
@@ -264,9 +124,10 @@ class RunSpec:
     dist_timeout: float = 120.0
     compile: str = "auto"
     precision: str = "fp32"
+    announce: bool = True
 
-    def validate(self, routes: bool = True) -> None:
-        """Every error in the description, one line each, before any work (``routes``: as
+    def validate(self, routes: bool = True, table: bool = False) -> None:
+        """Every error in the description, one line each, before any work (``routes``, ``table``: as
         :meth:`SmoothingSpec.validate`)."""
         if self.resume and self.overwrite:
             raise UserError("--resume continues OUTFILE and --overwrite replaces it: give one of them")
@@ -276,7 +137,7 @@ class RunSpec:
         self.data.validate()
         check_count("--threads", self.threads, 1)
         check_number("--dist_timeout", self.dist_timeout, 0, strict=True, hint=" (minutes)")
-        self.smoothing.validate(self.sampling.N, routes=routes)
+        self.smoothing.validate(self.sampling.N, routes=routes, table=table)
 
 
 # ----------------------------------------------------------------------------- modes
@@ -288,10 +149,13 @@ class Mode(Protocol):
         columns: the results columns (``SRS.results``).
         routes: whether the mode certifies with CERTIFY's standard fallback route (``--no_fallback``,
             ``--route_pilot`` and ``--step_cost`` apply); False for PREDICT-based modes.
+        table: whether the mode decides each image's row of a table at ``--radii`` (``--sequential``), so
+            that ``--radii`` applies without adaptive pairing.
     """
     name: str
     columns: Sequence[str]
     routes: bool
+    table: bool
 
     def header(self) -> Dict[str, object]:
         """Extra header entries (checked on --resume like every other setting)."""
@@ -332,12 +196,20 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
     return Loaded(apply_runtime(model.eval(), runtime), info, dataset, device, runtime)
 
 
+SOLVER_FLAGS = ("f_thresh", "f_solver", "std_solver", "std_thresh", "tol")
+
+
+def certified_model(cfg) -> DEQSolve:
+    """The certified model a checkpoint config names: its CERTIFY section (solver, budget, tolerance); a config
+    written before the section existed has its defaults (``DEQ.config``)."""
+    return DEQSolve(cfg.CERTIFY.SOLVER, cfg.CERTIFY.THRES, cfg.CERTIFY.TOL)
+
+
 def build_smooth(spec: RunSpec, model: torch.nn.Module, info: ModelInfo) -> Smooth:
-    """The smoothed classifier of ``spec`` on ``model`` (defaults from its source, ``info``)."""
-    default = info.default
-    standard, srs = spec.smoothing.resolve(default)
-    sm = spec.smoothing
-    solver_flags = [f for f, v in (("--f_solver", sm.f_solver), ("--f_thresh", sm.f_thresh), ("--tol", sm.tol)) if v is not None]
+    """The smoothed classifier of ``spec`` on ``model`` (the certified model's defaults from its source,
+    ``info``: a checkpoint's CERTIFY section, :func:`certified_model`)."""
+    standard, srs = spec.smoothing.resolve(info.default, spec.sampling.sigma)
+    solver_flags = [opt.flag for name, opt in spec.smoothing.changed() if name in SOLVER_FLAGS]
     if solver_flags and srs is None and not is_deq(model):
         raise UserError(f"{solver_flags[0]} sets the fixed-point solver of a deep equilibrium model, but {info.kind} "
                         f"(one forward pass, no solver): drop {solver_flags[0]}")
@@ -347,13 +219,34 @@ def build_smooth(spec: RunSpec, model: torch.nn.Module, info: ModelInfo) -> Smoo
     return Smooth(model, info.num_classes, spec.sampling.sigma, standard=standard, srs=srs)
 
 
-def smooth_header(smooth: Smooth, routes: bool = True) -> Dict[str, object]:
-    """The header entries of the smoothed classifier (standard model, tolerance, SRS settings; the fallback
-    route's settings only where the mode has that route, ``routes``)."""
-    if not smooth.is_deq:  # a plain classifier (ResNet): no solver settings
+def smoothing_header(standard: Optional[DEQSolve], srs: Optional[SRSConfig], routes: bool = True) -> Dict[str, object]:
+    """The header entries of a smoothed classifier: the certified model (``standard``; None for a plain
+    classifier, which has no solver), its tolerance and the SRS settings (``SRSConfig.describe``; the
+    fallback route's settings only where the mode has that route, ``routes``)."""
+    if standard is None:
         return {"standard": "forward", "tol": None, "srs": "off"}
-    return {"standard": smooth.standard.describe(), "tol": smooth.standard.tol,
-            "srs": "off" if smooth.srs is None else smooth.srs.describe(routes=routes)}
+    return {"standard": standard.describe(), "tol": standard.tol,
+            "srs": "off" if srs is None else srs.describe(routes=routes)}
+
+
+def smooth_header(smooth: Smooth, routes: bool = True) -> Dict[str, object]:
+    """:func:`smoothing_header` of ``smooth``."""
+    return smoothing_header(smooth.standard if smooth.is_deq else None, smooth.srs, routes)
+
+
+def certified_line(smooth: Smooth, checkpoint: str, model_name: str, routes: bool = True) -> str:
+    """The line a run prints before its work: ``certifying MDEQ-30A (anderson, 30 evaluations, tol 0) of CKPT
+    with SRS-3A steps`` (``predicting with ...`` in a mode without CERTIFY's route; a plain classifier is
+    named by ``model_name``)."""
+    verb = "certifying" if routes else "predicting with"
+    what = smooth.standard.words() if smooth.is_deq else f"{model_name} (one forward pass)"
+    line = f"{verb} {what} of {checkpoint}"
+    if smooth.srs is not None:
+        step = smooth.srs.step
+        line += f" with SRS-{step.label()} steps"
+        if step.tol != smooth.standard.tol:
+            line += f" (step tol {step.tol:g})"
+    return line
 
 
 def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, threads: int) -> Dict[str, object]:
@@ -393,7 +286,7 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
         images this process computed now (NaN when none; in no column of the file).  Running out of
         memory is a one-line error saying what to lower; the rows written so far stay.
     """
-    spec.validate(routes=mode.routes)
+    spec.validate(routes=mode.routes, table=mode.table)
     world = World.from_env() if world is None else world
     threads = set_threads(spec.threads)
     device = world.pick_device(pick_device(spec.device))
@@ -417,6 +310,7 @@ def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, f
 def _run_single(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, header) -> Dict[str, float]:
     """One process writing OUTFILE itself (appending on --resume)."""
     results = ResultsFile(spec.outfile, mode.columns, header).open(spec.resume, spec.overwrite)
+    _announce(spec, mode, smooth, loaded, True)
     done = len(results.done)
     todo = [i for i in spec.data.indices(len(loaded.dataset)) if i not in results.done]
     progress = _Progress(mode.name, len(todo), spec.progress)
@@ -437,6 +331,7 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
         return sorted(int(r["idx"]) for r in read_rows(out)[2]) if os.path.isfile(out) else []
 
     done = set(world.on_rank0(merge_done))
+    _announce(spec, mode, smooth, loaded, world.is_main)
     todo = [i for i in spec.data.indices(len(loaded.dataset)) if i not in done]
     shard_names = [shard_path(out, r, world.size) for r in range(world.size)]
     results = ResultsFile(shard_names[world.rank], columns, header).open(resume=False, overwrite=True)
@@ -457,6 +352,12 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
 
     rows = world.on_rank0(merge_all)
     return {**_summary(mode, rows, len(rows) - len(done), len(done)), "planner_seconds": progress.planner_mean}
+
+
+def _announce(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, main: bool) -> None:
+    """Print :func:`certified_line` (once: rank 0, and only with ``spec.announce``)."""
+    if spec.announce and main:
+        print(certified_line(smooth, spec.checkpoint, loaded.cfg.MODEL.NAME, mode.routes), flush=True)
 
 
 class _Progress:
@@ -527,4 +428,5 @@ def _mean(rows: List[Dict[str, str]], column: str) -> float:
 
 
 __all__ = ["parse_conf_drop", "DataSpec", "Sampling", "SmoothingSpec", "RunSpec", "Mode", "Loaded", "load", "build_smooth",
-           "smooth_header", "run_header", "image_generator", "run"]
+           "certified_model", "smoothing_header", "smooth_header", "certified_line", "run_header", "image_generator",
+           "run"]

@@ -73,10 +73,11 @@ Restrictions: sequential SRS needs the 'eliminated' certificate (the others have
 and no ``refine_margin`` (its re-solves are done per phase, after the pass).  The rule on the SRS
 counts decides when to stop, not what is certified: where the chain is misaligned the eliminated
 bound lands below the SRS bound and the image may lose its row's threshold (the pairs are sized by
-``plan_pairs``' usual rule; ``--radius_grid`` aims them at grid radii).
+``plan_pairs``' usual rule, aimed at the table's radii unless ``radius_slack`` is given).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -122,6 +123,9 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     """
     srs = smooth.srs
     check_sequential_srs(srs)
+    if srs is not None and srs.radii is None and srs.radius_slack is None:
+        srs = replace(srs, radii=tuple(radii))  # adaptive pairs aim at this table (the CLI's --radii is both)
+        smooth = type(smooth)(smooth.base_classifier, smooth.num_classes, smooth.sigma, smooth.standard, srs)
     smooth.base_classifier.eval()
     x = x.unsqueeze(0) if x.dim() == 3 else x
     generator = ensure_generator(generator, x.device)

@@ -1,7 +1,7 @@
 """Where the certified model comes from: a checkpoint file, or a model object built by the caller.
 
 ``SRS.runner.RunSpec.checkpoint`` is either the path of a checkpoint (``DEQ.checkpoint.load_model``: its
-config gives the solver defaults, the number of classes, the image size and the data set it was trained
+config gives the certified model (its CERTIFY section), the number of classes, the image size and the data set it was trained
 on) or a model object: a ``torch.nn.Module`` as it is, or wrapped in :class:`ModelObject` to name it and
 give what it does not expose.  Either way the runner sees a :class:`ModelInfo`: the defaults the smoothing
 flags fall back to, the checks against the data set, and the results header's entries that identify the
@@ -195,7 +195,7 @@ def checkpoint_info(path: Union[str, os.PathLike], loaded: LoadedModel, dataset:
         raise UserError(f"checkpoint {path} has {c.MODEL.NUM_CLASSES} classes but {dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     return ModelInfo(kind=f"the checkpoint is a {c.MODEL.NAME}", num_classes=c.MODEL.NUM_CLASSES,
-                     default=DEQSolve(c.DEQ.F_SOLVER, c.DEQ.F_THRES, c.DEQ.F_TOL), image_size=c.MODEL.IMAGE_SIZE[0],
+                     default=DEQSolve(c.CERTIFY.SOLVER, c.CERTIFY.THRES, c.CERTIFY.TOL), image_size=c.MODEL.IMAGE_SIZE[0],
                      header={"checkpoint": path, "checkpoint_sha256": loaded.sha256,
                              "cfg_sha256": file_sha256(cfg) if cfg else None})
 

@@ -6,7 +6,8 @@
 
 Runs MDEQ-30A (with its ladder MDEQ-kA, k = 1, 2, 3, 5, 8, 12, 20, certified from the same solves on the
 same noise, which finds the equal-accuracy standard baseline: the cheapest MDEQ-kA within one image of
-MDEQ-30A at every radius), SRS-MDEQ-1A, -3A and -1N with the default adaptive pairing (``--conf_drop auto``) and
+MDEQ-30A at every radius), SRS-MDEQ-1A, -3A and -1N with certify.py's defaults (adaptive pairing aimed at the
+table's radii, a second look, a 0.5 N route pilot; SRS-MDEQ-3A is ``--srs --f_thresh 3``) and
 SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's runner (``SRS.runner.run``),
 interleaved image by image; then times the equal-accuracy baseline beside them (a second interleaved
 pass; ``--no_time_baseline`` skips it); and prints the ladder and per method: the speedups over the
@@ -18,7 +19,9 @@ from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) w
 reached.  ``--step_tol T`` adds SRS-MDEQ-tolT-30A (the SRS step runs to tolerance T from the warm start,
 30 evaluations as a cap), the low-misalignment option; ``--refine_margin M`` adds SRS-1A/-3A/-1N whose
 samples with a top-two logit margin below M are re-solved by the standard model (exact, never misaligned);
-``--mean_start`` adds the SRS rows whose samples start from the previous batch's mean solution (``--warm_start mean``).  Every budget is exact (--tol 0), so "kA" means
+``--mean_start`` adds the SRS rows whose samples start from the previous batch's mean solution (``--warm_start mean``);
+``--route_pilot P`` and ``--radius_slack S`` add the SRS rows with that pilot or with pairs aimed within S sigma of
+each image's SRS radius instead of at the table's radii.  Every budget is exact (--tol 0), so "kA" means
 k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running resumes finished files.
 
 ``--random-init CFG`` times seeded random-init weights of a config on seeded synthetic images instead
@@ -47,17 +50,14 @@ def main():
                         "measured at tol 1e-3 on the digits model)")
     p.add_argument("--refine_margin", type=float, default=None,
                    help="also run SRS-1A, -3A and -1N with low-margin samples re-solved by the standard model")
-    p.add_argument("--radius_grid", type=float, default=None,
-                   help="also run SRS-1A, -3A and -1N whose adaptive pairs aim at this radius grid (the table's "
-                        "step, sigma / 2 by default radii); with --refine_margin those rows re-solve low margins too")
-    p.add_argument("--second_look", type=float, default=0.0,
-                   help="with --radius_grid: the grid rows plan a second look of up to this factor of pairs")
     p.add_argument("--route_pilot", type=float, default=None,
-                   help="with --radius_grid: also run the grid rows with this route pilot (a fraction of N; the "
-                        "other rows keep certify.py's default)")
+                   help="also run SRS-1A, -3A and -1N with this route pilot (a fraction of N)")
+    p.add_argument("--radius_slack", type=float, default=None,
+                   help="also run SRS-1A, -3A and -1N whose pairs aim within this many sigma of each image's SRS "
+                        "radius instead of at the table's radii")
     p.add_argument("--mean_start", action="store_true",
-                   help="also run the SRS rows (default ones, and the grid ones with --radius_grid) with "
-                        "--warm_start mean (each sample starts from the previous batch's mean solution)")
+                   help="also run SRS-1A, -3A and -1N with --warm_start mean (each sample starts from the previous "
+                        "batch's mean solution)")
     p.add_argument("--rungs", type=int, nargs="+", default=[1, 2, 3, 5, 8, 12, 20],
                    help="budgets of the standard-model ladder certified from MDEQ-30A's own solves (30 is always in)")
     p.add_argument("--no_time_baseline", action="store_true",
@@ -68,7 +68,9 @@ def main():
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of method labels to run (--random-init: of MDEQ-30A, SRS-MDEQ-1A, -3A, -1N)")
     p.add_argument("--out", default=None, help="TSV folder (default output/bench_certify/sigma<S>)")
-    p.add_argument("--radii", type=float, nargs="+", default=None)
+    p.add_argument("--radii", type=float, nargs="+", default=None,
+                   help="the table's radii (pixel units; default multiples of sigma/2 from 0 to 3 sigma): the "
+                        "adaptive pairs aim at them and the summary compares at them")
     p.add_argument("--device", default="auto")
     p.add_argument("--random-init", dest="random_init", default=None, metavar="CFG")
     p.add_argument("--images", type=int, default=3, help="--random-init: timed images per method")
@@ -100,8 +102,11 @@ def main():
                        sampling=Sampling(args.sigma, args.N, args.alpha, args.batch, args.N0),
                        smoothing=SmoothingSpec(tol=0.0), device=args.device, threads=max(args.threads, 1),
                        progress=False)
+    table = {} if args.radii is None else {"radii": tuple(args.radii)}
+
     def chains(**kw):
-        """SRS-1A, -3A and -1N with the same settings."""
+        """SRS-1A, -3A and -1N with the same settings (adaptive rows aim at the table's radii)."""
+        kw = {**(table if "radius_slack" not in kw else {}), **kw}
         return [srs(1, **kw), srs(3, **kw), srs(1, "naive", **kw)]
 
     rungs = sorted(set(args.rungs) | {30})
@@ -109,17 +114,15 @@ def main():
     if args.fixed_K:
         methods.append(srs(1, conf_drop=args.fixed_K))
     if args.step_tol is not None:
-        methods.append(srs(30, step_tol=args.step_tol, step_cost=args.step_cost))
+        methods.append(srs(30, step_tol=args.step_tol, step_cost=args.step_cost, **table))
     if args.refine_margin:
         methods += chains(refine_margin=args.refine_margin)
-    if args.radius_grid:
-        margin = args.refine_margin or 0.0
-        grid = dict(refine_margin=margin, radius_grid=args.radius_grid, second_look=args.second_look)
-        methods += chains(**grid)
-        if args.route_pilot is not None:
-            methods += chains(route_pilot=args.route_pilot, **grid)
+    if args.route_pilot is not None:
+        methods += chains(route_pilot=args.route_pilot)
+    if args.radius_slack is not None:
+        methods += chains(radius_slack=args.radius_slack)
     if args.mean_start:
-        methods += chains(warm_start="mean") + (chains(warm_start="mean", **grid) if args.radius_grid else [])
+        methods += chains(warm_start="mean")
     if args.methods:
         unknown = set(args.methods) - {m.label for m in methods}
         if unknown:

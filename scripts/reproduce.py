@@ -9,10 +9,9 @@ The paper's CIFAR-10 setting (MDEQ-LARGE, sigma 0.5, N 10000, every 20th test im
 
 For every sigma: train the digits MDEQ at that noise (or reuse the checkpoint
 already in output/), certify the same test images with MDEQ-1A, MDEQ-5A,
-MDEQ-30A, SRS-MDEQ-1N, SRS-MDEQ-1A and SRS-MDEQ-3A (the default adaptive pairing), the
-same SRS chains set up for the report's table (``table_methods``: pairs aimed at the
-table's radius grid, a second look, for SRS-3A a 0.5 N route pilot, and for the
-one-step chains low margins re-solved),
+MDEQ-30A, SRS-MDEQ-1N, SRS-MDEQ-1A and SRS-MDEQ-3A (the default adaptive pairing, aimed at the
+table's radii, with a second look and a 0.5 N route pilot: SRS-MDEQ-3A is ``--srs --f_thresh 3``), the
+one-step chains with low margins re-solved (``table_methods``),
 and fixed K rows for the paper's comparison, and write the table (times,
 speedups), certified-accuracy curves, RRD histograms and the raw TSVs into one
 report folder with a markdown report.  Re-running resumes: finished TSVs and
@@ -67,29 +66,15 @@ def cifar_present(data_dir) -> bool:
     return bool(data_dir) and os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))
 
 
-def table_grid(radii) -> float | None:
-    """The step of an evenly spaced radius table starting at 0 (the ``--radius_grid`` that keeps each image
-    in its table cell), or None when the radii are not such a grid."""
-    steps = sorted(r for r in radii if r > 0)
-    if not steps or min(radii) != 0:
-        return None
-    step = steps[0]
-    return step if all(abs(r / step - round(r / step)) < 1e-6 for r in steps) else None
-
-
-def table_methods(radii) -> list:
-    """SRS rows set up for a certified-accuracy table on ``radii`` (docs/results-digits.md: 'For certified-accuracy
-    tables'): SRS-MDEQ-3A with ``--radius_grid <step> --second_look 3 --route_pilot 0.5``, and SRS-MDEQ-1A / -1N
-    with the grid and second look that also re-solve rows of logit margin below 3 (``--refine_margin 3``; they keep
-    the default 0.1 N pilot, with which they sent fewer images to the standard model on the digits model).  Empty
-    when the radii are not an even grid."""
+def table_methods(radii=None) -> list:
+    """SRS rows beside the paper's, set up for a certified-accuracy table: SRS-MDEQ-1A / -1N that also re-solve
+    rows of logit margin below 3 (``--refine_margin 3``) and keep a 0.1 N route pilot (with which they sent fewer
+    images to the standard model on the digits model), pairs aimed at ``radii`` (pixel units; None: the default
+    table).  The recipe itself (``--srs --f_thresh 3``) is the paper's SRS-MDEQ-3A row."""
     from SRS.benchmark import srs
-    grid = table_grid(radii)
-    if grid is None:
-        return []
-    return [srs(3, radius_grid=grid, second_look=3, route_pilot=0.5),
-            srs(1, refine_margin=3, radius_grid=grid, second_look=3),
-            srs(1, "naive", refine_margin=3, radius_grid=grid, second_look=3)]
+    table = {} if radii is None else {"radii": tuple(radii)}
+    return [srs(1, refine_margin=3, route_pilot=0.1, **table),
+            srs(1, "naive", refine_margin=3, route_pilot=0.1, **table)]
 
 
 def section(sigma, honest, radii, out_dir, train_secs, ckpt, samples, alpha=0.001):
@@ -230,8 +215,7 @@ def main():
     p.add_argument("--max", type=int, default=-1)
     p.add_argument("--radii", type=float, nargs="+", default=None)
     p.add_argument("--no_table_rows", action="store_true",
-                   help="leave out the SRS rows set up for the table (radius grid, second look, route pilot 0.5 "
-                        "for SRS-3A, refine margin for SRS-1A/-1N)")
+                   help="leave out the SRS-1A/-1N rows that re-solve low margins (refine margin 3, route pilot 0.1)")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
     p.add_argument("--cfg", default=DIGITS_CFG, help="digits config to train and certify (e.g. "
                    "experiments/digits/cls_mdeq_digits32.yaml, the 32x32 setting where depth matters)")
@@ -263,17 +247,17 @@ def main():
             raise UserError("--paper needs --ckpt: train one with DEQ/tools/cls_train.py --cfg experiments/cifar/cls_mdeq_LARGE.yaml --noise 0.5")
         sigmas, radii = [0.5], args.radii or [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
         data, N0, N, batch = DataSpec("cifar10", "test", args.data_dir, skip=20), 100, 10000, 400
-        methods = paper_methods() + [srs(1, conf_drop=400, certificate="reference")]
-        grid_rows = not args.no_table_rows
+        methods = paper_methods(radii=args.radii) + [srs(1, conf_drop=400, certificate="reference")]
+        table_rows = not args.no_table_rows
         out_dir = args.out or "reports/cifar10"
     else:
         sigmas = [0.25] if args.quick else args.sigmas
         N, skip, K = (1000, 25, args.conf_drop) if args.quick else (args.N, args.skip, args.conf_drop)
         data, N0, batch = DataSpec("digits", "test", None, skip=skip, max=args.max), args.N0, args.batch
         methods = [standard(30, rungs=DEFAULT_RUNGS), srs(1, conf_drop=K), srs(3, conf_drop=K)] if args.quick else \
-            paper_methods(K) + [srs(1, conf_drop=args.reference_K),
-                                srs(1, conf_drop=args.reference_K, certificate="reference")]
-        grid_rows = not args.quick and K == "auto" and not args.no_table_rows
+            paper_methods(K, radii=args.radii) + [srs(1, conf_drop=args.reference_K),
+                                                  srs(1, conf_drop=args.reference_K, certificate="reference")]
+        table_rows = not args.quick and K == "auto" and not args.no_table_rows
         out_dir = args.out or ("reports/quick" if args.quick else default_report_dir(args.cfg))
         radii = args.radii
     os.makedirs(out_dir, exist_ok=True)
@@ -287,7 +271,7 @@ def main():
         sigma_radii = radii or [round(sigma * k, 4) for k in (0, 0.5, 1, 1.5, 2, 2.5, 3)]
         template = RunSpec(data=data, checkpoint=ckpt, outfile="", sampling=Sampling(sigma, N, 0.001, batch, N0),
                            smoothing=SmoothingSpec(tol=0.0), device=args.device, progress=False)
-        rows = methods + (table_methods(sigma_radii) if grid_rows else [])
+        rows = methods + (table_methods(args.radii) if table_rows else [])
         # the quick run times the baseline beside its headline method only (the main job's time budget)
         honest = honest_comparison(template, rows, os.path.join(out_dir, "tsv"), sigma_radii, log=log,
                                    timed_labels=["SRS-MDEQ-3A"] if args.quick else None)
@@ -313,12 +297,12 @@ def main():
                "guarantee for the smoothed MDEQ-30A; the row marked (reference) uses the reference code's weaker "
                "bound (fixed K) for comparison with the paper. With K_A pairs and no misaligned pair, the sound "
                "certificate cannot exceed p_A_lower = (alpha/2)^(1/K_A), i.e. radius sigma * PhiInv(that): "
-               "see docs/results-digits.md for the speed limit this implies. Rows marked grid<g> look3 are set up for this table "
-               "(docs/results-digits.md: 'For certified-accuracy tables'): their pairs aim at the table's radius grid g "
-               "(--radius_grid), a second look at up to 3 times the pairs is solved only when the first finds a "
-               "misaligned pair (--second_look 3), pilot0.5 refines the route to the standard model with 0.5 N "
-               "further SRS samples (--route_pilot 0.5), and refine3 re-solves with the standard model the rows whose "
-               "logit margin is below 3 (--refine_margin 3); each is still a sound certificate of MDEQ-30A.", ""]
+               "see docs/results-digits.md for the speed limit this implies. The adaptive rows use the defaults of "
+               "certify.py --srs: their pairs aim at the table's radii (--radii), a second look at up to 3 times the "
+               "pairs is solved only when the first finds a misaligned pair (--second_look 3), and 0.5 N further SRS "
+               "samples refine the route to the standard model (--route_pilot 0.5); rows marked pilot0.1 refine3 keep "
+               "a 0.1 N pilot and re-solve with the standard model the rows whose logit margin is below 3 "
+               "(--refine_margin 3); each is still a sound certificate of MDEQ-30A.", ""]
     for sigma, (h, baseline) in headlines.items():
         summary += headline_lines(sigma, h, baseline)
     report = os.path.join(out_dir, "report.md")

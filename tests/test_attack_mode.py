@@ -66,7 +66,7 @@ def test_attack_resumes_and_tabulates(tiny_checkpoint, tmp_path):
                                                                        "--attack smooth_pgd"),
     (["--attack", "pgd", "--epsilon", "0.5", "--no_grad_attack"], "--no_grad_attack is SmoothAdv's estimate"),
     (["--attack", "smooth_pgd", "--epsilon", "0.5", "--restarts", "3"], "--restarts 3 restarts --attack pgd"),
-    (["--attack", "pgd", "--epsilon", "0.5", "--srs", "--route_pilot", "0.5"], "--route_pilot sets the standard "
+    (["--attack", "pgd", "--epsilon", "0.5", "--srs", "--route_pilot", "0.2"], "--route_pilot sets the standard "
                                                                                 "fallback route of CERTIFY"),
 ])
 def test_bad_attack_flags_one_line(tiny_checkpoint, tmp_path, extra, match):

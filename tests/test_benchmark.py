@@ -79,30 +79,41 @@ def test_summary_refuses_different_images():
         method_summary({"A": a, "B": b}, "A", [0.0], 10, 0.001, 0.25)
 
 
-def test_reproduction_table_rows_aim_at_the_table_grid():
-    """The report's table rows take the table's own step as --radius_grid; uneven radii get none."""
+def test_reproduction_table_rows_refine_low_margins_and_aim_at_the_table():
+    """The report's extra rows are the one-step chains that re-solve low margins (0.1 N pilot); the recipe row
+    SRS-MDEQ-3A is the paper's own; given radii reach every adaptive row (none to the fixed-K ones)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
-    assert reproduce.table_grid([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]) == 0.125
-    assert reproduce.table_grid([0.0, 0.5, 0.75]) is None and reproduce.table_grid([0.25, 0.5]) is None
-    assert reproduce.table_methods([0.1, 0.3]) == []
-    rows = reproduce.table_methods([0.0, 0.25, 0.5, 0.75])
-    assert [m.label for m in rows] == ["SRS-MDEQ-3A pilot0.5 look3 grid0.25", "SRS-MDEQ-1A refine3 look3 grid0.25",
-                                       "SRS-MDEQ-1N refine3 look3 grid0.25"]
+    rows = reproduce.table_methods()
+    assert [m.label for m in rows] == ["SRS-MDEQ-1A pilot0.1 refine3", "SRS-MDEQ-1N pilot0.1 refine3"]
     settings = [dict(m.settings) for m in rows]
-    assert all(s["radius_grid"] == 0.25 and s["second_look"] == 3 and s["conf_drop"] is None for s in settings)
-    assert [s["refine_margin"] for s in settings] == [0.0, 3, 3]
-    assert [s.get("route_pilot") for s in settings] == [0.5, None, None]
+    assert all(s["refine_margin"] == 3 and s["route_pilot"] == 0.1 and "radii" not in s for s in settings)
+    rows = reproduce.table_methods([0.0, 0.3])
+    assert all(dict(m.settings)["radii"] == (0.0, 0.3) for m in rows)
+    assert rows[0].label == "SRS-MDEQ-1A radii0,0.3 pilot0.1 refine3"
+    paper = paper_methods(radii=[0.0, 0.3])
+    assert all(dict(m.settings)["radii"] == (0.0, 0.3) for m in paper[1:])
+    assert all("radii" not in dict(m.settings) for m in paper_methods(400, radii=[0.0, 0.3]))
 
 
 def test_srs_rows_label_every_setting_they_change():
-    m = srs(3, radius_grid=0.125, second_look=3, route_pilot=0.5, warm_start="mean")
-    assert m.label == "SRS-MDEQ-3A mean pilot0.5 look3 grid0.125"
+    """A row's label names every option it sets away from its declared default (the recipe's): in declaration
+    order, with the declared suffixes; options at their defaults leave the label alone."""
+    from SRS.settings import SRSOptions, declared
+    m = srs(3, radius_slack=0.05, second_look=0, route_pilot=0.1, warm_start="mean", refine_margin=3)
+    assert m.label == "SRS-MDEQ-3A slack0.05 pilot0.1 look0 mean refine3"
     s = dict(m.settings)
-    assert (s["route_pilot"], s["warm_start"], s["radius_grid"], s["second_look"]) == (0.5, "mean", 0.125, 3)
-    assert "route_pilot" not in dict(srs(3).settings) and dict(srs(3).settings)["warm_start"] == "previous"
+    assert (s["route_pilot"], s["warm_start"], s["radius_slack"], s["second_look"]) == (0.1, "mean", 0.05, 0.0)
+    assert srs(3).label == "SRS-MDEQ-3A" and "route_pilot" not in dict(srs(3).settings)
+    assert srs(3, route_pilot=0.5, second_look=3).label == "SRS-MDEQ-3A"  # the defaults
+    assert srs(1, conf_drop=400, certificate="reference").label == "SRS-MDEQ-1A K=400 (reference)"
+    assert srs(30, step_tol=0.001, step_cost=8).label == "SRS-MDEQ-tol0.001-30A cost8"
+    # every declared option has a label (or says why not): a row that sets it is named apart
+    assert all(opt.label is not None for _, opt, _ in declared(SRSOptions))
+    with pytest.raises(TypeError, match="radius_grid"):
+        srs(3, radius_grid=0.25)
 
 
 def _without_time(path):

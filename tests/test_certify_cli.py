@@ -160,7 +160,9 @@ def test_standard_certify_writes_metadata_header_and_consistent_rows(std_run, ck
     assert meta["seed"] == "0" and meta["mode"] == "certify" and meta["dataset"] == "digits"
     assert meta["checkpoint_sha256"] == sha256(ckpt)
     assert meta["sigma"] == "0.25" and meta["N0"] == "10" and meta["N"] == "60"
-    assert meta["standard"] == "broyden:4" and meta["srs"] == "off"  # solver from the checkpoint config, budget from flag
+    # the certified model: CERTIFY.SOLVER of the checkpoint config (a config without the section: anderson), the
+    # budget from --f_thresh (standard mode), CERTIFY.TOL 0
+    assert meta["standard"] == "anderson:4" and meta["tol"] == "0.0" and meta["srs"] == "off"
     assert header == CERTIFY_HEADER
 
     test = get_dataset("digits", "test")
@@ -355,6 +357,65 @@ def test_srs_certify_columns(ckpt, tmp_path):
     assert statuses  # at least one informative status was written
 
 
+RECIPE_SRS = ("step=anderson:3 step_tol=0.0 warmup=anderson:10 interval=0 conf_drop=auto certificate=eliminated "
+              "chain_across_phases=True radii=0,0.125,0.25,0.375,0.5,0.625,0.75 max_pairs=None fallback=True "
+              "route_pilot=0.5 second_look=3.0")
+
+
+def test_the_recipe_certifies_mdeq_30a_with_srs_3a_steps_and_says_so(ckpt, tmp_path, capsys):
+    """`--srs --f_thresh 3` and nothing else: one line names the certified model and the SRS step before the
+    work; the header records MDEQ-30A at tol 0 and the recipe (table radii at sigma 0.25, second look, pilot)."""
+    out = tmp_path / "recipe.tsv"
+    capsys.readouterr()
+    certify_script.main(["digits", ckpt, str(SIGMA), str(out), "--N0", "10", "--N", "60", "--batch", "30", "--max", "2",
+                         "--quiet", "--srs", "--f_thresh", "3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"certifying MDEQ-30A (anderson, 30 evaluations, tol 0) of {ckpt} with SRS-3A steps"
+    assert printed[1].startswith("certified 2 images")
+    meta, header, rows, _ = read_results(out)
+    assert (meta["standard"], meta["tol"], meta["srs"]) == ("anderson:30", "0.0", RECIPE_SRS)
+    assert header == CERTIFY_HEADER and len(rows) == 2
+
+
+def test_standard_mode_names_the_certified_model_too(ckpt, tmp_path, capsys):
+    """Standard mode certifies the same model (--f_thresh or --std_thresh name it; equal values agree)."""
+    out = tmp_path / "std.tsv"
+    capsys.readouterr()
+    run_certify(certify_argv(ckpt, out, "--max", "1"))
+    assert capsys.readouterr().out.splitlines()[0] == f"certifying MDEQ-4A (anderson, 4 evaluations, tol 0) of {ckpt}"
+    for extra, solver in ((["--std_thresh", "4"], "anderson"),
+                          (["--std_thresh", "4", "--std_solver", "naive", "--f_solver", "naive"], "naive")):
+        args = certify_script.parse_args(certify_argv(ckpt, out, *extra))
+        assert srs_cli.run_spec(args).smoothing.resolve(DEQSolve("anderson", 30, 0.0))[0] == DEQSolve(solver, 4, 0.0)
+
+
+def _with_certify_section(path, out, section):
+    """A copy of checkpoint ``path`` whose stored config has CERTIFY ``section`` (None: no CERTIFY section)."""
+    import yaml
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = yaml.safe_load(raw["config"])
+    cfg.pop("CERTIFY", None)
+    if section is not None:
+        cfg["CERTIFY"] = section
+    torch.save({**raw, "config": yaml.safe_dump(cfg)}, out)
+    return str(out)
+
+
+def test_the_certified_model_comes_from_the_checkpoint_config(ckpt, tmp_path):
+    """CERTIFY of the stored config names the certified model in both modes; a config without the section
+    (an older checkpoint) certifies the defaults, MDEQ-30A at tol 0."""
+    small = ["--N0", "10", "--N", "30", "--batch", "30", "--max", "1", "--quiet"]
+    broyden = _with_certify_section(ckpt, tmp_path / "b.pth", {"SOLVER": "broyden", "THRES": 6, "TOL": 0.001})
+    old = _with_certify_section(ckpt, tmp_path / "old.pth", None)
+    for path, standard, tol in ((broyden, "broyden:6", "0.001"), (old, "anderson:30", "0.0")):
+        for mode in ([], ["--srs", "--conf_drop", "10"]):
+            out = tmp_path / f"{os.path.basename(path)}{len(mode)}.tsv"
+            run_certify(["digits", path, str(SIGMA), str(out)] + small + mode)
+            meta = read_results(out)[0]
+            assert (meta["standard"], meta["tol"]) == (standard, tol)
+            assert (meta["srs"] == "off") == (not mode)
+
+
 # ----------------------------------------------------------------- 5. predict
 def check_predict_rows(rows, srs):
     test = get_dataset("digits", "test")
@@ -403,11 +464,11 @@ def test_predict_header_leaves_out_the_fallback_route(ckpt, tmp_path):
     out = tmp_path / "pred_auto.tsv"
     predict_script.main(predict_argv(ckpt, out, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
     srs = read_results(out)[0]["srs"]
-    assert "conf_drop=auto" in srs and "radius_slack=" in srs
+    assert "conf_drop=auto" in srs and "radii=0,0.125,0.25,0.375,0.5,0.625,0.75" in srs
     assert "fallback" not in srs and "route_pilot" not in srs and "step_cost" not in srs
     cert = tmp_path / "cert_auto.tsv"
     run_certify(certify_argv(ckpt, cert, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
-    assert "fallback=True route_pilot=0.1" in read_results(cert)[0]["srs"]
+    assert "fallback=True route_pilot=0.5 second_look=3.0" in read_results(cert)[0]["srs"]
 
 
 # ----------------------------------------------------------------- 6. bad input
@@ -443,15 +504,22 @@ BAD_CERTIFY = [
     ("refine_margin_negative", {"extra": ["--srs", "--refine_margin", "-1"]},
      ["--refine_margin must be a finite number >= 0"]),
     ("refine_margin_no_srs", {"extra": ["--refine_margin", "2"]}, ["--refine_margin", "needs --srs"]),
-    ("radius_grid_zero", {"extra": ["--srs", "--radius_grid", "0"]}, ["--radius_grid must be a finite number > 0"]),
-    ("radius_grid_and_slack", {"extra": ["--srs", "--radius_grid", "0.1", "--radius_slack", "0.1"]},
-     ["--radius_grid replaces --radius_slack"]),
-    ("radius_grid_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--radius_grid", "0.1"]},
-     ["--radius_grid sets adaptive pairing"]),
+    ("radius_grid_removed", {"extra": ["--srs", "--radius_grid", "0.25"]},
+     ["--radius_grid is replaced by --radii", "pass --radii instead"]),
+    ("radii_negative", {"extra": ["--srs", "--radii", "0", "-0.25"]}, ["--radii must be finite numbers >= 0", "-0.25"]),
+    ("radii_and_slack", {"extra": ["--srs", "--radii", "0", "0.5", "--radius_slack", "0.1"]},
+     ["--radius_slack replaces", "--radii", "give one of them"]),
+    ("radii_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--radii", "0.1"]},
+     ["--radii sets the table", "--conf_drop auto"]),
+    ("radii_standard", {"extra": ["--radii", "0", "0.5"]}, ["--radii sets the table", "drop --radii"]),
+    ("f_and_std_thresh_differ", {"extra": ["--std_thresh", "10"]},
+     ["--f_thresh 4 and --std_thresh 10 both name the certified model", "give one of them"]),
+    ("f_and_std_solver_differ", {"extra": ["--f_solver", "naive", "--std_solver", "anderson"]},
+     ["--f_solver naive and --std_solver anderson", "give one of them"]),
     ("second_look_below_one", {"extra": ["--srs", "--second_look", "0.5"]}, ["--second_look must be 0 (off) or a factor > 1"]),
-    ("second_look_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--second_look", "3"]},
+    ("second_look_fixed_K", {"extra": ["--srs", "--conf_drop", "20", "--second_look", "2"]},
      ["--second_look sets adaptive pairing"]),
-    ("second_look_reference", {"extra": ["--srs", "--certificate", "reference", "--second_look", "3"]},
+    ("second_look_reference", {"extra": ["--srs", "--certificate", "reference", "--second_look", "2"]},
      ["--second_look", "needs --certificate eliminated"]),
     ("route_pilot_negative", {"extra": ["--srs", "--route_pilot", "-0.1"]},
      ["--route_pilot must be a finite number >= 0"]),
@@ -466,8 +534,9 @@ BAD_CERTIFY = [
      ["--conf_drop 0 pairs no sample", "eliminated certificate", "--conf_drop auto"]),
     ("conf_drop_zero_reference", {"extra": ["--srs", "--conf_drop", "0", "--certificate", "reference"]},
      ["--conf_drop 0 pairs no sample", "reference certificate"]),
-    ("std_thresh_no_srs", {"extra": ["--std_thresh", "10"]}, ["--std_thresh sets the SRS chain", "needs --srs"]),
-    ("std_solver_no_srs", {"extra": ["--std_solver", "naive"]}, ["--std_solver sets the SRS chain", "needs --srs"]),
+    ("warmup_thresh_no_srs", {"extra": ["--warmup_thresh", "10"]},
+     ["--warmup_thresh sets the SRS chain", "needs --srs"]),
+    ("step_tol_no_srs", {"extra": ["--step_tol", "0.01"]}, ["--step_tol sets the SRS chain", "needs --srs"]),
     ("certificate_no_srs", {"extra": ["--certificate", "none"]}, ["--certificate sets the SRS chain", "needs --srs"]),
     ("conf_drop_no_srs", {"extra": ["--conf_drop", "20"]}, ["--conf_drop sets the SRS chain", "needs --srs"]),
     ("step_tol_negative", {"extra": ["--srs", "--step_tol", "-1"]}, ["--step_tol must be a finite number >= 0"]),
@@ -510,7 +579,7 @@ BAD_PREDICT = [
     ("conf_drop_gt_N", [str(SIGMA)], ["--srs", "--conf_drop", "61"], ["--conf_drop 61 is larger than --N 60"]),
     ("f_solver", [str(SIGMA)], ["--f_solver", "bogus"], ["'bogus' is not a solver"]),
     # PREDICT has no standard fallback route: its flags are refused, not ignored
-    ("route_pilot", [str(SIGMA)], ["--srs", "--route_pilot", "0.5"],
+    ("route_pilot", [str(SIGMA)], ["--srs", "--route_pilot", "0.2"],
      ["--route_pilot sets the standard fallback route of CERTIFY", "drop --route_pilot"]),
     ("no_fallback", [str(SIGMA)], ["--srs", "--no_fallback"], ["--no_fallback sets the standard fallback route"]),
     ("step_cost", [str(SIGMA)], ["--srs", "--step_cost", "3"], ["--step_cost sets the standard fallback route"]),

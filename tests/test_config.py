@@ -90,6 +90,21 @@ def test_config_validation_reads_the_model_registry(monkeypatch):
         register_model("mdeq", build_tiny)
 
 
+def test_the_certified_model_is_mdeq_30a_except_on_imagenet():
+    """CERTIFY: the paper's certified models, MDEQ-30A (tol 0) for CIFAR-10 and digits, MDEQ-14B for ImageNet;
+    a stored config without the section gets the defaults, and a training resume may change it."""
+    for path in SHIPPED:
+        cfg = load_config(path)
+        want = ("broyden", 14) if os.path.basename(path) == "cls_mdeq_SMALL.yaml" and "imagenet" in path else \
+            ("anderson", 30)
+        assert (cfg.CERTIFY.SOLVER, cfg.CERTIFY.THRES, cfg.CERTIFY.TOL) == (*want, 0.0), path
+    old = yaml.safe_load(get_default_config().dump())
+    old.pop("CERTIFY")
+    assert config_from_text(yaml.safe_dump(old), "an older checkpoint's config").CERTIFY == get_default_config().CERTIFY
+    assert {"CERTIFY.SOLVER", "CERTIFY.THRES", "CERTIFY.TOL"} <= set(config_module.RESUME_CHANGEABLE)
+
+
+
 # ----------------------------------------------------------------- wired keys
 def test_cudnn_keys_set_the_backend_flags(tmp_path, backend_flags):
     _trainer(tmp_path, ["CUDNN.ENABLED", "False", "CUDNN.BENCHMARK", "True", "CUDNN.DETERMINISTIC", "False"], name="a")
@@ -255,6 +270,9 @@ def test_unused_keys_refuse_a_value_that_would_be_ignored(key, value, fix):
     (["MODEL.IMAGE_SIZE", "[8, 6]"], ["square"]),
     (["DATASET.DATASET", "mnist"], ["DATASET.DATASET='mnist' is not a data set"]),
     (["PRINT_FREQ", "-1"], ["PRINT_FREQ must be an integer >= 0"]),
+    (["CERTIFY.SOLVER", "newton"], ["CERTIFY.SOLVER='newton' is not a solver", "anderson"]),
+    (["CERTIFY.THRES", "0"], ["CERTIFY.THRES must be an integer >= 1, got 0"]),
+    (["CERTIFY.TOL", "-0.1"], ["CERTIFY.TOL must be a finite number >= 0"]),
 ])
 def test_model_and_data_keys_that_do_not_fit_are_refused(opts, needles):
     _one_line_error(lambda: load_config(DIGITS_CFG, opts), *needles)

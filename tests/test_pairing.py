@@ -16,7 +16,7 @@ from SRS.sampling import safe_argmax as _safe_argmax
 from SRS.settings import DEQSolve, SRSConfig
 from SRS.smooth import ABSTAIN, Smooth
 from SRS.pairing import (RouteCosts, route_costs, adaptive_pair_count, choose_route, eliminated_z, first_in_A, fixed_pairs, pair_permutation,
-                         grid_goal, grid_pair_count, pairs_needed, predicted_n_A, two_looks)
+                         radii_goal, radii_pair_count, radii_z, pairs_needed, predicted_n_A, two_looks)
 from test_smoothing import _deq_setup, binomial_slack, violation_rate
 
 
@@ -33,12 +33,25 @@ class CountingDEQ(torch.nn.Module):
 
 
 STD = DEQSolve("anderson", 30, 0.0)
+# The adaptive rule these tests were written for: pairs within 0.05 sigma of the SRS counts' radius, a 0.1 N route
+# pilot, one look (the recipe's defaults aim at the table's radii with a second look and a 0.5 N pilot instead).
+SLACK_RULE = dict(radius_slack=0.05, route_pilot=0.1, second_look=0.0)
+
+
+def _cfg(**kw):
+    """SRSConfig with the slack rule unless ``kw`` says otherwise."""
+    return SRSConfig(**{**SLACK_RULE, **kw})
 
 
 def _srs(**kw):
     base = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0))
     base.update(kw)
-    return SRSConfig(**base)
+    return _cfg(**base)
+
+
+def _table(step, top=1.5):
+    """Table radii 0, step, 2 step, ..., top (pixel units)."""
+    return tuple(k * step for k in range(int(round(top / step)) + 1))
 
 
 # ------------------------------------------------------------ batched pairing
@@ -130,37 +143,81 @@ def test_adaptive_count_stops_where_the_cap_saturates():
     assert adaptive_pair_count(3000, n, alpha, slack, 100) == 0        # abstains anyway
 
 
-def test_grid_pairs_reach_the_grid_radius_with_the_fewest_pairs():
-    """--radius_grid: K_A reaches the largest grid radius at or below the SRS counts' radius (no
-    misaligned pair) and K_A - 1 does not; far above a grid radius that is far fewer pairs than the
-    0.05-sigma slack asks; under a cap it settles one grid radius down (or None without descent)."""
+def _grid_pair_count(n_A, n, alpha, grid, cap, exact=0, descend=True, looks=1):
+    """The pair count of the former ``--radius_grid`` rule, kept as the reference: the fewest pairs reaching the
+    largest multiple of ``grid`` (units of sigma) at or below the SRS counts' radius, descending the grid under a
+    cap."""
     from scipy.stats import norm
-    n, alpha, grid = 10000, 0.001, 0.5
+    p = lower_confidence_bound(n_A, n, alpha)
+    if p < 0.5:
+        return 0
+    goal = math.floor(norm.ppf(p) / grid + 1e-9) * grid
+    while goal >= 0:
+        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=goal, exact=exact, looks=looks)
+        if need is not None or not descend:
+            return need
+        goal -= grid
+    return 0
+
+
+@pytest.mark.parametrize("grid", [0.5, 0.25])
+def test_table_radii_on_a_grid_give_the_grid_pair_counts(grid):
+    """Radii equal to a grid (0, g, 2g, ... past the largest radius N = 10000 can certify) pair exactly as the
+    grid rule did: same K_A for every count, cap, exact samples, look plan and descent."""
+    n, alpha = 10000, 0.001
+    radii = tuple(k * grid for k in range(int(4 / grid) + 1))
+    for n_A in list(range(5000, 10001, 83)) + [9939, 9990, 10000]:
+        for cap, exact, looks in ((n_A, 0, 1), (300, 0, 1), (n_A, 40, 2), (1500, 0, 2)):
+            for descend in (True, False):
+                assert radii_pair_count(n_A, n, alpha, radii, cap, exact, descend, looks) == \
+                    _grid_pair_count(n_A, n, alpha, grid, cap, exact, descend, looks), (n_A, cap, exact, looks, descend)
+
+
+def test_table_pairs_reach_the_table_radius_with_the_fewest_pairs():
+    """K_A reaches the largest table radius at or below the SRS counts' radius (no misaligned pair) and
+    K_A - 1 does not; far above a table radius that is far fewer pairs than the 0.05-sigma slack asks;
+    under a cap it settles one table radius down (or None without descent); uneven radii work alike."""
+    from scipy.stats import norm
+    n, alpha, radii = 10000, 0.001, (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
     for n_A in (8347, 9516, 9939):
         z_counts = norm.ppf(lower_confidence_bound(n_A, n, alpha))
-        goal = grid_goal(n_A, n, alpha, grid)
-        assert goal <= z_counts < goal + grid and abs(goal / grid - round(goal / grid)) < 1e-9
-        K = grid_pair_count(n_A, n, alpha, grid, n_A)
+        goal = radii_goal(n_A, n, alpha, radii)
+        assert goal in radii and goal <= z_counts < goal + 0.5
+        K = radii_pair_count(n_A, n, alpha, radii, n_A)
         assert eliminated_z(n_A, n, K, alpha) >= goal > eliminated_z(n_A, n, K - 1, alpha)
         slack = pairs_needed(n_A, n, alpha, 0.05, n_A)
         assert slack is None or K <= slack
-    assert grid_pair_count(9939, n, alpha, grid, 9939) < pairs_needed(9939, n, alpha, 0.05, 9939) / 10
-    K = grid_pair_count(9939, n, alpha, grid, 300)
+    assert radii_pair_count(9939, n, alpha, radii, 9939) < pairs_needed(9939, n, alpha, 0.05, 9939) / 10
+    K = radii_pair_count(9939, n, alpha, radii, 300)
     assert K <= 300 and 1.5 <= eliminated_z(9939, n, K, alpha) < 2.0
-    assert grid_pair_count(9939, n, alpha, grid, 300, descend=False) is None
-    assert grid_pair_count(3000, n, alpha, grid, 100) == 0          # the counts abstain: no pairs
-    assert adaptive_pair_count(9939, n, alpha, 0.05, 9939, grid=grid) == grid_pair_count(9939, n, alpha, grid, 9939)
+    assert radii_pair_count(9939, n, alpha, radii, 300, descend=False) is None
+    assert radii_pair_count(3000, n, alpha, radii, 100) == 0          # the counts abstain: no pairs
+    assert adaptive_pair_count(9939, n, alpha, None, 9939, radii=radii) == radii_pair_count(9939, n, alpha, radii, 9939)
+    # uneven radii: the largest at or below the counts' radius; below all of them, radius 0 (not abstain)
+    z_9516 = norm.ppf(lower_confidence_bound(9516, n, alpha))
+    assert radii_goal(9516, n, alpha, (0.3, 1.1, 2.9)) == 1.1 and 1.1 <= z_9516 < 2.9
+    assert radii_goal(9516, n, alpha, (2.5, 2.9)) == 0.0
+    K = radii_pair_count(9516, n, alpha, (0.3, 1.1, 2.9), 9516)
+    assert eliminated_z(9516, n, K, alpha) >= 1.1 > eliminated_z(9516, n, K - 1, alpha)
 
 
-def test_grid_route_falls_back_where_the_grid_radius_may_be_out_of_reach():
-    """On a grid, the route checks the pairs at the point estimate of n_A and at cautious predictions
-    on both sides: an image at the radius cap, or whose counts may sit just above a grid radius
-    (few pairs at the point estimate, too many a little lower), goes to the standard model; one far
-    from both takes SRS."""
+def test_table_radii_in_sigma_units():
+    """The pairs aim at --radii / sigma; without radii at the paper's table 0, 0.5, ..., 3; none with the slack rule."""
+    assert radii_z(SRSConfig(), 0.25) == (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+    assert radii_z(SRSConfig(radii=(0.5, 0.0, 0.18)), 0.12) == (0.0, 1.5, round(0.5 / 0.12, 12))
+    assert radii_z(SRSConfig(radius_slack=0.05), 0.25) is None
+
+
+def test_table_route_falls_back_where_the_table_radius_may_be_out_of_reach():
+    """Aimed at table radii, the route checks the pairs at the point estimate of n_A and at cautious
+    predictions on both sides: an image at the radius cap, or whose counts may sit just above a table
+    radius (few pairs at the point estimate, too many a little lower), goes to the standard model; one
+    far from both takes SRS."""
     costs, n, alpha = RouteCosts(standard=31, srs=4, warmup=11), 10000, 0.001
-    assert choose_route(1100, 1100, n, alpha, 0.05, costs, 1000, n, grid=0.5) == "standard"
-    assert choose_route(1004, 1100, n, alpha, 0.05, costs, 1000, n, grid=0.5) == "srs"
-    assert grid_pair_count(9127, n, alpha, 0.5, 9127, descend=False) < 200
+    radii = tuple(k / 2 for k in range(9))
+    assert choose_route(1100, 1100, n, alpha, None, costs, 1000, n, radii=radii) == "standard"
+    assert choose_route(1004, 1100, n, alpha, None, costs, 1000, n, radii=radii) == "srs"
+    assert radii_pair_count(9127, n, alpha, radii, 9127, descend=False) < 200
 
 
 def test_two_looks_are_prefixes_of_one_uniform_order():
@@ -208,9 +265,9 @@ def test_adaptive_pairing_catches_a_misaligned_chain(fallback):
     counts alone overclaim most of the time; adaptive K (and the fallback) stays at or below alpha."""
     model, x, r, c = _deq_setup(a=0.95)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
-    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
+    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=_cfg(**kw, conf_drop=0, certificate="none"))
     sound = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10),
-                   srs=SRSConfig(**kw, conf_drop=None, fallback=fallback))
+                   srs=_cfg(**kw, conf_drop=None, fallback=fallback))
     assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
     assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
 
@@ -223,8 +280,8 @@ def test_zero_pairs_under_a_correction_abstain_on_a_misaligned_chain(certificate
     model, x, r, c = _deq_setup(a=0.95)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
     std = DEQSolve("anderson", 50, 1e-10)
-    none = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
-    zero = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=0, certificate=certificate))
+    none = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, conf_drop=0, certificate="none"))
+    zero = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, conf_drop=0, certificate=certificate))
     assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
     assert violation_rate(zero, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
     cert = zero.certify(x, 20, 400, 0.05, 40, generator=torch.Generator().manual_seed(0))
@@ -235,13 +292,25 @@ def test_zero_pairs_under_a_correction_abstain_on_a_misaligned_chain(certificate
 
 
 @pytest.mark.parametrize("a", [0.5, 0.95])
-def test_grid_pairing_is_sound(a):
-    """Adaptive pairing on a radius grid (K_A from n_A and the grid), with the fallback and the route
+def test_table_pairing_is_sound(a):
+    """Adaptive pairing aimed at table radii (K_A from n_A and the radii), with the fallback and the route
     pilot: violations stay at or below alpha, also for the deliberately misaligned chain (a = 0.95)."""
     model, x, r, c = _deq_setup(a=a)
     std = DEQSolve("naive", 100, 1e-12) if a == 0.5 else DEQSolve("anderson", 50, 1e-10)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3 if a == 0.5 else 2, 0.0))
-    sound = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, conf_drop=None, radius_grid=0.05))
+    sound = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, conf_drop=None, radius_slack=None, radii=_table(0.05)))
+    assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
+
+
+@pytest.mark.parametrize("a", [0.5, 0.95])
+def test_the_default_recipe_is_sound(a):
+    """SRSConfig's defaults (the recipe: pairs aimed at the paper's table, a second look, the fallback with a
+    0.5 N route pilot) on one-step chains: at or below alpha, also on the deliberately misaligned chain."""
+    model, x, r, c = _deq_setup(a=a)
+    std = DEQSolve("naive", 100, 1e-12) if a == 0.5 else DEQSolve("anderson", 50, 1e-10)
+    recipe = SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3 if a == 0.5 else 2, 0.0))
+    assert (recipe.radius_slack, recipe.radii, recipe.second_look, recipe.route_pilot) == (None, None, 3.0, 0.5)
+    sound = Smooth(model, 2, 0.5, standard=std, srs=recipe)
     assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
 
 
@@ -254,7 +323,8 @@ def test_second_look_is_sound_on_a_misaligned_chain(grid):
     model, x, r, c = _deq_setup(a=0.95)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
     s = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10),
-               srs=SRSConfig(**kw, conf_drop=None, second_look=3.0, radius_grid=grid, fallback=False))
+               srs=_cfg(**kw, conf_drop=None, second_look=3.0, fallback=False,
+                        **({} if grid is None else dict(radius_slack=None, radii=_table(grid)))))
     reps, alpha, bad, second = 60, 0.05, 0, 0
     for rep in range(reps):
         cert = s.certify(x, 20, 400, alpha, 40, generator=torch.Generator().manual_seed(rep))
@@ -318,8 +388,8 @@ def test_mean_warm_start_keeps_adaptive_pairing_sound_on_a_misaligned_chain():
     argument does not depend on where the chain starts, and violations stay at or below alpha."""
     model, x, r, c = _deq_setup(a=0.95)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), warm_start="mean")
-    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=0, certificate="none"))
-    sound = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, conf_drop=None))
+    none = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=_cfg(**kw, conf_drop=0, certificate="none"))
+    sound = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=_cfg(**kw, conf_drop=None))
     assert violation_rate(none, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) > 5 * 0.05
     assert violation_rate(sound, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
 
@@ -328,7 +398,7 @@ def test_fallback_mixes_both_routes_and_stays_sound():
     """An input near the decision boundary of the route: some images go to the standard model, some
     to SRS; violations over both stay at or below alpha."""
     model, x, r, c = _deq_setup(a=0.5)   # true radius 0.3 at sigma 0.5, n0 20, n 600: about 1 image in 3 falls back
-    s = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None, overhead=1.0))
+    s = Smooth(model, 2, 0.5, standard=DEQSolve("naive", 100, 1e-12), srs=_srs(conf_drop=None))
     routes, bad = [], 0
     for rep in range(150):
         cert = s.certify(x, 20, 600, 0.1, 50, generator=torch.Generator().manual_seed(20_000 + rep))
@@ -353,7 +423,7 @@ def test_route_pilot_moves_images_to_srs_and_stays_sound(a):
     reps, alpha, n = 80, 0.1, 800
     on_srs = {}
     for pilot in (0.0, 0.5):
-        s = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, route_pilot=pilot))
+        s = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, route_pilot=pilot))
         routes, bad = [], 0
         for rep in range(reps):
             cert = s.certify(x, 20, n, alpha, 100, generator=torch.Generator().manual_seed(40_000 + rep))
@@ -401,8 +471,8 @@ def test_step_cost_prices_a_tolerance_step_by_its_expected_evaluations():
     model, x, _, _ = _deq_setup(a=0.5)
     tol_step = dict(step=DEQSolve("anderson", 30, 1e-6), warmup=DEQSolve("naive", 3, 0.0), conf_drop=None)
     std = DEQSolve("anderson", 30, 0.0)
-    capped = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step))
-    priced = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**tol_step, step_cost=3.0))
+    capped = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**tol_step))
+    priced = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**tol_step, step_cost=3.0))
     capped_costs, priced_costs = route_costs(capped.srs, std), route_costs(priced.srs, std)
     assert capped_costs.srs == capped_costs.standard and priced_costs.srs == 4.0
     routes = {name: {s.certify(x, 20, 600, 0.1, 50, generator=torch.Generator().manual_seed(k)).route for k in range(8)}
@@ -419,7 +489,7 @@ def test_refining_every_sample_gives_the_standard_counts_and_needs_no_pairs():
     std = DEQSolve("anderson", 50, 1e-10)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None, fallback=False)
     standard = Smooth(model, 2, 0.5, standard=std).certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(5))
-    srs = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, refine_margin=1e9))
+    srs = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, refine_margin=1e9))
     c = srs.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(5))
     assert np.array_equal(c.counts, standard.counts)
     assert c.K_A == 0 and c.M == 0 and c.N_A_E == c.n_A and c.refined == 420
@@ -432,14 +502,14 @@ def test_refined_samples_are_exact_and_the_pairs_come_from_the_others():
     model, x, _, _ = _deq_setup(a=0.95)
     counting = CountingDEQ(model)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None, fallback=False)
-    s = Smooth(counting, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw, refine_margin=0.5))
+    s = Smooth(counting, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=_cfg(**kw, refine_margin=0.5))
     c = s.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(7))
     assert 0 < c.refined < 420
     assert c.std_rows == c.refined + c.K_A
     # every pair is an unrefined sample of A: K_A is at most the unrefined part of A
     assert c.K_A <= c.n_A
     # re-solving removes misalignment: the one-step chain of a = 0.95 has misaligned pairs without it
-    plain = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=SRSConfig(**kw))
+    plain = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=_cfg(**kw))
     assert c.M <= plain.certify(x, 20, 400, 0.01, 40, generator=torch.Generator().manual_seed(7)).M
 
 
@@ -449,8 +519,8 @@ def test_refine_margin_keeps_adaptive_pairing_sound_on_a_misaligned_chain():
     model, x, r, c = _deq_setup(a=0.95)
     kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None)
     std = DEQSolve("anderson", 50, 1e-10)
-    refined = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw, refine_margin=1.0))
-    plain = Smooth(model, 2, 0.5, standard=std, srs=SRSConfig(**kw))
+    refined = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, refine_margin=1.0))
+    plain = Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw))
     assert violation_rate(refined, x, r, c, reps=60, n0=20, n=400, alpha=0.05, batch=40) <= binomial_slack(0.05, 60)
     m_plain = m_refined = 0
     for rep in range(10):

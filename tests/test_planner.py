@@ -17,7 +17,7 @@ from SRS import pairing
 from SRS.bounds import (eliminated_p_lower, lower_confidence_bound, lower_confidence_bounds, upper_confidence_bound,
                         upper_confidence_bounds)
 from SRS.pairing import (RouteCosts, adaptive_pair_count, choose_route, clean_upper_bound, count_bound, count_z,
-                         eliminated_z, grid_goal, grid_pair_count, pairs_needed, predicted_n_A)
+                         eliminated_z, pairs_needed, predicted_n_A, radii_goal, radii_pair_count)
 
 
 # ------------------------------------------------------------------ the reference planner
@@ -154,16 +154,22 @@ def test_pair_counts_equal_the_reference():
     assert eliminated_z(900, 1000, 300, 0.001, M=2) == _ref_eliminated_z(900, 1000, 300, 0.001, M=2)
 
 
+def _grid(g):
+    """Table radii (units of sigma) on the grid 0, g, 2g, ... beyond every reachable radius."""
+    return [k * g for k in range(int(round(6 / g)) + 1)]
+
+
 def test_grid_counts_and_routes_equal_the_reference():
-    """The radius-grid pair counts (with and without descent) and the route (slack rule and grid), whose
-    predicted n_A values spread over the selection count's interval, equal the reference."""
+    """The pair counts aimed at table radii on a grid (with and without descent) and the route (slack rule
+    and table radii), whose predicted n_A values spread over the selection count's interval, equal the
+    reference."""
     costs = RouteCosts(standard=31, srs=4, warmup=11)
     for n_A, n, alpha, _, cap, exact, looks in _grid_of_inputs(40, seed=1):
         for grid in (0.25, 0.5):
             for descend in (True, False):
-                assert grid_pair_count(n_A, n, alpha, grid, cap, exact, descend, looks) == \
+                assert radii_pair_count(n_A, n, alpha, _grid(grid), cap, exact, descend, looks) == \
                     _ref_grid_pair_count(n_A, n, alpha, grid, cap, exact, descend, looks), (n_A, n, alpha, grid, cap)
-            assert grid_goal(n_A, n, alpha, grid) == _ref_grid_goal(n_A, n, alpha, grid)
+            assert radii_goal(n_A, n, alpha, _grid(grid)) == _ref_grid_goal(n_A, n, alpha, grid)
     routes = set()
     for n0, k0, n, max_pairs, grid in [(100, 100, 10000, 10000, 0.5), (100, 97, 10000, 10000, 0.5),
                                        (100, 90, 10000, 10000, 0.25), (100, 80, 1000, 1000, 0.5),
@@ -171,30 +177,28 @@ def test_grid_counts_and_routes_equal_the_reference():
                                        (100, 90, 10000, 10000, None), (100, 100, 10000, 10000, None),
                                        (100, 90, 10000, 50, None), (100, 55, 1000, 1000, None)]:
         for looks in (1, 2):
-            got = choose_route(k0, n0, n, 0.001, 0.05, costs, 1000, max_pairs, grid, looks)
+            got = choose_route(k0, n0, n, 0.001, 0.05, costs, 1000, max_pairs, grid and _grid(grid), looks)
             assert got == _ref_choose_route(k0, n0, n, 0.001, 0.05, costs, 1000, max_pairs, grid, looks)
             routes.add(got)
     assert routes == {"srs", "standard"}   # both decisions are exercised
 
 
 # ------------------------------------------------------------------ speed
-@pytest.mark.parametrize("grid", [None, 0.25])
-def test_planner_takes_milliseconds_per_image(grid):
-    """A closed-form CERTIFY (linear DEQ, N 10000, alpha 0.001, adaptive pairing with the fallback): the
-    planner's time per image (``Certificate.planner_seconds``), averaged over images after the first
-    (which fills the memo), stays far below the 7 ms that would be 2% of an SRS image on a GPU."""
+@pytest.mark.parametrize("radius_slack", [0.05, None])
+def test_the_planner_time_of_each_certificate_is_recorded(radius_slack):
+    """A closed-form CERTIFY (linear DEQ, N 10000, alpha 0.001, adaptive pairing with the fallback, slack rule
+    or table radii) records the planner's time per certificate (``Certificate.planner_seconds``), which the
+    runner's summary and ``scripts/bench_certify.py`` report.  Its size is a benchmark figure, not asserted."""
     from test_smoothing import LinearDEQ
     from SRS.settings import DEQSolve, SRSConfig
     from SRS.smooth import Smooth
     d = 6
     model = LinearDEQ(torch.ones(d, dtype=torch.float64) / math.sqrt(d), 0.0, 0.5)
     x = torch.full((1, 1, d), 0.5 / math.sqrt(d), dtype=torch.float64)
+    radii = None if radius_slack is not None else tuple(0.5 * r for r in _grid(0.25))
     smooth = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 30, 0.0),
                     srs=SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 3, 0.0), conf_drop=None,
-                                  radius_grid=grid))
-    seconds = []
-    for i in range(8):
+                                  radius_slack=radius_slack, radii=radii))
+    for i in range(3):
         c = smooth.certify(x, 100, 10000, 0.001, 2000, generator=torch.Generator().manual_seed(i))
-        assert c.planner_seconds > 0
-        seconds.append(c.planner_seconds)
-    assert float(np.median(seconds[1:])) < 0.007, seconds
+        assert 0 < c.planner_seconds < math.inf

@@ -194,7 +194,7 @@ BAD = [
     ("qcrs", "sigma_inf", None, ["digits", C, "{t}/q.tsv", "--sigma", "inf", *SMALL], ["sigma must be > 0 and finite"]),
     # items 3, 5, 9: --resume of certify on what is not this run's file
     ("certify", "resume_other_tol", _certified, ["digits", C, "0.25", "{t}/r.tsv", "--resume", "--tol", "0.01", *SMALL],
-     ["--resume", "tol=0.001", "tol=0.01", "same settings"]),
+     ["--resume", "tol=0.0", "tol=0.01", "same settings"]),
     ("certify", "resume_old_header_without_tol", _old_header, ["digits", C, "0.25", "{t}/r.tsv", "--resume", *SMALL],
      ["--resume", "no 'tol' line", "older version"]),
     ("certify", "resume_torn_header", _torn_header, ["digits", C, "0.25", "{t}/r.tsv", "--resume", *SMALL],
@@ -394,9 +394,9 @@ def test_header_holds_tol_and_the_row_changing_settings(tiny_checkpoint, tmp_pat
     out = tmp_path / "r.tsv"
     assert run_main("certify", ["digits", tiny_checkpoint, "0.25", str(out), "--max", "1", *SMALL]) == 0
     meta = dict(line[2:].split(": ", 1) for line in out.read_text().splitlines() if line.startswith("# "))
-    assert meta["tol"] == "0.001"  # the checkpoint config's DEQ.F_TOL: the tolerance actually used
+    assert meta["tol"] == "0.0"  # the checkpoint config's CERTIFY.TOL (its default: no section): the tolerance used
     assert meta["threads"] == "1" and meta["cfg_sha256"] == "null" and meta["data_dir"] == "null"
-    assert json.loads(meta["batch"]) == 20 and meta["standard"] == "broyden:3"
+    assert json.loads(meta["batch"]) == 20 and meta["standard"] == "anderson:3"  # CERTIFY.SOLVER, --f_thresh
 
 
 # ------------------------------------------------------------------ item 10: the summary covers the file
@@ -422,7 +422,7 @@ def test_out_of_memory_in_certify_says_lower_batch(tiny_checkpoint, tmp_path, ca
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(Smooth, "certify", oom)
     assert run_main("certify", ["digits", tiny_checkpoint, "0.25", str(tmp_path / "o.tsv"), *SMALL]) == 2
-    line = one_error_line(capsys)
+    line = one_error_line(capsys, stdout_empty=False)  # the work had started: the certified model's line is out
     assert "out of memory" in line and "lower --batch (now 20)" in line and "--resume" in line
 
 

@@ -204,8 +204,7 @@ def test_certify_py_sequential_smoke_and_analysis(tiny_checkpoint, tmp_path):
 
 
 BAD_SEQUENTIAL = [
-    ("sequential_without_radii", ["--sequential"], ["--sequential needs the table's radii", "--radii"]),
-    ("radii_without_sequential", ["--radii", "0", "0.5"], ["--radii sets the table of --sequential"]),
+    ("radii_without_sequential", ["--radii", "0", "0.5"], ["--radii sets the table", "add --sequential"]),
     ("radii_nan", ["--sequential", "--radii", "0", "nan"], ["--radii must be finite numbers >= 0", "nan"]),
     ("radii_inf", ["--sequential", "--radii", "inf"], ["--radii must be finite numbers >= 0", "inf"]),
     ("radii_negative", ["--sequential", "--radii", "-0.25"], ["--radii must be finite numbers >= 0", "-0.25"]),
@@ -225,3 +224,17 @@ def test_bad_sequential_input_one_line_error_and_no_output(tiny_checkpoint, tmp_
         certify_script.main(["digits", tiny_checkpoint, "0.25", str(out), "--N", "60", "--quiet"] + extra)
     assert_one_line_error(capsys, exc, *needles)
     assert not out.exists()
+
+
+def test_sequential_decides_the_default_table_without_radii():
+    """--sequential without --radii decides the paper's table: multiples of sigma / 2 from 0 to 3 sigma; with
+    --srs the adaptive pairs aim at the same radii (one flag, one table)."""
+    from SRS.cli import certify_mode, run_spec
+    args = certify_script.parse_args(["digits", "ckpt.pth", "0.25", "out.tsv", "--sequential", "--srs"])
+    spec = run_spec(args, table=True)
+    mode = certify_mode(args, spec)
+    assert mode.radii == (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+    _, srs = spec.smoothing.resolve(DEQSolve("anderson", 30, 0.0), 0.25)
+    assert srs.radii == mode.radii
+    args = certify_script.parse_args(["digits", "ckpt.pth", "0.25", "out.tsv", "--sequential", "--radii", "0.5", "0"])
+    assert certify_mode(args, run_spec(args, table=True)).radii == (0.0, 0.5)
