@@ -234,13 +234,13 @@ def smooth_header(smooth: Smooth, routes: bool = True) -> Dict[str, object]:
     return smoothing_header(smooth.standard if smooth.is_deq else None, smooth.srs, routes)
 
 
-def certified_line(smooth: Smooth, checkpoint: str, model_name: str, routes: bool = True) -> str:
+def certified_line(smooth: Smooth, source: str, model_name: str, routes: bool = True) -> str:
     """The line a run prints before its work: ``certifying MDEQ-30A (anderson, 30 evaluations, tol 0) of CKPT
     with SRS-3A steps`` (``predicting with ...`` in a mode without CERTIFY's route; a plain classifier is
     named by ``model_name``)."""
     verb = "certifying" if routes else "predicting with"
     what = smooth.standard.words() if smooth.is_deq else f"{model_name} (one forward pass)"
-    line = f"{verb} {what} of {checkpoint}"
+    line = f"{verb} {what} of {source}"
     if smooth.srs is not None:
         step = smooth.srs.step
         line += f" with SRS-{step.label()} steps"
@@ -357,7 +357,9 @@ def _run_sharded(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, head
 def _announce(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, main: bool) -> None:
     """Print :func:`certified_line` (once: rank 0, and only with ``spec.announce``)."""
     if spec.announce and main:
-        print(certified_line(smooth, spec.checkpoint, loaded.cfg.MODEL.NAME, mode.routes), flush=True)
+        info = loaded.info
+        source = info.header.get("checkpoint") or f"the model object {info.header.get('model')}"
+        print(certified_line(smooth, source, info.kind.rsplit(" ", 1)[-1], mode.routes), flush=True)
 
 
 class _Progress:
