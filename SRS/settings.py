@@ -1,25 +1,10 @@
 """Settings of a smoothed classifier: how the base DEQ solves, and how SRS samples and pairs.
 
-Every certification option is declared once, here: a dataclass field made by :func:`option`, whose
-metadata (:class:`Option`) gives its flag, help, group (main or advanced), the mode it needs, its
-value check, where the results header records it and its benchmark label.  From these declarations
-(:func:`declared`) come the flags of certify.py, predict.py, certify_qcrs.py and attack.py
-(``SRS.cli``), the value checks and the refusal of a flag outside its mode
-(:meth:`SmoothingSpec.validate`), the header's ``srs`` entry (:meth:`SRSConfig.describe`) and so
-the ``--resume`` check, and the benchmark labels (``SRS.benchmark.srs``).  An option is added by
-declaring it here and reading it where it acts.
-
-* :class:`SRSOptions`: the options that pass unchanged into the SRS settings;
-* :class:`SRSConfig`: those options with the solves they steer (SRS step, warm-up);
-* :class:`SmoothingSpec`: those options with the flags that name the solvers, the certified model's
-  defaulting to the checkpoint config's CERTIFY section; :meth:`SmoothingSpec.resolve` turns it into
-  (certified model, SRS settings).
-
-Their defaults are the recipe ``certify.py DATASET CKPT SIGMA OUT --srs --f_thresh 3`` runs: an
-Anderson step of 3 evaluations, adaptive pairing aimed at the certified-accuracy table's radii
-(default: multiples of sigma / 2 from 0 to 3 sigma) with a second look of up to 3 times the pairs,
-and the standard fallback refined by a route pilot of 0.5 N.  Plain frozen dataclasses, built by the
-command lines, the benchmark and tests alike; :class:`SRS.smooth.Smooth` takes the resolved ones.
+Every certification option is declared once here (:func:`option`, metadata :class:`Option`): flags, checks,
+mode refusals (:meth:`SmoothingSpec.validate`), the results header's ``srs`` entry and benchmark labels all come
+from the declarations.  :class:`SRSOptions` -> :class:`SRSConfig` (with the solves) -> :class:`SmoothingSpec`
+(:meth:`~SmoothingSpec.resolve`: certified model, SRS settings).  Defaults are the recipe ``--srs --f_thresh 3``
+(docs/internals.md, "Certification settings").
 """
 from __future__ import annotations
 

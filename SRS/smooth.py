@@ -1,19 +1,8 @@
 """The smoothed classifier: CERTIFY and PREDICT (Cohen et al. 2019), standard or serialized (SRS).
 
-For a base classifier f and noise level sigma, g(x) = argmax_c P(f(x + e) = c) with
-e ~ N(0, sigma^2 I).  :class:`Smooth` works for any ``nn.Module`` that maps images to logits.
-With a DEQ (:class:`DEQ.interface.DEQClassifier`) it samples in two ways:
-
-* standard: every noisy copy is solved from zeros with the standard solver and budget (the
-  classifier f_D whose smoothed version is certified);
-* SRS (:class:`SRS.settings.SRSConfig`): the noisy copies run through an
-  :class:`SRS.sampling.SRSChain`, each batch warm-started from the previous one.  SRS predictions
-  are not independent draws of f_D(x + e), so they are certified with the correlation-eliminated
-  certificate of Gao et al. (2024): a uniform subsample of the samples in A gets a paired standard
-  solve after the pass (on regenerated noise, in full batches), and the misalignment it reveals
-  corrects the count (:mod:`SRS.certificates`).  Which samples are paired, how many, and when an
-  image is better certified by the standard model outright is decided in :mod:`SRS.pairing`,
-  whose docstring holds the soundness argument.
+:class:`Smooth` works for any images -> logits module.  Standard mode certifies the smoothed f_D (every copy
+solved from zeros); SRS mode certifies the same f_D with the correlation-eliminated certificate (:mod:`SRS.pairing`
+holds the soundness summary, docs/guarantees.md the argument).
 """
 from __future__ import annotations
 
