@@ -1,49 +1,12 @@
 """How a model is evaluated: eager or ``torch.compile``d, fp32 or bf16, with or without CUDA graphs.
 
-A :class:`Runtime` says how; :func:`resolve_runtime` turns the ``--compile {auto,on,off}`` and
-``--precision {fp32,bf16}`` flags into one for a device (auto: compile on CUDA, not on the CPU),
-and :func:`apply_runtime` applies it to a model:
-
-* a DEQ with ``set_runtime`` (the MDEQ) evaluates its stem, f and head through an
-  :class:`Engine`: ``model.solve`` keeps the solver (Anderson, Broyden, naive) in eager fp32 and
-  evaluates f through a ``torch.compile`` of the *flat* function ``(z, injection) -> f(z)``, built
-  once per model (not a closure rebuilt per solve, which would recompile);
-* a plain classifier (ResNet) is wrapped in :class:`RuntimeClassifier`, whose forward is the
-  compiled forward under the precision (with gradients enabled, e.g. an attack, the eager forward
-  under the same autocast: a compiled backward of every attack step shape is not worth it).
-
-Static shapes.  Every compiled function is ``dynamic=False``; with ``pad_rows`` set (the runner
-sets :func:`static_rows`: the mini-batch size and the first and last mini-batch of each phase) every
-call is padded to the smallest of those row counts that holds it and the padded rows are dropped
-after, so a few shapes are compiled per function whatever the paired-solve chunks hold (the padding
-repeats the call's own rows, see :func:`pad_to`).  Rows are
-independent in eval mode (GroupNorm per sample, BatchNorm with
-running statistics, dropout off), so padding changes no other row's result; the padded rows cost
-their share of f's arithmetic.  On CUDA the compile uses ``mode="reduce-overhead"`` (CUDA graphs):
-a fixed-budget solve replays one graph per f evaluation, and every output is cloned out of the
-graph's memory pool before the next replay overwrites it.
-
-Precision.  Under bf16 the stem, f and head run under ``torch.autocast(dtype=torch.bfloat16)`` and
-their outputs are cast to fp32: the solver's state z, Anderson's Gram matrix and linear solve,
-Broyden's low-rank updates and the residuals stay fp32 (autocast never covers the solver).  The
-certified classifier is then that bf16 model, in the standard mode, the SRS chain and the paired
-standard solves alike (all go through ``model.solve``).
-
-Compile time.  torch.compile compiles at a function's first call: :class:`Engine` times every first
-call (compile plus one evaluation) into ``compile_seconds``; the runner prints it once and, since
-the first call happens inside the first image, the first image's ``time`` (and the run's seconds
-per image) include it.
-
-When compiling fails (:class:`CompileGuard`).  ``--compile auto`` never strands a run on a compiler:
-an exception from ``torch.compile`` or from one of the first calls of a compiled function (where
-dynamo traces, inductor compiles and CUDA graphs are captured) prints the one line
-``warning: --compile auto: compiling failed (<ExceptionType>: <first line>); running eager`` and the
-model runs eager from then on.  It also checks once, on the model's first mini-batch, that the
-compiled predictions are the eager ones (:func:`disagreeing_rows`) and falls back to eager with one
-warning line when they are not; the certificates are then those of the eager model.  ``--compile
-on`` asks for the compiled model: a failure is the one-line ``error: --compile on: compiling
-failed (...)``, and agreement is not checked at run time (the test suite checks it,
-``tests/test_compile.py``).
+:func:`resolve_runtime` turns ``--compile``/``--precision`` into a :class:`Runtime`; :func:`apply_runtime`
+applies it (a DEQ's stem, f and head through an :class:`Engine`, the solver staying eager fp32; a plain
+classifier wrapped in :class:`RuntimeClassifier`).  Guarantees: padded rows repeat the call's own rows and
+rows are independent in eval mode, so padding changes no real row; under bf16 the certified classifier is
+the bf16 model in every mode (all go through ``model.solve``); ``--compile auto`` falls back to eager on a
+compile failure or a first-batch disagreement (:class:`CompileGuard`).  Details: docs/certification.md,
+"Compiled and bf16 evaluation".
 """
 from __future__ import annotations
 
@@ -67,15 +30,11 @@ class Runtime:
     """How a model is evaluated.
 
     Attributes:
-        compile: evaluate through ``torch.compile`` (static shapes).
+        compile: evaluate through ``torch.compile`` (static shapes); cuda_graphs: ``mode="reduce-overhead"``.
         precision: 'fp32' or 'bf16' (autocast of stem, f and head; the solver stays fp32).
-        cuda_graphs: CUDA graphs (``mode="reduce-overhead"``); CUDA and compile only.
-        pad_rows: the row counts compiled calls are padded to: a call is padded to the smallest of them that
-            holds it (an int: that one count; None, or a call larger than all: no padding, that row count
-            is compiled as it comes).  :func:`static_rows` gives those of a sampling run.
-        fallback: with compile, what a failure does (:class:`CompileGuard`): True (``--compile auto``) falls
-            back to eager with one warning line, and the first mini-batch's compiled predictions are
-            checked against eager ones; False (``--compile on``) makes a failure a one-line error.
+        pad_rows: row counts a compiled call is padded to (the smallest that holds it; None: no padding).
+        fallback: True (``--compile auto``): failures and first-batch disagreements fall back to eager;
+            False (``--compile on``): a failure is a one-line error.
     """
     compile: bool = False
     precision: str = "fp32"
@@ -100,19 +59,8 @@ class Runtime:
 
 
 def static_rows(batch: int, *phases: Optional[int]) -> Tuple[int, ...]:
-    """The row counts a sampling run calls the model with: full mini-batches of ``batch`` rows, and each
-    phase's first (``min(phase, batch)``) and last (``phase % batch``) mini-batch, plus the quarters of
-    ``batch``.  Paired-solve chunks and other odd counts are padded to the next of these (a count is
-    compiled only when a call needs it).  Padding everything to ``batch`` instead made the compiled
-    SRS-1A slower than eager on the CPU (CIFAR MDEQ-SMALL, K 100 pairs padded to a batch of 200).
-
-    Args:
-        batch: the mini-batch size.
-        phases: sample counts of the phases (N0, N, ...; None entries ignored).
-
-    Returns:
-        tuple: the distinct row counts, ascending.
-    """
+    """The distinct row counts (ascending) a sampling run calls the model with: ``batch``, its quarters, and
+    each phase's first and last mini-batch (``phases``: N0, N, ...; None ignored)."""
     sizes = {-(-batch * j // 4) for j in range(1, 5)}  # quarters: a pair chunk wastes < batch / 4 rows
     for n in phases:
         if n:
@@ -124,19 +72,9 @@ def static_rows(batch: int, *phases: Optional[int]) -> Tuple[int, ...]:
 
 def resolve_runtime(compile: str, precision: str, device: torch.device,
                     pad_rows: Optional[Union[int, Tuple[int, ...]]] = None) -> Runtime:
-    """The runtime the flags ask for on ``device``.
-
-    Args:
-        compile: 'auto' (on for CUDA, off on the CPU), 'on' or 'off'.
-        precision: 'fp32' or 'bf16'.
-        device: where the model runs.
-        pad_rows: row counts compiled calls are padded to (``Runtime.pad_rows``; e.g. :func:`static_rows`).
-
-    Returns:
-        Runtime: CUDA graphs whenever compiling on CUDA (which also turns on ``cudnn.benchmark``, unless
-        ``cudnn.deterministic`` is set, e.g. by a config's CUDNN.DETERMINISTIC); 'auto' falls back to
-        eager where compiling fails (``Runtime.fallback``).
-    """
+    """The runtime the flags ask for on ``device`` ('auto': compile on CUDA only; CUDA graphs whenever
+    compiling on CUDA, with ``cudnn.benchmark`` unless ``cudnn.deterministic``).  ``pad_rows``: see
+    :class:`Runtime`.  Raises UserError for an unknown choice."""
     check_choice("--compile", compile, COMPILE_CHOICES)
     check_choice("--precision", precision, PRECISIONS)
     on = device.type == "cuda" if compile == "auto" else compile == "on"
@@ -154,11 +92,8 @@ def autocast(precision: str, device_type: str):
 
 
 def raise_recompile_limit(limit: int = 256) -> None:
-    """Allow dynamo ``limit`` compiled versions per code object.  Stem, f and head of every engine share
-    one code object (``Compiled._eval``), each with a few row counts, and the first solve after
-    compiling recompiles once (the weight-normalised weights are recomputed per solve); dynamo's
-    default limit of 8 would fall back to eager within one run, and every model compiled in one
-    process (tests, benchmarks) adds entries."""
+    """Allow dynamo ``limit`` compiled versions per code object: stem, f and head of every engine share one
+    code object (``Compiled._eval``), and dynamo's default of 8 would fall back to eager within one run."""
     import torch._dynamo.config as dcfg
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(dcfg, name) and getattr(dcfg, name) < limit:
@@ -166,18 +101,9 @@ def raise_recompile_limit(limit: int = 256) -> None:
 
 
 def pad_to(t: Optional[torch.Tensor], rows: Optional[int]) -> Optional[torch.Tensor]:
-    """``t`` with its own rows repeated (cyclically) up to ``rows`` rows (unchanged if None or long enough).
-
-    Repeated rows rather than zeros: a solve with a tolerance stops when every row has met it, and a
-    copy meets it when its original does, so the padding never changes when a solve stops.
-
-    Args:
-        t: (B, ...) tensor or None.
-        rows: target row count or None.
-
-    Returns:
-        (max(B, rows), ...) tensor whose first B rows are ``t``, or None.
-    """
+    """``t`` (B, ...) with its own rows repeated cyclically up to ``rows`` rows (unchanged if None or long
+    enough).  Copies rather than zeros: a copy meets a solve's tolerance when its original does, so padding
+    never changes when a solve stops."""
     if t is None or rows is None or t.shape[0] >= rows:
         return t
     reps = -(-rows // t.shape[0])
@@ -204,14 +130,10 @@ TIE_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
 def disagreeing_rows(compiled: torch.Tensor, eager: torch.Tensor, precision: str = "fp32") -> int:
     """How many rows of two (B, classes) logit tensors predict differently (the compiled/eager check).
 
-    A row agrees when the compiled argmax is the eager argmax, or a class whose eager logit is within
-    ``TIE_TOLERANCE[precision] * max(1, max |eager logit of the row|)`` of the eager top logit: the
-    logits themselves are not compared (no tolerance on them), since fused kernels, reordered
-    reductions and autotuned convolutions change them by rounding, which the fixed-point iterations can
-    amplify, and a class within that rounding of the top is a tie either evaluation may break; a
-    miscompiled model moves predictions by far more.  Logits in half precision (e.g. under AMP) are
-    compared with the bf16 tolerance.  A row non-finite in one of them and finite in the other
-    disagrees; rows non-finite in both agree (the solve diverged either way).
+    A row agrees when the compiled argmax is the eager argmax or a class within
+    ``TIE_TOLERANCE[precision] * max(1, max |eager logit|)`` of the eager top logit (rounding may break
+    ties either way; logits are not compared).  Half-precision logits use the bf16 tolerance.  A row
+    non-finite in exactly one of them disagrees.
     """
     if min(compiled.element_size(), eager.element_size()) < 4:
         precision = "bf16"
@@ -226,18 +148,11 @@ def disagreeing_rows(compiled: torch.Tensor, eager: torch.Tensor, precision: str
 
 
 class CompileGuard:
-    """What the compiled functions of one model do when compiling goes wrong; shared by its stem, f and head.
+    """What the compiled functions of one model (stem, f, head) do when compiling goes wrong.
 
-    * ``Runtime.fallback`` (``--compile auto``): the first failure (:meth:`failed`) or disagreement
-      (:meth:`check`) prints one warning line and sets ``eager``: every function of the model then
-      evaluates eagerly (same precision, same padding).
-    * otherwise (``--compile on``): a failure raises :class:`DEQ.errors.UserError` (one ``error:`` line
-      naming the exception and the flags that avoid it); agreement is not checked.
-
-    Attributes:
-        eager: fell back to eager evaluation.
-        pending: which agreement checks are still to do ('eval': the first ``solve``, 'train': the first
-            training solve through the compiled f; empty without fallback).
+    With ``Runtime.fallback`` the first failure (:meth:`failed`) or disagreement (:meth:`check`) warns once
+    and sets ``eager`` for every function of the model; otherwise a failure raises :class:`UserError` and
+    agreement is not checked.  ``pending``: agreement checks still due ('eval', 'train').
     """
     WARMUP_CALLS = 3  # calls per shape guarded: tracing and compiling (1st), CUDA graph warm-up and capture (2nd, 3rd)
 
@@ -261,16 +176,8 @@ class CompileGuard:
         warn(f"--compile auto: compiling failed ({reason}); running eager")
 
     def check(self, what: str, compiled: torch.Tensor, eager: Callable[[], torch.Tensor]) -> bool:
-        """The agreement check ``what`` ('eval' or 'train'), once: whether the compiled result stands.
-
-        Args:
-            compiled: the compiled evaluation's (B, classes) logits.
-            eager: computes the eager evaluation's logits of the same rows (called only when checking).
-
-        Returns:
-            True when no check is due or the predictions agree (:func:`disagreeing_rows`); False after a
-            disagreement, which prints one warning line and falls back to eager (use the eager result).
-        """
+        """The agreement check ``what`` ('eval' or 'train'), once; ``eager()`` computes the reference logits.
+        Returns False after a disagreement (warned; use the eager result), True otherwise."""
         if what not in self.pending or self.eager:
             return True
         self.pending.discard(what)
@@ -285,15 +192,8 @@ class CompileGuard:
 
 
 class Compiled:
-    """One function evaluated as the runtime says: compiled (timed first call per shape), autocast, fp32 out.
-
-    Args:
-        fn: the eager function (tensors in, one tensor out).
-        runtime: how to evaluate it.
-        device_type: 'cuda' or 'cpu' (autocast's device).
-        name: for the compile-time report.
-        clock: where first-call times are added up (name -> seconds).
-        guard: what a failure does (shared by the functions of one model; a guard of its own if None).
+    """One function (tensors in, one tensor out) evaluated as ``runtime`` says: compiled (first call per shape
+    timed into ``clock[name]``), autocast, fp32 out.  ``guard``: shared by a model's functions (own if None).
     """
 
     def __init__(self, fn: Callable, runtime: Runtime, device_type: str, name: str, clock: Dict[str, float],
@@ -351,22 +251,11 @@ class Compiled:
 
 
 class Engine:
-    """The stem, f and head of a DEQ evaluated under a :class:`Runtime` (what ``model.solve`` uses), and
-    optionally f for the no-gradient fixed-point solve of training (``forward_train``).
+    """The stem (``inject``), ``f_flat`` ((z, injection) -> f(z)) and ``head`` of a DEQ under a :class:`Runtime`
+    (what ``model.solve`` uses), all sharing one :class:`CompileGuard`.
 
-    Args:
-        inject: x -> injection tensor (the stem).
-        f_flat: (z, injection) -> f(z), flat (B, D) state.
-        head: (z, injection) -> logits.
-        runtime: how to evaluate them.
-        device_type: the model's device type.
-        train: also build ``train_f``: the same ``f_flat`` under the same runtime, called by the training
-            solve with its rows as they come (never padded: the dropout masks have the batch dimension)
-            and timed on its own clock (``train_clock``; the train-mode graphs differ from the eval-mode
-            ones anyway, dropout being on).  Only with ``runtime.compile`` (None otherwise).
-
-    All of them share one :class:`CompileGuard` (``guard``): after a failure or a disagreement every one of
-    them evaluates eagerly.
+    With ``train`` and ``runtime.compile``, ``train_f`` is ``f_flat`` for the training no-grad solve: never
+    padded (dropout masks have the batch dimension), timed on ``train_clock``; None otherwise.
     """
 
     def __init__(self, inject: Callable, f_flat: Callable, head: Callable, runtime: Runtime, device_type: str,
@@ -386,8 +275,7 @@ class Engine:
         self.reported = self.train_reported = False
 
     def eager_twin(self) -> "Engine":
-        """The same stem, f and head evaluated eagerly at the same precision and padding (the agreement check's
-        reference)."""
+        """The same stem, f and head, eager at the same precision and padding (the agreement reference)."""
         inject, f_flat, head, device_type = self.functions
         runtime = Runtime(precision=self.runtime.precision, pad_rows=self.runtime.pad_rows)
         return Engine(inject, f_flat, head, runtime, device_type)
@@ -398,8 +286,7 @@ class Engine:
         return sum(self.clock.values())
 
     def compile_report(self) -> Optional[str]:
-        """One line on the compile time, the first time there is one to tell (None otherwise, and after falling
-        back to eager, which has its own warning)."""
+        """One line on the compile time, the first time there is one (None otherwise or after a fallback)."""
         if self.reported or not self.runtime.compile or self.guard.eager or "f" not in self.clock:
             return None
         self.reported = True
@@ -417,13 +304,7 @@ class Engine:
 
 
 class RuntimeClassifier(torch.nn.Module):
-    """A plain classifier evaluated under a runtime: compiled forward (no-grad calls) and autocast.
-
-    Args:
-        model: the classifier (images -> logits).
-        runtime: how to evaluate it.
-        device_type: the model's device type.
-    """
+    """A plain classifier (images -> logits) under a runtime: compiled forward (no-grad calls) and autocast."""
 
     def __init__(self, model: torch.nn.Module, runtime: Runtime, device_type: str):
         super().__init__()
@@ -454,16 +335,8 @@ class RuntimeClassifier(torch.nn.Module):
 
 
 def apply_runtime(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """``model`` evaluated under ``runtime``.
-
-    Args:
-        model: a DEQ with ``set_runtime`` (the MDEQ: changed in place) or a plain classifier.
-        runtime: how to evaluate it.
-
-    Returns:
-        torch.nn.Module: the model itself (DEQ, or a plain model under the eager fp32 runtime) or a
-        :class:`RuntimeClassifier` around it.
-    """
+    """``model`` under ``runtime``: a DEQ with ``set_runtime`` is changed in place and returned; a plain
+    classifier is returned as is (eager fp32) or wrapped in a :class:`RuntimeClassifier`."""
     if hasattr(model, "set_runtime"):
         model.set_runtime(runtime)
         return model
@@ -475,24 +348,12 @@ def apply_runtime(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 
 def compiled_vs_eager(model: torch.nn.Module, x: torch.Tensor, runtime: Runtime, solver: str = "anderson",
                       max_iter: int = 30) -> Dict[str, object]:
-    """Solve ``x`` with a DEQ (``set_runtime``) eagerly and under ``runtime``, and compare them
-    (``scripts/check_compile.py``).
-
-    The compiled model is solved twice: the first call compiles (and, with ``runtime.fallback``, runs the
-    agreement check of :class:`CompileGuard`), the second replays what was compiled (CUDA graphs); the second
-    call's logits are compared with the eager ones.  The model's runtime is reset to eager afterwards.
-
-    Args:
-        model: a DEQ in eval mode.
-        x: (B, C, H, W) inputs on the model's device.
-        runtime: the compiled runtime to check (e.g. ``resolve_runtime('auto', ...)``).
-        solver, max_iter: the fixed-point solve (tolerance 0: exactly ``max_iter`` evaluations).
+    """Solve ``x`` with a DEQ eagerly and under ``runtime`` (compile call, then a replay) and compare them
+    (``scripts/check_compile.py``); the model is reset to eager afterwards.
 
     Returns:
-        dict: ``rows``; ``disagreeing`` (:func:`disagreeing_rows` of the replay against eager);
-        ``argmax_equal`` (rows with the very same argmax); ``max_abs_diff`` of the logits and ``logit_scale``
-        (largest |eager logit|); ``fell_back`` (the guard fell back to eager: a compile failure or a
-        disagreement, each with its warning line); ``compile_seconds`` (first calls).
+        dict: ``rows``, ``disagreeing`` (:func:`disagreeing_rows`), ``argmax_equal``, ``max_abs_diff``,
+        ``logit_scale``, ``fell_back`` (the guard fell back to eager), ``compile_seconds``.
     """
     model.set_runtime(None)
     with torch.no_grad():

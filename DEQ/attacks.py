@@ -1,38 +1,12 @@
 """Adversarial attacks on a base classifier and on its Gaussian-smoothed version.
 
-Shared by SmoothAdv training (``ATTACK.ADV_TRAINING``, :class:`SmoothAdvAttack`) and by
-certification-time attack runs.  Inputs live in pixel space [0, 1] (every model of this
-project normalises inside, its first module), perturbations are measured in the same
-units as the smoothing noise and the certified radii.
-
-* :func:`pgd`: projected gradient descent on the *base* classifier, l2 or l-inf, with
-  random start and restarts, maximising the cross-entropy of its logits.
-* :func:`smooth_pgd`: SmoothAdv's attack on the *smoothed soft* classifier (Salman et al.
-  2019, ``PGD_L2`` with ``num_noise_vec``): l2 PGD maximising
-  -log( (1/m) sum_i softmax(f(x + delta + e_i))_y ) over m Gaussian noise vectors e_i that
-  stay fixed across the steps; ``no_grad=True`` is SmoothAdv's gradient-free estimate
-  mean_i(-softmax(f(x + delta + e_i))_y e_i) (Stein's lemma), which needs no backward pass.
-* :func:`ddn`: decoupled direction and norm (Rony et al. 2019) as SmoothAdv uses it, on the
-  base classifier or (with ``noise``) on the smoothed soft classifier.
-
-Deep equilibrium models: the base classifier is the standard model (the configured
-solver and budget from zeros, the model's forward in eval mode).  Gradients go through
-the fixed point the way training takes them: :func:`model_logits` calls
-``model.forward_train``, which solves without a graph and then differentiates one
-application of f at the fixed point with the implicit-gradient backward hook
-(``DEQ.GRAD implicit``, DEQ/implicit.py) or the one-step phantom gradient
-(``DEQ.GRAD phantom``).  Any other ``nn.Module`` is differentiated through its forward.
-Every attack runs the model in eval mode (BatchNorm running statistics, no dropout) and
-restores the mode it found; parameters receive no gradients.
-
-Randomness (random starts, the random direction that replaces a zero gradient) comes
-from ``generator`` (a ``torch.Generator`` on any device; a CPU generator gives the same
-draws on CPU and CUDA) or, when it is None, from torch's global generator (training,
-so that ``--resume`` replays it).
-
-Step sizes follow the reference code: l2 PGD and Smooth-PGD 2 epsilon / steps
-(SmoothAdv), l-inf PGD 2.5 epsilon / steps (Madry et al.); DDN a cosine schedule from 1
-to 0.01 with norm factor ``gamma`` 0.05.
+:func:`pgd` (base classifier, l2/l-inf), :func:`smooth_pgd` (SmoothAdv's PGD on the smoothed soft classifier)
+and :func:`ddn`; :class:`SmoothAdvAttack` for training; :func:`certificate_contradictions` cross-checks an
+attack run against certificates.  Inputs are in pixel space [0, 1]; radii in the units of the smoothing noise.
+For a DEQ the attacked classifier is the standard model, differentiated through the fixed point as training
+does (:func:`model_logits`).  Every attack runs the model in eval mode, restores its mode, and leaves parameter
+gradients untouched; randomness comes from ``generator`` (None: torch's global generator).  Step sizes and
+references: docs/attacks.md.
 """
 from __future__ import annotations
 
@@ -55,18 +29,9 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------- helpers
 def model_logits(model: torch.nn.Module, train_step: int = -1) -> LogitsFn:
-    """The differentiable logits function attacks use for ``model``.
-
-    Args:
-        model: a DEQ of this project (has ``forward_train``) or any classifier module.
-        train_step: for a DEQ, the training step whose forward to use: -1 (default) is the
-            standard model (solve from zeros with the configured solver and budget); a step
-            below ``TRAIN.PRETRAIN_STEPS`` unrolls f NUM_LAYERS times, as training does then.
-
-    Returns:
-        ``fn(x) -> logits`` with gradients through the fixed point as training takes them
-        (implicit backward hook or phantom gradient, per ``DEQ.GRAD``).
-    """
+    """The differentiable ``fn(x) -> logits`` attacks use for ``model``.  For a DEQ (``forward_train``),
+    ``train_step`` -1 is the standard model; gradients go through the fixed point as training takes them
+    (``DEQ.GRAD``).  Any other module is returned as is."""
     forward_train = getattr(model, "forward_train", None)
     if forward_train is None:
         return model
@@ -143,17 +108,8 @@ def _noisy(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def smoothed_nll(logits: torch.Tensor, y: torch.Tensor, num_noise_vec: int = 1) -> torch.Tensor:
-    """Per-input loss of the smoothed soft classifier: -log of the mean softmax of the true class.
-
-    Args:
-        logits: (B*m, K) logits at B inputs times m noise vectors, input-major.
-        y: (B,) true labels.
-        num_noise_vec: m.
-
-    Returns:
-        (B,) -log((1/m) sum_i softmax(logits_i)_y), computed as a log-sum-exp of log-softmax
-        values (exact for every m; m = 1 is the cross-entropy).
-    """
+    """Per-input loss of the smoothed soft classifier: (B,) -log((1/m) sum_i softmax(logits_i)_y) of (B*m, K)
+    input-major ``logits``, exact for every m via log-sum-exp (m = 1: the cross-entropy)."""
     logp = F.log_softmax(logits.float(), dim=1).view(y.shape[0], num_noise_vec, -1)
     logp_y = logp.gather(2, y.view(-1, 1, 1).expand(-1, num_noise_vec, 1)).squeeze(2)
     return math.log(num_noise_vec) - torch.logsumexp(logp_y, dim=1)
@@ -161,17 +117,7 @@ def smoothed_nll(logits: torch.Tensor, y: torch.Tensor, num_noise_vec: int = 1) 
 
 def draw_noise(x: torch.Tensor, sigma: float, num_noise_vec: int = 1,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Gaussian noise for the smoothed-classifier attacks.
-
-    Args:
-        x: (B, C, H, W) inputs (shape, device and dtype are taken from it).
-        sigma: noise standard deviation (pixel units).
-        num_noise_vec: m noise vectors per input.
-        generator: torch.Generator (any device) or None for the global generator.
-
-    Returns:
-        (B, m, C, H, W) noise, N(0, sigma^2 I).
-    """
+    """(B, m, C, H, W) Gaussian noise N(0, sigma^2 I), m = ``num_noise_vec``, shaped like ``x``."""
     check_number("sigma", sigma, 0)
     check_count("num_noise_vec (m)", num_noise_vec, 1)
     return _randn((x.shape[0], num_noise_vec, *x.shape[1:]), x, generator) * sigma
@@ -221,22 +167,13 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float
     """PGD on the base classifier: maximise the cross-entropy of its logits in an epsilon ball.
 
     Args:
-        model: the classifier (a DEQ: the standard model, see :func:`model_logits`); run in eval mode.
-        x: (B, C, H, W) clean inputs, in ``clamp``'s range.
-        y: (B,) true labels.
-        epsilon: radius of the ball (pixel units), >= 0.
-        norm: ``"l2"`` or ``"linf"``.
-        steps: gradient steps per restart, >= 1.
-        step_size: default 2 epsilon / steps (l2) or 2.5 epsilon / steps (l-inf).
-        random_start: start from a uniform draw in the ball (else from x).
-        restarts: independent starts; per input the result that is misclassified, else the one with
-            the largest loss, is kept (needs ``random_start`` when > 1).
-        clamp: (low, high) image box the adversarial input stays in, or None.
-        generator: randomness of the starts (None: torch's global generator).
-        logits_fn: differentiable ``x -> logits``; default :func:`model_logits` (model).
+        x, y: (B, C, H, W) clean inputs in ``clamp``'s range and (B,) labels; epsilon: radius (pixels), >= 0.
+        norm: 'l2' or 'linf'; step_size: default 2 epsilon / steps (l2) or 2.5 epsilon / steps (l-inf).
+        restarts: per input keep a misclassified result, else the largest loss (needs ``random_start``).
+        clamp: image box (low, high) or None; logits_fn: default :func:`model_logits` (model).
 
     Returns:
-        (B, C, H, W) adversarial inputs, detached, with ||x_adv - x|| <= epsilon and inside ``clamp``.
+        (B, C, H, W) detached adversarial inputs with ||x_adv - x|| <= epsilon, inside ``clamp``.
     """
     _check_inputs("pgd", x, y, epsilon, steps, clamp)
     if norm not in NORMS:
@@ -282,29 +219,10 @@ def smooth_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon
                logits_fn: Optional[LogitsFn] = None) -> torch.Tensor:
     """Smooth-PGD / SmoothAdv's PGD_L2: l2 PGD on the smoothed soft classifier with fixed noise.
 
-    One perturbation delta per input is shared by its m noisy copies; each step moves delta by
-    ``step_size`` along the normalised gradient of :func:`smoothed_nll` at x + delta + e_i
-    (i = 1..m, the same e_i at every step), projects onto the epsilon ball and clamps x + delta
-    into the image box.
-
-    Args:
-        model: the base classifier (a DEQ: the standard model, see :func:`model_logits`); eval mode.
-        x: (B, C, H, W) clean inputs, in ``clamp``'s range.
-        y: (B,) true labels.
-        epsilon: l2 radius (pixel units), >= 0.
-        noise: (B, m, C, H, W) noise vectors (sigma included), e.g. from :func:`draw_noise`.
-        steps: PGD steps, >= 1.
-        step_size: default 2 epsilon / steps (SmoothAdv).
-        random_start: start from a uniform draw in the ball (SmoothAdv starts from x).
-        no_grad: SmoothAdv's gradient-free direction mean_i(-softmax_y(x + delta + e_i) e_i), an
-            estimate of the gradient of -E[softmax_y] by Stein's lemma: forward passes only (needs
-            noise with sigma > 0).
-        clamp: (low, high) image box for x + delta, or None.
-        generator: randomness of the start and of zero-gradient directions (None: global generator).
-        logits_fn: differentiable ``x -> logits``; default :func:`model_logits` (model).
-
-    Returns:
-        (B, C, H, W) adversarial inputs x + delta (noise not added), detached.
+    One delta per input, shared by its m noisy copies x + delta + e_i (``noise`` (B, m, C, H, W), the same e_i
+    at every step), moved along the normalised gradient of :func:`smoothed_nll`.  ``step_size`` default
+    2 epsilon / steps; ``no_grad``: SmoothAdv's gradient-free direction mean_i(-softmax_y e_i) (Stein's lemma;
+    needs sigma > 0).  Returns detached x + delta (noise not added) in the ball and ``clamp``.
     """
     _check_inputs("smooth_pgd", x, y, epsilon, steps, clamp)
     m = _check_noise("smooth_pgd", x, noise)
@@ -335,35 +253,13 @@ def ddn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: Optio
         noise: Optional[torch.Tensor] = None, *, steps: int = 10, gamma: float = 0.05,
         init_norm: Optional[float] = None, levels: Optional[int] = None, clamp: Clamp = (0.0, 1.0),
         generator: Optional[torch.Generator] = None, logits_fn: Optional[LogitsFn] = None) -> torch.Tensor:
-    """DDN (decoupled direction and norm) as SmoothAdv uses it for training.
+    """DDN (decoupled direction and norm) as SmoothAdv uses it for training (algorithm: docs/attacks.md).
 
-    Each step: record delta if it is adversarial and smaller than the best so far; step along the
-    normalised loss gradient with a cosine step size from 1 to 0.01; shrink the norm budget by
-    (1 - gamma) if the current point is adversarial, else grow it by (1 + gamma) (capped by the
-    largest perturbation the box allows); rescale delta to that norm and clamp x + delta into the
-    box.  The result is the smallest adversarial delta found, projected onto the epsilon ball; an
-    input never misclassified keeps delta = 0 (SmoothAdv's behaviour).  With ``noise``, the loss is
-    :func:`smoothed_nll` over the m noisy copies and "adversarial" means that the most frequent
-    prediction over them is wrong.
-
-    Args:
-        model: the base classifier (a DEQ: the standard model, see :func:`model_logits`); eval mode.
-        x: (B, C, H, W) clean inputs, in ``clamp``'s range.
-        y: (B,) true labels.
-        epsilon: l2 radius of the returned perturbation (pixel units), or None (no projection: the
-            minimal-norm adversarial found).
-        noise: (B, m, C, H, W) fixed noise vectors (the smoothed soft classifier) or None (base).
-        steps: DDN steps, >= 1.
-        gamma: norm update factor, in (0, 1).
-        init_norm: initial norm budget (default epsilon, as SmoothAdv sets it; 1.0 without epsilon).
-        levels: quantise x + delta to this many grey levels (SmoothAdv: 256), or None (default: the
-            inputs need not be 8-bit, and rounding can push delta past epsilon).
-        clamp: (low, high) image box, or None.
-        generator: randomness of zero-gradient directions (None: global generator).
-        logits_fn: differentiable ``x -> logits``; default :func:`model_logits` (model).
-
-    Returns:
-        (B, C, H, W) adversarial inputs x + delta (noise not added), detached.
+    Returns the smallest adversarial x + delta found (detached, noise not added), projected onto the
+    ``epsilon`` ball (None: no projection); an input never misclassified keeps delta = 0.  With ``noise``
+    (B, m, C, H, W) the loss is :func:`smoothed_nll` and "adversarial" means the majority prediction over the m
+    copies is wrong.  ``gamma`` in (0, 1): norm update factor; ``init_norm``: default epsilon (1.0 without);
+    ``levels``: quantise to that many grey levels (SmoothAdv: 256) or None.  Other args as :func:`pgd`.
     """
     _check_inputs("ddn", x, y, epsilon, steps, clamp, allow_none_eps=True)
     m = _check_noise("ddn", x, noise)
@@ -439,16 +335,7 @@ def get_attack(name: str) -> Callable[..., torch.Tensor]:
 # --------------------------------------------------------------------------- SmoothAdv training
 def warmup_epsilon(epsilon: float, epoch: int, warm_up: int) -> float:
     """SmoothAdv's epsilon schedule: min(epsilon, (epoch + 1) * epsilon / warm_up) at 0-based ``epoch``
-    (warm_up <= 1: the full epsilon from the first epoch).
-
-    Args:
-        epsilon: the final radius.
-        epoch: the 0-based epoch being trained.
-        warm_up: epochs of the linear ramp (ATTACK.WARM_UP).
-
-    Returns:
-        The radius used in that epoch.
-    """
+    (warm_up <= 1: the full epsilon from the first epoch)."""
     if warm_up <= 1:
         return float(epsilon)
     return float(min(epsilon, (epoch + 1) * epsilon / warm_up))
@@ -456,18 +343,10 @@ def warmup_epsilon(epsilon: float, epoch: int, warm_up: int) -> float:
 
 @dataclass(frozen=True)
 class SmoothAdvAttack:
-    """The SmoothAdv training attack of one run (the ``ATTACK`` config section).
+    """The SmoothAdv training attack of one run (the ``ATTACK`` config section; keys as there).
 
-    Attributes:
-        attack: ``"PGD"`` (:func:`smooth_pgd`) or ``"DDN"`` (:func:`ddn` with noise).
-        epsilon: final l2 radius in [0, 1] pixel units (the SmoothAdv / SRS code takes 0-255 units and
-            divides by 256: their 64 is 0.25 here).
-        num_steps: attack steps.
-        warm_up: epochs over which epsilon ramps up (:func:`warmup_epsilon`).
-        num_noise_vec: m noise vectors per input.
-        train_multi_noise: train on all m noisy copies (else on the first one per input).
-        no_grad: the gradient-free PGD direction (PGD only).
-        random_start: PGD starts from a uniform draw in the ball.
+    ``epsilon`` is an l2 radius in [0, 1] pixel units (SmoothAdv's 64/256 is 0.25 here); ``attack`` 'PGD'
+    uses :func:`smooth_pgd`, 'DDN' :func:`ddn` with noise.
     """
     attack: str = "PGD"
     epsilon: float = 0.25
@@ -515,21 +394,9 @@ class SmoothAdvAttack:
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor,
                  epoch: int, train_step: int = -1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Attack the smoothed soft classifier at the noisy points x + e_i.
-
-        Args:
-            model: the model being trained (attacked in eval mode, mode restored afterwards).
-            x: (B, C, H, W) clean inputs in [0, 1].
-            y: (B,) labels.
-            noise: (B, m, C, H, W) Gaussian noise, m = num_noise_vec.
-            epoch: 0-based epoch (sets the warm-up epsilon).
-            train_step: the optimiser step, so that the attack differentiates the forward that training
-                uses at this step (unrolled during pretraining, the fixed point afterwards).
-            generator: randomness of the start (None: the global generator, replayed by --resume).
-
-        Returns:
-            (B, C, H, W) adversarial inputs (noise not added).
-        """
+        """Attack the smoothed soft classifier at x + e_i (``noise`` (B, m, C, H, W)); returns (B, C, H, W)
+        adversarial inputs (noise not added).  ``epoch`` sets the warm-up epsilon; ``train_step`` picks the
+        forward training uses at that step (unrolled during pretraining)."""
         eps = self.epsilon_at(epoch)
         fn = model_logits(model, train_step)
         if self.attack == "DDN":
@@ -542,23 +409,12 @@ class SmoothAdvAttack:
 # --------------------------------------------------------------------------- cross-check
 def certificate_contradictions(certified_predict: Sequence[int], certified_radius: Sequence[float],
                                attacked_predict: Sequence[int], epsilon: float) -> list:
-    """Images where an attack of l2 size <= ``epsilon`` contradicts a certificate.
+    """Indices of the images where an attack of l2 size <= ``epsilon`` contradicts a certificate.
 
-    A certificate (class c, radius R) says the smoothed classifier returns c on the whole ball of
-    radius R, so a PREDICT of the attacked input that returns a class other than c (abstaining, -1,
-    is no contradiction) while ``epsilon < R`` can only happen with the certificate's or PREDICT's
-    failure probability.  Certified accuracy at radius r is therefore a lower bound on the accuracy
-    under any attack of size r; use this to cross-check an attack run against a certification run
-    of the same images (same order).
-
-    Args:
-        certified_predict: per image, the certified class (-1 = abstain).
-        certified_radius: per image, the certified radius.
-        attacked_predict: per image, PREDICT's answer at the attacked input (-1 = abstain).
-        epsilon: the attack's l2 radius.
-
-    Returns:
-        Indices (positions in the sequences) of the contradicting images.
+    A certificate (c, R) says the smoothed classifier returns c on the ball of radius R, so an attacked
+    PREDICT returning a class other than c (abstaining is no contradiction) with ``epsilon < R`` happens only
+    with the certificate's or PREDICT's failure probability; certified accuracy at r thus lower-bounds
+    accuracy under any attack of size r.  The three sequences are per image, same order (-1 = abstain).
     """
     if not (len(certified_predict) == len(certified_radius) == len(attacked_predict)):
         raise UserError(f"certificate_contradictions: {len(certified_predict)} certified predictions, "

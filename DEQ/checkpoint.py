@@ -1,26 +1,9 @@
-"""Checkpoints: atomic save, validated load, and loading of the MDEQ code's state_dicts.
+"""Checkpoints: atomic save, validated load, and loading of the MDEQ code's and Cohen et al.'s state_dicts.
 
-A checkpoint is a dict (``torch.save``) holding everything needed to certify or
-resume: ``state_dict``, ``config`` (the full yacs yaml), ``dataset``,
-``num_classes``, ``noise``, ``epoch``, ``train_step``, ``optimizer``,
-``scheduler``, ``scaler``, ``rng`` (torch CPU/CUDA generator states), ``best_acc``
-and ``format``.  It loads with ``torch.load(weights_only=True)``: no pickled code.
-
-A bare ``state_dict`` saved by the MDEQ / SRS reference code (``final_state.pth``
-or ``checkpoint.pth.tar`` with a ``state_dict`` entry) also loads, given its yaml
-config; parameter names are identical, so no mapping beyond dropping a
-``module.`` (DataParallel) prefix is applied.
-
-Cohen et al.'s randomized-smoothing checkpoints (locuslab/smoothing,
-``checkpoint.pth.tar`` = ``{'epoch', 'arch', 'state_dict', 'optimizer'}`` with
-``arch`` one of ``cifar_resnet20``, ``cifar_resnet110``, ``resnet50``) load without
-a yaml: the ``arch`` entry picks the model (:data:`COHEN_ARCHS`), the state_dict of
-their ``Sequential(normalize_layer, model)`` maps onto ours key for key (the
-ImageNet model's ``1.module.`` DataParallel infix is dropped).  They too load with
-``weights_only=True``: they hold only tensors, dicts, lists, strings and numbers.
-
-:func:`load_model` reads the file once: the SHA-256 it reports is of the very bytes
-the model was built from.
+A checkpoint is a ``torch.save``d dict (state_dict, full yacs config, optimiser/scheduler/scaler/RNG states,
+...) loaded with ``weights_only=True`` (no pickled code); MDEQ/SRS reference state_dicts load given their yaml,
+Cohen et al.'s ``checkpoint.pth.tar`` by its ``arch`` entry (:data:`COHEN_ARCHS`).  :func:`load_model` reads the
+file once, so its SHA-256 is of the bytes the model was built from.  Layout: docs/internals.md, "Checkpoints".
 """
 from __future__ import annotations
 

@@ -1,73 +1,9 @@
 """yacs configuration with the key names of the MDEQ code (locuslab/deq, MDEQ-Vision).
 
-``load_config(path, opts)`` merges a yaml file and MDEQ-style ``KEY VALUE`` command
-line overrides into a frozen copy of the defaults, with one-line errors for the
-mistakes people make (missing file, bad yaml, unknown key, odd override list).
-``config_from_text(text, source)`` does the same for a yaml string, e.g. the config
-a checkpoint carries: both go through :func:`validate`.
-
-Every key, what reads it, and what happens to a value nobody would read
-(W: wired, does what its name says; R: a value other than the listed ones is
-refused with a one-line UserError naming the key and the fix; D: read by DEQ
-models only, ignored by the ResNets):
-
-| key | status | what it does |
-|---|---|---|
-| OUTPUT_DIR | W | root of the default run folder OUTPUT_DIR/<dataset>/<cfg>_noise<sigma> |
-| LOG_DIR | R '', 'log', 'log/' | MDEQ's tensorboard root; here train.log and tb/ live in the run folder (--out) |
-| DATA_DIR | W | default data root (before DATASET.ROOT; --data-dir wins over both) |
-| GPUS | R (0,) | a process trains on one device: pick it with --device cuda:N or CUDA_VISIBLE_DEVICES; many GPUs: torchrun --nproc_per_node G (DistributedDataParallel) |
-| WORKERS | W | DataLoader worker processes for CIFAR-10/ImageNet (digits is in memory: 0) |
-| PRINT_FREQ | W | train.log gets a step line (loss, accuracy, lr) every PRINT_FREQ steps; 0: off |
-| PIN_MEMORY | W | pinned host memory for the DataLoaders when training on CUDA |
-| SEED | W | model init, shuffle order (epoch e seeded by SEED, e), training noise |
-| PERCENT | W | fraction of the training batches used per epoch (MDEQ's PERCENT; a fresh random subset each epoch) |
-| CUDNN.BENCHMARK | W | torch.backends.cudnn.benchmark (forced off when DETERMINISTIC) |
-| CUDNN.DETERMINISTIC | W | cudnn.deterministic and torch.use_deterministic_algorithms(warn_only=True); sets CUBLAS_WORKSPACE_CONFIG |
-| CUDNN.ENABLED | W | torch.backends.cudnn.enabled |
-| MODEL.NAME | W | the architecture: mdeq, resnet_cifar (MODEL.DEPTH), resnet110, resnet50 (DEQ.models.MODELS) |
-| MODEL.DEPTH | W | depth 6n+2 of resnet_cifar; 0 (or the name's depth) for resnet110/resnet50; R non-zero for mdeq |
-| MODEL.INIT_WEIGHTS | W | the architecture's own init (MDEQ: N(0, 0.01) convs; ResNets: He init); false: PyTorch's defaults |
-| MODEL.PRETRAINED | W | training starts from these weights (a checkpoint of this code, a bare state_dict, Cohen's checkpoint.pth.tar) |
-| MODEL.WNORM, NUM_LAYERS, NUM_GROUPS, DOWNSAMPLE_TIMES, EXPANSION_FACTOR, BLOCK_GN_AFFINE, FUSE_GN_AFFINE, POST_GN_AFFINE | W, D | MDEQ architecture |
-| MODEL.DROPOUT | W, D | variational dropout in f_theta; R > 0 for a ResNet (it has no such dropout) |
-| MODEL.NUM_CLASSES | W | classifier width; must match the data set |
-| MODEL.IMAGE_SIZE | W | digits: resized to this size; R for CIFAR-10 (32) / ImageNet (224) other sizes, and non-square sizes |
-| MODEL.EXTRA.FULL_STAGE.{NUM_BRANCHES, NUM_BLOCKS, NUM_CHANNELS, BIG_KERNELS, HEAD_CHANNELS, FINAL_CHANSIZE} | W, D | MDEQ architecture |
-| MODEL.EXTRA.FULL_STAGE.NUM_MODULES | R 1 | f_theta is one MDEQ module, as in the MDEQ code |
-| MODEL.EXTRA.FULL_STAGE.BLOCK | R BASIC | the only residual block of f_theta |
-| MODEL.EXTRA.FULL_STAGE.FUSE_METHOD | R SUM | the only multiscale fusion |
-| DEQ.F_SOLVER, B_SOLVER, STOP_MODE, F_THRES, B_THRES, F_TOL, B_TOL, RAND_F_THRES_DELTA, GRAD | W, D | solvers and gradients |
-| DEQ.SPECTRAL_RADIUS_MODE | R false | MDEQ's eval-time power-iteration diagnostic is not implemented |
-| LOSS.JAC_LOSS_FREQ, JAC_LOSS_WEIGHT, JAC_INCREMENTAL, JAC_STOP_EPOCH, PRETRAIN_JAC_LOSS_WEIGHT | W, D | Jacobian regularisation; R for a ResNet when it would be applied (FREQ > 0 with a weight > 0) |
-| DATASET.DATASET | W | digits, cifar10, imagenet |
-| DATASET.ROOT | W | data root when neither --data-dir nor DATA_DIR is given |
-| DATASET.TRAIN_SET, TEST_SET | R 'train' / 'val' | splits are fixed: ImageNet's train/ and val/ folders, CIFAR-10's train/test batches, digits' fixed split |
-| DATASET.DATA_FORMAT | R 'jpg' | images are read as files (ImageFolder); MDEQ's zipped ImageNet is not supported |
-| DATASET.AUGMENT | W | CIFAR-10: random crop + flip; ImageNet: random resized crop + flip; digits: none (flips change digits) |
-| TRAIN.NOISE, CLIP, LR, LR_SCHEDULER, LR_STEP, LR_FACTOR, OPTIMIZER, WD, BEGIN_EPOCH, END_EPOCH, SHUFFLE | W | optimisation |
-| TRAIN.BATCH_SIZE_PER_GPU | W | rows per process and step; under torchrun the global batch is WORLD_SIZE x this |
-| TRAIN.MOMENTUM, NESTEROV | W | SGD only; ignored by Adam as in the MDEQ code (whose yamls set them with Adam) |
-| TRAIN.PRETRAIN_STEPS | W, D | unrolled pretraining steps of a DEQ |
-| TRAIN.AMP | W | mixed precision on CUDA (never on the CPU) |
-| TRAIN.RESUME | R false | pass --resume (or --resume-from CKPT) to DEQ/tools/cls_train.py |
-| TEST.BATCH_SIZE_PER_GPU | W | evaluation batch size (under torchrun batch b goes to rank b mod WORLD_SIZE) |
-| TEST.MODEL_FILE | R '' | certify a checkpoint by passing it to SRS/code/certify.py; start training from one with MODEL.PRETRAINED |
-| DEBUG.DEBUG | R false | nothing reads it |
-| ATTACK.ADV_TRAINING | W | SmoothAdv training on (DEQ/attacks.py, DEQ/training/) |
-| ATTACK.ATTACK | W | PGD (Smooth-PGD) or DDN |
-| ATTACK.EPSILON | W | attack radius in [0,1] pixel units |
-| ATTACK.NUM_STEPS | W | attack steps |
-| ATTACK.WARM_UP | W | epochs over which epsilon ramps up |
-| ATTACK.NUM_NOISE_VEC | W | m noise vectors per input |
-| ATTACK.TRAIN_MULTI_NOISE | W | train on all m noisy copies (else one) |
-| ATTACK.NO_GRAD_ATTACK | W | gradient-free (Stein) attack direction |
-| ATTACK.RANDOM_START | W | start the attack from a uniform draw in the ball |
-| CERTIFY.SOLVER, THRES, TOL | W | the certified model (SRS/code/*.py, both modes, unless --std_solver/--std_thresh/--tol): solver, budget in evaluations of f, residual tolerance; default anderson, 30, 0.0 (the paper's MDEQ-30A); the ImageNet config sets broyden, 14 (MDEQ-14B); a checkpoint config without the section gets the defaults; a training --resume may change them |
-
-"D" keys keep their values in a ResNet config (the defaults are MDEQ's), so a yaml
-derived from an MDEQ one loads; only the two that would change the training
-objective (Jacobian loss, dropout) are refused there.
+:func:`load_config` (yaml file + ``KEY VALUE`` overrides) and :func:`config_from_text` (yaml string, e.g. a
+checkpoint's) merge onto a frozen copy of the defaults through :func:`validate`: every mistake (missing file,
+bad yaml, unknown key, wrong type, bad value, a value for a key nothing reads) is a one-line UserError.
+Every key, what reads it and which values are refused: docs/config.md.
 """
 from __future__ import annotations
 
@@ -177,9 +113,7 @@ _C.TEST.MODEL_FILE = ""
 _C.DEBUG = CN()
 _C.DEBUG.DEBUG = False
 
-# SmoothAdv training (Salman et al. 2019), keys of the SRS reference's MDEQ code; checked and used by
-# DEQ/attacks.py (SmoothAdvAttack) and DEQ/training/.  EPSILON is an l2 radius in [0,1] pixel units
-# (the reference takes 0-255 units / 256: its default 64.0 is 0.25 here).
+# SmoothAdv training (DEQ/attacks.py, DEQ/training/).  EPSILON is an l2 radius in [0,1] pixel units.
 _C.ATTACK = CN()
 _C.ATTACK.ADV_TRAINING = False     # attack every training batch, train on (adversarial + noise)
 _C.ATTACK.ATTACK = "PGD"           # PGD (Smooth-PGD, step 2 EPSILON / NUM_STEPS) | DDN
@@ -192,10 +126,8 @@ _C.ATTACK.NO_GRAD_ATTACK = False   # PGD direction from the noise alone (Stein e
 _C.ATTACK.RANDOM_START = True      # PGD starts from a uniform draw in the epsilon ball
 
 
-# The certified model: what SRS/code/certify.py (and predict, QCRS, attack) certify in standard mode and with --srs,
-# unless --std_solver / --std_thresh / --tol name another (SRS.settings.SmoothingSpec.resolve).  Training does not
-# read it (its evaluation solves with DEQ.F_SOLVER / F_THRES); a checkpoint config written before the section
-# existed is merged onto these defaults.
+# The certified model of SRS/code/*.py (both modes, unless --std_solver / --std_thresh / --tol); training does
+# not read it.  A checkpoint config without the section gets these defaults.
 _C.CERTIFY = CN()
 _C.CERTIFY.SOLVER = "anderson"     # the paper's MDEQ-30A on CIFAR-10 (ImageNet: broyden, MDEQ-14B)
 _C.CERTIFY.THRES = 30
@@ -203,11 +135,7 @@ _C.CERTIFY.TOL = 0.0               # 0: every solve runs its whole budget
 
 
 def get_default_config() -> CN:
-    """A mutable copy of the defaults.
-
-    Returns:
-        CfgNode: the defaults (not validated: defaults are valid by construction).
-    """
+    """A mutable, unvalidated copy of the defaults."""
     return _C.clone()
 
 
@@ -215,20 +143,8 @@ CONFIG_FIX = "check its spelling against DEQ/config.py"
 
 
 def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[float] = None) -> CN:
-    """Defaults <- yaml at ``path`` <- ``opts`` (``KEY VALUE`` pairs) <- ``noise``; validated and frozen.
-
-    Args:
-        path: a yaml file of MDEQ-style keys, or None for the defaults.
-        opts: command-line overrides as a flat list ``[KEY, VALUE, KEY, VALUE, ...]``.
-        noise: ``--noise``; sets TRAIN.NOISE when not None.
-
-    Returns:
-        CfgNode: the frozen, validated config.
-
-    Raises:
-        UserError: one line naming the file/key and the fix (missing file, bad yaml,
-            unknown key, wrong type, bad or refused value).
-    """
+    """Defaults <- yaml at ``path`` (None: none) <- ``opts`` (flat ``[KEY, VALUE, ...]``) <- ``noise``
+    (TRAIN.NOISE when not None); returns the frozen, validated config.  Raises UserError (one line)."""
     loaded = None
     if path:
         check_input_file(path, "config file", "pass an existing yaml, e.g. experiments/digits/cls_mdeq_digits.yaml")
@@ -243,21 +159,8 @@ def load_config(path: Optional[str], opts: Iterable[str] = (), noise: Optional[f
 
 def config_from_text(text: str, source: str, opts: Iterable[str] = (),
                      unknown_fix: str = CONFIG_FIX) -> CN:
-    """The config held in a yaml string (e.g. the full dump a checkpoint carries), through the same
-    merge-onto-defaults and :func:`validate` as :func:`load_config`.
-
-    Args:
-        text: yaml text of MDEQ-style keys (a subset or a full ``cfg.dump()``).
-        source: what the text is, for error messages (e.g. ``"the config stored in checkpoint X"``).
-        opts: ``KEY VALUE`` overrides applied after the text.
-        unknown_fix: the fix an unknown-key error suggests.
-
-    Returns:
-        CfgNode: the frozen, validated config.
-
-    Raises:
-        UserError: one line, as for :func:`load_config`.
-    """
+    """The config in yaml ``text`` (``source`` names it in errors), merged and validated as in
+    :func:`load_config`; ``unknown_fix``: the fix an unknown-key error suggests."""
     return _build(_parse_yaml(text, source), source, opts, None, unknown_fix)
 
 
@@ -348,8 +251,7 @@ def _merge(cfg: CN, fn, where: str, unknown_fix: str = CONFIG_FIX) -> None:
         raise UserError(f"{where}: {' '.join(msg.split())}") from None
 
 
-# Values that must be positive (or in a range): one line naming the key instead of a traceback later
-# (TRAIN.BATCH_SIZE_PER_GPU 0 crashed the DataLoader; TRAIN.NOISE nan trained a useless model).
+# Values that must be positive (or in a range): one line naming the key instead of a traceback later.
 _COUNTS = (("TRAIN.BATCH_SIZE_PER_GPU", 1), ("TEST.BATCH_SIZE_PER_GPU", 1), ("TRAIN.BEGIN_EPOCH", 0),
            ("TRAIN.END_EPOCH", 1), ("TRAIN.PRETRAIN_STEPS", 0), ("WORKERS", 0), ("PRINT_FREQ", 0),
            ("MODEL.NUM_CLASSES", 1), ("MODEL.DEPTH", 0),
@@ -363,8 +265,7 @@ _NUMBERS = (("TRAIN.NOISE", 0, False, None), ("TRAIN.LR", 0, True, None), ("TRAI
             ("LOSS.JAC_LOSS_FREQ", 0, False, 1), ("LOSS.JAC_LOSS_WEIGHT", 0, False, None),
             ("LOSS.PRETRAIN_JAC_LOSS_WEIGHT", 0, False, None), ("CERTIFY.TOL", 0, False, None))
 
-# Keys the code does not read (see the table at the top): a value other than the accepted ones
-# would be silently ignored, so it is refused.  (key, accepted values, what to do instead).
+# Keys the code does not read: a value other than the accepted ones is refused.  (key, accepted, what instead)
 _REFUSED = (
     ("LOG_DIR", ("", "log", "log/"),
      "train.log and the tensorboard events (tb/) are written to the run folder; choose it with --out"),
@@ -383,11 +284,8 @@ _REFUSED = (
     ("DEBUG.DEBUG", (False,), "nothing reads it"),
 )
 
-# Keys a --resume (or --resume-from) may set to another value than the run it continues was trained with.
-# TRAIN.END_EPOCH, PERCENT and TRAIN.BATCH_SIZE_PER_GPU change the steps still to come, and the cosine
-# schedule is re-laid over them (``DEQ.training.Trainer``); the others only say where files are, how data
-# is loaded, how often the log is written and how the backend runs.  Every other key shapes the training
-# (model, optimiser, learning rate, noise, loss, solver, attack): a resume keeps the checkpoint's value.
+# Keys a --resume may change: the steps still to come (the cosine schedule is re-laid over them), where files
+# are, data loading, logging and backend.  Every other key shapes the training: a resume keeps its value.
 RESUME_CHANGEABLE = ("TRAIN.END_EPOCH", "PERCENT", "TRAIN.BATCH_SIZE_PER_GPU", "OUTPUT_DIR", "LOG_DIR", "DATA_DIR",
                      "DATASET.ROOT", "WORKERS", "PRINT_FREQ", "PIN_MEMORY", "TEST.BATCH_SIZE_PER_GPU",
                      "CUDNN.BENCHMARK", "CUDNN.DETERMINISTIC", "CUDNN.ENABLED")
@@ -403,18 +301,8 @@ def _leaves(cfg: CN, prefix: str = ""):
 
 
 def check_resume_config(stored: CN, cfg: CN, flag: str, path: str) -> None:
-    """A resume continues the run as it was trained: ``cfg`` (the yaml and overrides given now) may differ
-    from ``stored`` (the config the checkpoint carries) in :data:`RESUME_CHANGEABLE` keys only.
-
-    Args:
-        stored: the checkpoint's config, validated.
-        cfg: this run's config.
-        flag: '--resume' or '--resume-from', for the message.
-        path: the checkpoint, for the message.
-
-    Raises:
-        UserError: ``KEY is X here but CKPT was trained with Y; ...`` for the first other key that differs.
-    """
+    """Raise a one-line UserError unless ``cfg`` (this run) differs from ``stored`` (the checkpoint's config)
+    in :data:`RESUME_CHANGEABLE` keys only; ``flag`` and ``path`` name the resume in the message."""
     old = dict(_leaves(stored))
     for key, value in _leaves(cfg):
         if key in RESUME_CHANGEABLE or key not in old or old[key] == value:
@@ -441,14 +329,7 @@ def _same(value, accepted) -> bool:
 
 
 def check_refused(cfg: CN) -> None:
-    """Refuse a value of a key that nothing reads (the R rows of the table at the top of this module).
-
-    Args:
-        cfg: a merged config.
-
-    Raises:
-        UserError: ``KEY VALUE is not used: WHY; remove KEY from the yaml (accepted: ...)``.
-    """
+    """Raise a one-line UserError for a value of a key nothing reads (the R rows of docs/config.md)."""
     for key, accepted, why in _REFUSED:
         value = _get(cfg, key)
         if not any(_same(value, a) for a in accepted):
@@ -457,14 +338,7 @@ def check_refused(cfg: CN) -> None:
 
 
 def check_model(cfg: CN) -> None:
-    """MODEL.NAME, MODEL.DEPTH, MODEL.IMAGE_SIZE and the DEQ-only training terms fit together.
-
-    Args:
-        cfg: a merged config.
-
-    Raises:
-        UserError: one line naming the key and the fix.
-    """
+    """Raise a one-line UserError unless MODEL.NAME, DEPTH, IMAGE_SIZE and the DEQ-only training terms fit."""
     from .models import model_spec  # the registry: the one list of model names
     name, depth, ds = cfg.MODEL.NAME, cfg.MODEL.DEPTH, cfg.DATASET.DATASET
     spec = model_spec(name)
@@ -496,14 +370,7 @@ def check_model(cfg: CN) -> None:
 
 
 def validate(cfg: CN) -> None:
-    """Check every value the code reads and refuse values nobody reads.
-
-    Args:
-        cfg: a merged (not yet frozen) config.
-
-    Raises:
-        UserError: one line naming the key and the fix.
-    """
+    """Check every value the code reads and refuse values nobody reads (one-line UserError)."""
     fs = cfg.MODEL.EXTRA.FULL_STAGE
     nb = fs.NUM_BRANCHES
     for key in ("NUM_CHANNELS", "NUM_BLOCKS", "BIG_KERNELS", "HEAD_CHANNELS"):

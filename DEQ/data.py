@@ -1,16 +1,7 @@
 """Data sets: the embedded digits default, CIFAR-10 and ImageNet.
 
-Images are returned as float tensors in [0, 1] (C x H x W).  Normalisation lives
-inside the model, so Gaussian noise for smoothing is added in pixel space and
-certified radii are in pixel units.
-
-Embedded default ("digits"): scikit-learn's handwritten digits, 1797 real 8x8
-grey images of 10 classes, pixel values 0..16 scaled to [0, 1].  Fixed split,
-the same on every machine and with no random state: image i (in scikit-learn's
-order) is a test image when i % 4 == 0 (450 images), a training image otherwise
-(1347 images).  ``image_size`` (the config's MODEL.IMAGE_SIZE; 8 in the shipped
-digits config) other than 8 resizes them bilinearly; noise and radii then live
-in that resized pixel space.
+Images are float tensors in [0, 1] (normalisation is inside the model, so noise and radii are in pixel units).
+Digits: scikit-learn's 1797 8x8 images, fixed split (image i is a test image iff i % 4 == 0).
 """
 from __future__ import annotations
 

@@ -1,29 +1,10 @@
 """Training on many processes (GPUs, nodes) with DistributedDataParallel, launched by torchrun.
 
-    torchrun --nproc_per_node G DEQ/tools/cls_train.py --cfg ... --noise ...
-    torchrun --nnodes M --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT DEQ/tools/cls_train.py ...
-
-:class:`World` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); without
-it the world is one process and nothing here does anything (the training code then takes exactly
-the path it takes without torchrun).  Under torchrun :mod:`DEQ.training` uses:
-
-* :class:`World`: the process group (NCCL on CUDA with rank r on cuda:LOCAL_RANK, gloo on the CPU),
-  its timeout, and the few collectives training needs (sums of counters, a barrier that carries a
-  one-line error of rank 0 to every rank, the gather of every rank's generator states);
-* :class:`ShardedBatchSampler`: rank r's share of the *global* training batches.  The global order of
-  epoch e is exactly the one-process loader's order (:func:`DEQ.data.make_loader` shuffling with a
-  generator seeded by ``seed + e``), cut into batches of WORLD_SIZE x TRAIN.BATCH_SIZE_PER_GPU; each
-  rank takes a contiguous slice of every global batch, so the union of the ranks' k-th batches is
-  the k-th batch of a one-process run with that batch size;
-* :class:`RoundRobinBatches`: evaluation batch b goes to rank b mod WORLD_SIZE (batches as a
-  one-process run forms them);
-* :func:`derived_seed` and :func:`rank_rng_state` / :func:`set_rank_rng_state`: per-rank random
-  streams (each rank draws the noise of its own samples) and their checkpointing;
-* :func:`check_ranks_agree`: the refusal of ranks started with another command than rank 0 (training
-  and certification).
-
-This module is the DEQ layer's own (``DEQ/`` never imports ``SRS/``); ``SRS.distributed.World`` is
-the certification runner's counterpart with the same conventions.
+:class:`World` (torchrun's environment; one process and no effect without it), :class:`ShardedBatchSampler`
+(rank r's slice of each global batch: the union of the ranks' k-th batches is a one-process run's k-th batch),
+:class:`RoundRobinBatches` (evaluation batch b to rank b mod WORLD_SIZE), per-rank streams (:func:`derived_seed`,
+:func:`rank_rng_state`) and :func:`check_ranks_agree`.  ``DEQ/`` never imports ``SRS/``
+(``SRS.distributed`` is the certification counterpart).  Launch lines: docs/training.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
 """The one-command GPU check (``scripts/gpu_check.sh``): does this CUDA machine run the toolkit, and how fast?
 
-Steps (:func:`default_steps`), each a subprocess with its own timeout, all within an overall budget of
-``BUDGET_SECONDS`` (a step the budget cannot hold is recorded as skipped); a failing or timed-out step is
-recorded and the next one runs:
-
-1. the CUDA tests (``pytest -m cuda``: compiled vs eager certificates with CUDA graphs, the compiled training
-   step, ``--compile auto`` on a real compile, attacks on the GPU);
-2. compiled vs eager predictions of a seeded random-init MDEQ-SMALL, fp32 and bf16
-   (``scripts/check_compile.py``, the runtime ``--compile auto`` resolves to on CUDA);
-3. and 4. ``scripts/bench_gpu.py`` on random-init MDEQ-LARGE and MDEQ-SMALL: compile time, ms per f
-   evaluation and per Anderson step, eager and compiled, fp32 and bf16;
-5. and 6. ``scripts/bench_certify.py --random-init`` on MDEQ-LARGE at N 10000, one timed image: MDEQ-30A
-   and SRS-MDEQ-1A with the paper's fixed K = 400, then with the default adaptive pairing.
-
-The report, ``reports/gpu/<device name slug>.md``, holds the device name, torch and CUDA versions, the
-date, the commit, a table of the steps' statuses, and every step's command, exit status, time and output;
-it is rewritten after each step, so an interrupted check leaves what it did.  No data set, no download:
-random-init weights and synthetic images only.
+Steps (:func:`default_steps`) run as subprocesses with their own timeouts within ``BUDGET_SECONDS``; a failed or
+timed-out step is recorded and the next one runs; the report is rewritten after each step.  No data set, no
+download.  Steps and report: docs/gpu.md.
 """
 from __future__ import annotations
 

@@ -1,47 +1,10 @@
-"""Batched fixed-point solvers for deep equilibrium models.
+"""Batched fixed-point solvers (naive, Anderson, Broyden) for deep equilibrium models.
 
-Every solver finds z with z = f(z) for a batch of independent problems, starting
-from an arbitrary initial state ``z0`` (zeros for the standard model, the
-previous sample's solution for SRS warm starts), and returns a
-:class:`SolverResult` with per-sample statistics.
-
-Budget semantics (one *step* = one evaluation of ``f`` on the whole batch):
-
-* ``naive``:    z_{k+1} = f(z_k).  ``max_iter = k`` costs exactly k evaluations
-                and returns f(z_{k-1}).
-* ``anderson``: Anderson acceleration (memory ``m``, ridge ``lam``).  The first
-                evaluation is f(z0); every further step mixes the stored
-                (z_i, f(z_i)) pairs and evaluates f once.  ``max_iter = k``
-                costs exactly k evaluations; k = 1 is one naive step.
-* ``broyden``:  Broyden's quasi-Newton method on g(z) = f(z) - z with low-rank
-                inverse-Jacobian updates.  The first evaluation is f(z0) (first
-                update is a naive step); ``max_iter = k`` costs k evaluations.
-
-Mapping to other code bases: the reference SRS/MDEQ Anderson spends two
-evaluations on its first two iterates before mixing, so its "kA" costs k+2
-evaluations (and its first mixing step repeats f(f(z0))); torchdeq's Anderson
-with ``max_iter <= 2`` returns its initial guess unchanged.  Here the budget is
-the evaluation count, so "kA" means k evaluations of f.
-
-All solvers return, per sample, the evaluated image f(z) with the lowest
-residual seen (as MDEQ and torchdeq do), check convergence after every
-evaluation (so a warm start already at the fixed point costs one evaluation),
-and stop once every sample in the batch is below ``tol``.
-
-The ladder (``record``): a budget-k solve from z0 returns exactly the lowest-residual image among the
-first k evaluations of a longer solve from the same z0, because the first k iterates of every solver
-here do not depend on the budget (Anderson's memory is min(m, budget - 1), but a k-step solve never
-mixes more than k - 1 pairs, so the first k iterates agree; Broyden's low-rank factors only ever use
-the updates made so far).  ``record=(k1, k2, ...)`` keeps that best image after evaluation k_i, so
-one solve gives the answer of every budget k_i <= max_iter (with ``tol`` > 0, a batch that stopped
-before k_i gives its final answer, as the budget-k_i solve would).  ``tests/test_solvers.py`` checks
-it against separate budget-k solves for every solver.
-
-Why not torchdeq's solvers: they stop only on the batch, report no evaluation
-count, and return the initial guess for budgets <= 2, which is exactly the
-regime SRS runs in.  torchdeq's solvers are still reachable as
-``torchdeq_anderson`` / ``torchdeq_broyden`` / ``torchdeq_naive`` for
-comparison (their evaluation counts are then taken by wrapping ``f``).
+Contract: z = f(z) per sample from any ``z0``; ``max_iter = k`` costs exactly k evaluations of f ("kA" = k
+evaluations); each sample returns the evaluated f(z) of lowest residual seen; convergence is checked after
+every evaluation and the solve stops once every sample is below ``tol``.  A budget-k solve equals the first k
+evaluations of a longer one from the same z0, so ``record=(k1, ...)`` gives every smaller budget's answer
+from one solve.  Why these and not torchdeq's: docs/design.md, "Solvers: budgets and the ladder".
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """The command lines of certify.py, predict.py, certify_qcrs.py and attack.py: argparse, and flags -> RunSpec.
 
-The work itself is ``SRS.runner.run`` with a mode of ``SRS.modes``; this module only parses,
-turns the flags into a typed :class:`SRS.runner.RunSpec` and validates it.  The certification
-flags are not written here: they come from the options declared in ``SRS.settings``
-(:func:`add_smoothing_args`, :func:`smoothing_spec`), in the main group or among the advanced SRS
-options as their declaration says.
-
-Flags keep the names of the SRS reference code (--batch --skip --max --split --N0 --N --alpha
---f_solver --f_thresh --srs --warmup_solver --warmup_thresh --warmup_interval --conf_drop).  Which
-classifier is certified: the checkpoint config's CERTIFY section (SOLVER, THRES, TOL; MDEQ-30A with
-tol 0 unless the config says otherwise), in both modes, unless --std_solver / --std_thresh / --tol
-name another.  In standard mode --f_solver / --f_thresh name the certified model too (as in the
-reference code); with --srs they are the SRS step from the warm start (anderson, 3 by default).
+Parses, builds a typed :class:`SRS.runner.RunSpec` and validates it; the certification flags come from the
+options declared in ``SRS.settings``.  The certified classifier is the checkpoint config's CERTIFY section in
+both modes unless --std_solver / --std_thresh / --tol name another; with --srs, --f_solver / --f_thresh are the
+SRS step.
 """
 from __future__ import annotations
 

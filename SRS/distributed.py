@@ -1,25 +1,10 @@
 """Certification on many processes with torch.distributed, launched by torchrun.
 
-    torchrun --nproc_per_node G SRS/code/certify.py ...            # one node, G processes (GPUs)
-    torchrun --nnodes M --nproc_per_node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT SRS/code/certify.py ...
-
-:class:`DEQ.distributed.World` (shared with DDP training) reads torchrun's environment (RANK,
-WORLD_SIZE, LOCAL_RANK); without it the world is one process and nothing here does anything.  The
-runner (``SRS.runner.run``) uses it to:
-
-* deal the chosen images to ranks (:func:`deal`: round robin over the images still to do, so every
-  rank gets the same share, and the deal is a function of the file and the settings alone);
-* check that every rank runs the same settings (:func:`check_same`);
-* run the steps that touch OUTFILE on rank 0 only and share their outcome, a one-line error
-  included (:meth:`World.on_rank0`);
-* wait for all ranks before the final merge (:func:`wait_all`; rank 0 keeps its progress bar
-  moving meanwhile).
-
-Each rank writes its rows to its own shard file (``SRS.results.shard_path``) as they come; rank 0
-merges them into OUTFILE in image order (``SRS.results.consolidate``).  Noise is seeded per
-(seed, idx), so the merged file has the rows a one-process run writes (time aside).  A rank that
-dies takes the others down (torchrun's agent stops the group); the rows written so far stay in the
-shards and ``--resume`` (with any number of ranks) merges them first and does the rest.
+The runner deals images round robin (:func:`deal`, a function of the file and settings alone), checks that
+every rank runs the same settings (:func:`check_same`), runs OUTFILE steps on rank 0 (``World.on_rank0``) and
+waits before the merge (:func:`wait_all`).  Guarantee: noise is seeded per (seed, idx), so the merged file has
+the rows a one-process run writes (time aside); ``--resume`` merges surviving shards first.  Details:
+docs/internals.md, "Distributed certification".
 """
 from __future__ import annotations
 

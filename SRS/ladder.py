@@ -1,23 +1,9 @@
 """The ladder of standard models MDEQ-kA, and the equal-accuracy standard baseline.
 
-A speedup over MDEQ-30A only means something when MDEQ-30A is the cheapest standard model with its
-certified accuracy.  The honest baseline of an SRS method is the cheapest MDEQ-kA (solved from zeros)
-whose certified accuracy is within ``tolerance`` images of the certified model's at every table
-radius.  Finding it needs every rung's certificates on the same images.
-
-Cheap, exact rungs: a budget-k solve from zeros returns exactly what a budget-D solve from zeros
-holds after its k-th evaluation (``DEQ.solvers``, tested bit for bit per solver), so one pass of the
-certified model with the head applied at the recorded budgets gives every rung's predictions on the
-same noise.  Each rung's certificate is then the ordinary CERTIFY of MDEQ-kA (Cohen et al.) with
-that noise: exactly what ``certify.py`` with ``--f_thresh k`` and the same seed writes (rows differ
-only in time).  The rungs share their noise, which is fine for each certificate on its own (each is
-sound at level alpha); no statement about all rungs at once is made.
-
-Results file: the certified model's own CERTIFY row (``CERTIFY_COLUMNS``, so the file reads as that
-model's certify file) plus a ``ladder`` column, ``k:predict:radius:n_A:nfe`` per rung joined by ';'
-(:func:`rung_frames` reads it back as one frame per rung, with ``nfe`` the rung's evaluations per
-sample; ``time`` is not measured per rung and is left NaN).  The file's own ``time`` is the certified
-model's: the lower rungs' heads are timed apart and left out (``UNTIMED``).
+One pass of the certified model with the head at the recorded budgets gives every rung's predictions on the
+same noise (a budget-k solve equals the first k evaluations, ``DEQ.solvers``), so each rung's certificate is
+exactly ``certify.py --f_thresh k`` with the same seed (time aside), each sound at level alpha on its own; no
+joint statement over rungs is made.  File format: docs/internals.md, "The ladder"; docs/honest-baseline.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
 """The certification modes the runner (``SRS.runner.run``) executes: what each writes per image.
 
-* :class:`CertifyMode`: CERTIFY (c_A and its certified radius) per image, ``SRS/code/certify.py``;
-* :class:`SequentialMode`: sequential CERTIFY for a table at fixed radii (``SRS.sequential``),
-  ``SRS/code/certify.py --sequential --radii ...``;
-* :class:`PredictMode`: PREDICT (the smoothed prediction or abstain), ``SRS/code/predict.py``;
-* :class:`QCRSMode`: CERTIFY at an input-specific sigma found by search, with the fixed-sigma
-  certificate alongside (``SRS.qcrs``), ``SRS/code/certify_qcrs.py``;
-* :class:`AttackMode`: attack the image (PGD on the base model, or Smooth-PGD on the smoothed
-  soft classifier, ``DEQ.attacks``), then PREDICT at the attacked input, ``SRS/code/attack.py``.
-
-A mode names its columns (owned by ``SRS.results``), adds header entries of its own (checked on
-``--resume``), turns one image into one row, and summarises the file.
+:class:`CertifyMode`, :class:`SequentialMode`, :class:`PredictMode`, :class:`QCRSMode`, :class:`AttackMode`: each
+names its columns, adds header entries (checked on ``--resume``), turns one image into one row and summarises.
 """
 from __future__ import annotations
 

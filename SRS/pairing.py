@@ -1,37 +1,11 @@
 """Which SRS samples get a paired standard solve, how many, and when SRS is not worth it.
 
-The correlation-eliminated certificate (``SRS.bounds.eliminated_p_lower``) needs, among the n_A
-estimation samples whose SRS prediction is c_A, a *uniform* subsample of K_A on which the standard
-model f_D is also evaluated (same noise).  This module decides that subsample.
-
-Why the choices below keep the guarantee
-----------------------------------------
-Fix the image and condition on all the noise e_1..e_n and hence on every SRS prediction S_i and every
-standard prediction Y_i = f_D(x + e_i) (both are functions of the noise and of the chain, which is
-itself a function of the noise).  Let A = {i : S_i = c_A} (|A| = n_A) and B = {i in A : Y_i != c_A}.
-The only remaining randomness is the permutation pi of the n positions, drawn from a stream seeded
-independently of the noise (``pair_permutation``).  Scanning pi in order, the *ranks* at which members
-of A appear and the *order* in which the members of A appear are independent, and that order is a
-uniform random ordering of A.  We pair the first K_A members of A in pi-order, where K_A is a function
-of n_A, n, alpha, the budgets, and at most of the ranks (never of any Y_i):
-
-* fixed K (``--conf_drop K``): K_A = |A among pi[:K]|, a function of the ranks;
-* adaptive (``--conf_drop auto``): K_A = ``pairs_needed(n_A, n, ...)``, a function of n_A alone.
-
-So given K_A the paired set is a uniform K_A-subset of A, M = |paired set cut B| is hypergeometric,
-and the one-sided Clopper-Pearson upper bound of M / K_A (valid for sampling without replacement, which
-is more concentrated than binomial sampling) bounds |B| / n_A with probability >= 1 - alpha_1.  Steps
-4-5 of the certificate then hold as for a fixed K, at total level alpha_1 + alpha_2 = alpha.  Pairs
-outside A never enter the certificate, so they are not solved at all.
-
-The standard fallback (``choose_route``) is decided from the *selection* samples only (the n0 SRS
-predictions used to pick c_A), which are independent of the estimation noise.  Conditionally on the
-decision, the SRS branch is the certificate above and the fallback branch is ordinary CERTIFY on n
-fresh draws of f_D: each fails with probability <= alpha given the decision, so the reported
-certificate fails with probability <= alpha overall.  (Deciding from the estimation counts instead
-would let a failure of the discarded branch's data steer the choice: the error could reach
-alpha (1 + P(fallback)).)  Adaptive K with the fallback is tested on closed-form models in
-``tests/test_pairing.py``.
+Soundness (full argument: docs/guarantees.md, "Why the pairing and the fallback keep the level"): the pairs
+are the first K_A members of A = {i : S_i = c_A} in a uniform permutation drawn independently of the noise,
+and K_A depends only on n_A, n, alpha, the budgets and the permutation's ranks, never on a standard
+prediction; so given K_A they are a uniform K_A-subset of A, M is hypergeometric and the Clopper-Pearson bound
+of M / K_A keeps level alpha_1.  The route (SRS or standard fallback) is decided from the selection samples
+only, so each branch fails with probability <= alpha given the decision.
 """
 from __future__ import annotations
 
@@ -52,11 +26,8 @@ PAIR_SEED_SALT = 0x5EED5EED
 
 
 def pair_permutation(n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The order in which the n estimation positions are offered for pairing.
-
-    Drawn on the CPU from a stream derived from the noise generator's seed (never from the noise
-    itself), so the noise is the same with and without pairing and standard and SRS runs with one
-    seed see the same noise."""
+    """The order in which the n estimation positions are offered for pairing: drawn on the CPU from a stream
+    derived from the noise generator's seed, never from the noise (which is the same with or without pairing)."""
     seed = (generator.initial_seed() if generator is not None else int(torch.randint(0, 2 ** 62, ()))) ^ PAIR_SEED_SALT
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -65,10 +36,8 @@ def _z(p: float) -> float:
     return float(norm.ppf(p)) if p >= 0.5 else -math.inf
 
 
-# The planner's searches evaluate the same few bounds over and over (per probe of a bisection, per
-# predicted n_A of the route, per image).  They read them from memoised chunks of consecutive counts,
-# each computed by one vectorised scipy call (``SRS.bounds.lower_confidence_bounds``, equal bit for bit
-# to the scalar bound): every value, hence every decision, is the one the scalar functions give.
+# Planner bounds come from memoised chunks of consecutive counts, one vectorised scipy call each, equal bit for
+# bit to the scalar bound: every decision is the one the scalar functions give.
 _CHUNK = 256
 _CACHED_CHUNKS = 4096                     # at most ~8 MB of float64
 
@@ -105,8 +74,7 @@ def _in_table(c, n) -> bool:
 
 
 def count_bound(c: int, n: int, level: float, upper: bool = False) -> float:
-    """``lower_confidence_bound(c, n, level)`` (``upper``: ``upper_confidence_bound``), read from the
-    memoised chunks (the scalar computation for a count outside 0..n or not a whole number)."""
+    """``lower_confidence_bound(c, n, level)`` (``upper``: the upper bound), memoised; bit-identical."""
     if not _in_table(c, n):
         return (upper_confidence_bound if upper else lower_confidence_bound)(c, n, level)
     c = int(c)
@@ -114,8 +82,7 @@ def count_bound(c: int, n: int, level: float, upper: bool = False) -> float:
 
 
 def count_z(c: int, n: int, level: float) -> float:
-    """``PhiInv(lower_confidence_bound(c, n, level))`` (-inf below 1/2), read from the memoised chunks
-    (the scalar computation for a count outside 0..n or not a whole number)."""
+    """``PhiInv(lower_confidence_bound(c, n, level))`` (-inf below 1/2), memoised; bit-identical."""
     if not _in_table(c, n):
         return _z(lower_confidence_bound(c, n, level))
     c = int(c)
@@ -123,8 +90,7 @@ def count_z(c: int, n: int, level: float) -> float:
 
 
 def clean_upper_bound(K: int, level: float) -> float:
-    """``upper_confidence_bound(0, K, level)``: the misalignment bound of K pairs none of which is
-    misaligned, read from the memoised chunks (the scalar computation for K not a whole number >= 0)."""
+    """``upper_confidence_bound(0, K, level)`` (K pairs, none misaligned), memoised; bit-identical."""
     if not (_whole(K) and K >= 0):
         return upper_confidence_bound(0, K, level)
     K = int(K)
@@ -132,11 +98,8 @@ def clean_upper_bound(K: int, level: float) -> float:
 
 
 def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: int = 0, looks: int = 1) -> float:
-    """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains).
-
-    With M = 0 (every search of the planner) the two bounds come from the memoised chunks
-    (:func:`clean_upper_bound`, :func:`count_z`) and the count N_A_E from the same arithmetic as
-    ``SRS.bounds.eliminated_count``: the value is that of ``eliminated_p_lower`` bit for bit."""
+    """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains); equal bit for bit
+    to ``eliminated_p_lower`` (with M = 0 through the memoised bounds)."""
     if M != 0:
         return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact, looks)[2])
     p_m_upper = clean_upper_bound(K_A, alpha / 2 / looks)
@@ -146,23 +109,12 @@ def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: in
 
 def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
                  z_goal: Optional[float] = None, exact: int = 0, looks: int = 1) -> Optional[int]:
-    """Fewest pairs K_A with which, if none is misaligned, the eliminated certificate comes within
-    ``slack`` (in units of sigma) of the radius the SRS counts alone would give at level alpha.
+    """Fewest pairs K_A with which, if none is misaligned, the eliminated certificate comes within ``slack``
+    (units of sigma) of the SRS counts' own radius at level alpha (or of ``z_goal``).
 
-    Args:
-        n_A: SRS estimation samples predicting c_A; n: estimation samples; alpha: failure probability.
-        slack: allowed radius loss in units of sigma (``--radius_slack``).
-        cap: most pairs allowed (``--max_pairs`` and the cost budget); at most n_A are usable.
-        z_goal: aim within ``slack`` of this radius / sigma instead of the SRS counts' own.
-        exact: samples of the n_A re-solved by the standard model (never paired, never misaligned).
-        looks: looks at the misalignment bound planned (``eliminated_p_lower``).
-
-    Returns:
-        0 when the SRS counts alone abstain (so would the eliminated certificate: no pairs needed);
-        K_A in [1, min(cap, n_A)] otherwise; None when even min(cap, n_A) pairs fall short.
-
-    A pure function of its arguments, memoised on them: the route of a radius grid asks the same
-    searches for every image with the same selection count.
+    ``cap``: most pairs allowed (at most n_A - ``exact`` usable); ``exact``: samples of A re-solved by the
+    standard model; ``looks``: planned looks at the misalignment bound.  Returns 0 when the SRS counts abstain,
+    K_A in [1, min(cap, n_A)], or None when even that falls short.  A pure function of its arguments (memoised).
     """
     return _pairs_needed(n_A, n, alpha, slack, cap, z_goal, exact, looks)
 
@@ -170,7 +122,7 @@ def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
 @functools.lru_cache(maxsize=1 << 16)
 def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal: Optional[float], exact: int,
                   looks: int) -> Optional[int]:
-    """:func:`pairs_needed` with positional arguments (the memo's key): a bisection on K_A."""
+    """:func:`pairs_needed` with positional arguments (the memo key): a bisection on K_A."""
     z_target = count_z(n_A, n, alpha) if z_goal is None else z_goal
     if z_target == -math.inf:
         return 0
@@ -192,9 +144,7 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
 
 
 def _clean_z(n_A: int, n: int, alpha: float, exact: int, looks: int) -> Callable[[int], float]:
-    """K -> ``eliminated_z(n_A, n, K, alpha, 0, exact, looks)`` for the probes of one search, bit for bit: the
-    same bounds (memoised chunks) and the same arithmetic for N_A_E, without the per-call checks (done
-    once here; whole numbers K >= 0 only, as every search probes)."""
+    """K -> ``eliminated_z(n_A, n, K, alpha, 0, exact, looks)`` bit for bit, checks done once (whole K >= 0)."""
     if not all(_whole(v) for v in (n_A, n, exact)) or not 0 <= n_A <= n:
         return lambda K: eliminated_z(n_A, n, K, alpha, 0, exact, looks)
     level_m, level_p, free, exact, n = alpha / 2 / looks, alpha / 2, n_A - exact, int(exact), int(n)
@@ -217,13 +167,10 @@ def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Option
 
 def radii_pair_count(n_A: int, n: int, alpha: float, radii: Sequence[float], cap: int, exact: int = 0,
                      descend: bool = True, looks: int = 1) -> Optional[int]:
-    """K_A of adaptive pairing aimed at the table radii ``radii`` (units of sigma; ``--radii``): the fewest
-    pairs with which, if none is misaligned, the eliminated certificate reaches the largest table radius
-    at or below the SRS counts' own radius (:func:`radii_goal`); where the cap makes that unreachable,
-    the next table radius down that it reaches, down to radius 0 (``descend``; None instead when not).
-    0 when the counts abstain or nothing is reachable.  For radii on a grid (0, g, 2g, ... up to the
-    largest radius reachable) these are the pair counts of aiming at the multiples of g.  A function of
-    n_A, ``exact`` and the fixed radii, so the pairing argument above holds unchanged."""
+    """K_A aimed at the table ``radii`` (units of sigma): the fewest pairs with which, none misaligned, the
+    certificate reaches :func:`radii_goal`; where the cap prevents it, the next table radius down (to 0) with
+    ``descend``, else None.  0 when the counts abstain.  A function of n_A, ``exact`` and the fixed radii, so
+    the pairing argument holds."""
     goal = radii_goal(n_A, n, alpha, radii)
     if goal is None:
         return 0
@@ -236,10 +183,9 @@ def radii_pair_count(n_A: int, n: int, alpha: float, radii: Sequence[float], cap
 
 def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: Optional[float], cap: int, exact: int = 0,
                         radii: Optional[Sequence[float]] = None, looks: int = 1) -> int:
-    """K_A of adaptive pairing: with table ``radii`` (units of sigma) :func:`radii_pair_count`; else
-    ``pairs_needed`` within ``slack``, and where the cap makes that target unreachable, the fewest pairs
-    within ``slack`` of what the cap itself would give (the radius saturates in K_A, so the last pairs
-    before the cap buy almost nothing).  A function of n_A and ``exact`` (see above)."""
+    """K_A of adaptive pairing: :func:`radii_pair_count` with table ``radii``; else :func:`pairs_needed` within
+    ``slack``, or within ``slack`` of what the cap itself gives when the target is unreachable.  A function of
+    n_A and ``exact`` (the pairing argument holds)."""
     if radii:
         return radii_pair_count(n_A, n, alpha, radii, cap, exact, looks=looks)
     need = pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks)
@@ -259,14 +205,10 @@ class PairPlan:
     """The paired positions of one phase.
 
     Attributes:
-        positions: sorted positions (0..n-1) that get a standard solve, all in A.
-        K: positions of the permutation scanned (the size of the uniform subsample they come from).
-        K_A: len(positions).
-        exact: samples of A re-solved by the standard model (not pairable, never misaligned).
-        looks: looks at the misalignment bound planned (2 with a second look; ``eliminated_p_lower``).
-        more: sorted positions of the second look (the next members of A in the same uniform order;
-            solved only when the first look finds a misaligned pair), None without one.
-        K_more: positions of the permutation scanned through the second look.
+        positions: sorted positions (0..n-1) solved by the standard model, all in A; K_A: their count.
+        K: positions of the permutation scanned; exact: samples of A re-solved (never paired or misaligned).
+        looks: planned looks; more: sorted positions of the second look (the next members of A in the same
+            uniform order, solved only when the first look finds a misaligned pair) or None; K_more: scanned.
     """
     positions: torch.Tensor
     K: int
@@ -298,9 +240,8 @@ def first_in_A(perm: torch.Tensor, in_A: torch.Tensor, K_A: int) -> PairPlan:
 
 
 def two_looks(perm: torch.Tensor, in_A: torch.Tensor, K_first: int, K_total: int) -> PairPlan:
-    """Adaptive pairing with a second look: the first K_first members of A in permutation order, and
-    the next K_total - K_first of them (both uniform subsamples of A's pairable part: prefixes of one
-    uniform ordering of it)."""
+    """Adaptive pairing with a second look: the first K_first members of A in permutation order and the next
+    K_total - K_first (both prefixes of one uniform ordering of A's pairable part)."""
     order = torch.nonzero(in_A[perm]).flatten()[:K_total]
     first, more = perm[order[:K_first]].sort().values, perm[order[K_first:]].sort().values
     K = int(order[K_first - 1]) + 1 if K_first > 0 else 0
@@ -309,9 +250,8 @@ def two_looks(perm: torch.Tensor, in_A: torch.Tensor, K_first: int, K_total: int
 
 @dataclass(frozen=True)
 class RouteCosts:
-    """Cost model in evaluations of f, per noisy sample: a standard sample costs D + overhead, an SRS
-    sample S + overhead (warm-up samples W + overhead); overhead is the stem, head and noise of one
-    sample expressed in evaluations of f (``SRS.settings.SAMPLE_OVERHEAD``)."""
+    """Cost model in evaluations of f per noisy sample (standard D, SRS S, warm-up W), each plus the
+    per-sample overhead ``SRS.settings.SAMPLE_OVERHEAD``."""
     standard: float
     srs: float
     warmup: float
@@ -334,26 +274,19 @@ GRID_ROUTE_POINTS = 24    # ... at this many points (and the point estimate)
 
 
 def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
-    """A cautious prediction of n_A from the selection count k0 of n0: n times the one-sided (1 - level)
-    upper Clopper-Pearson bound of k0 / n0.  Near the radius cap the pairs needed grow without bound,
-    so the prediction leans to the high side: an image goes to SRS only when it is clearly cheaper
-    there (k0 = n0 always predicts n_A = n, i.e. the standard model)."""
+    """A cautious (high-side) prediction of n_A from the selection count k0 of n0: n times the one-sided
+    (1 - level) upper Clopper-Pearson bound of k0 / n0 (docs/guarantees.md)."""
     return int(math.floor(n * count_bound(k0, n0, level, upper=True)))
 
 
 def choose_route(k0: int, n0: int, n: int, alpha: float, slack: Optional[float], costs: RouteCosts, warm_rows: int,
                  max_pairs: int, radii: Optional[Sequence[float]] = None, looks: int = 1) -> str:
-    """'srs' or 'standard', from the selection count alone (see the module docstring for why).
+    """'srs' or 'standard', from the selection count alone (which keeps the level; docs/guarantees.md).
 
-    SRS is chosen when its predicted cost (the SRS pass plus the pairs ``pairs_needed`` predicts for
-    n_A = ``predicted_n_A``) is below the cost of n standard samples and the pairs fit ``max_pairs``.
-    With table ``radii`` (units of sigma) the pairs are those of :func:`radii_pair_count` (no descent: a
-    table radius the pairs cannot reach means lost accuracy), the largest of its counts over n_A values
-    spread across the central half of the prediction (``GRID_ROUTE_LEVEL`` each side) and its point
-    estimate: aimed at table radii the pairs are not monotone in n_A (just above one they are many),
-    so every likely n_A must be affordable.  (The whole 80% interval of the slack rule was measured
-    to be too cautious near the radius cap: 9 of 15 digits images fell back at sigma 0.25 instead
-    of 3.)"""
+    SRS when the SRS pass plus the predicted pairs costs less than n standard samples and the pairs fit
+    ``max_pairs``; with table ``radii`` the pairs are the largest :func:`radii_pair_count` (no descent) over
+    n_A spread across the central half of the prediction, since they are not monotone in n_A.
+    """
     if radii:
         low = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL)))
         high = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL, upper=True)))
@@ -381,9 +314,8 @@ def route_costs(cfg: SRSConfig, standard: DEQSolve, refine_rate: float = 0.0) ->
 
 def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int,
                 refine_rate: float = 0.0, sigma: Optional[float] = None) -> str:
-    """'srs', or 'fallback' (standard model for the estimation samples) when adaptive pairing with the
-    fallback on predicts, from the selection samples alone (their count k0 of c_A and the fraction
-    ``refine_rate`` of them that were re-solved), that SRS would cost more."""
+    """'srs', or 'fallback' when adaptive pairing with the fallback on predicts from the selection samples
+    alone (count k0 of c_A, re-solved fraction ``refine_rate``) that SRS would cost more."""
     if not (cfg.adaptive and cfg.fallback and cfg.pairs):
         return "srs"
     route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard, refine_rate), warm_rows,
@@ -393,8 +325,8 @@ def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, al
 
 def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_budget: bool = True,
              refine_rate: float = 0.0) -> int:
-    """Most pairs an image may spend: ``max_pairs``, and in adaptive mode with the fallback on, no more
-    than keeps the SRS route cheaper than the standard model (``use_budget``; PREDICT has no fallback)."""
+    """Most pairs an image may spend: ``max_pairs`` and, adaptive with the fallback (``use_budget``), no more
+    than keeps the SRS route cheaper than the standard one."""
     cap = min(cfg.max_pairs or n, n)
     if cfg.adaptive and cfg.fallback and use_budget:
         cap = min(cap, max(route_costs(cfg, standard, refine_rate).pair_budget(n, warm_rows), 1))
@@ -402,9 +334,8 @@ def pair_cap(cfg: SRSConfig, standard: DEQSolve, n: int, warm_rows: int, use_bud
 
 
 def radii_z(cfg: SRSConfig, sigma: Optional[float]) -> Optional[Tuple[float, ...]]:
-    """The table radii adaptive pairing aims at, in units of sigma, sorted (rounded to 12 decimals, so that
-    a radius of k sigma / 2 is exactly k / 2); None with ``radius_slack`` (the slack rule).  No
-    ``cfg.radii``: the paper's table, 0, 0.5, ..., 3 (``SRS.settings.default_radii``)."""
+    """The table radii in units of sigma, sorted, rounded to 12 decimals; the paper's 0, 0.5, ..., 3 without
+    ``cfg.radii``; None with ``radius_slack``.  Raises ValueError for pixel radii without ``sigma``."""
     if cfg.radius_slack is not None:
         return None
     if cfg.radii is None:
@@ -417,25 +348,13 @@ def radii_z(cfg: SRSConfig, sigma: Optional[float]) -> Optional[Tuple[float, ...
 def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int, alpha: float,
                generator: torch.Generator, cap: int, exact: Optional[torch.Tensor] = None,
                sigma: Optional[float] = None) -> PairPlan:
-    """The paired positions of a phase whose SRS predictions are ``preds``: the uniform order is drawn
-    from ``generator`` after the pass; fixed K (``cfg.conf_drop``) or adaptive K_A from n_A alone.
+    """The paired positions of a phase whose SRS predictions are ``preds`` (A = those predicting ``c_hat``,
+    minus ``exact`` positions, which are counted, never paired): the uniform order is drawn from ``generator``
+    after the pass; fixed K (``cfg.conf_drop``) or adaptive K_A from n_A alone, at most ``cap``.
 
-    Args:
-        preds: (n,) SRS predictions of the phase; A = the positions predicting ``c_hat``.
-        n_A: |A|.
-        cap: most pairs (:func:`pair_cap`), adaptive mode only.
-        exact: (n,) bool, positions whose prediction is the standard model's own (re-solved by
-            ``refine_margin``): they are left out of A's pairable part, and counted as ``exact``.
-        sigma: the noise level (needed with ``cfg.radii``, which are in pixel units).
-
-    Returns:
-        :class:`PairPlan` (sorted positions, all in A and not exact; K scanned; K_A solved; exact).
-
-    With ``cfg.second_look`` G > 1 (adaptive only), the first look is sized as above with the
-    misalignment bound at alpha_1 / 2, and a second look of up to ceil(G K_first) pairs in all (the
-    cap and A's pairable part permitting) is planned with it, both sizes fixed before any pair is
-    solved; the caller solves the second look only when the first finds a misaligned pair.  When no
-    second look fits, the plan has one look at the full alpha_1.
+    With ``cfg.second_look`` G > 1 (adaptive), the first look's bound is at alpha_1 / 2 and a second look of up
+    to ceil(G K_first) pairs in all is planned with it, both sizes fixed before any pair is solved; the caller
+    solves it only when the first look finds a misaligned pair.  Returns a :class:`PairPlan`.
     """
     in_A = (preds == c_hat).cpu()
     n_exact = 0

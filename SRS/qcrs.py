@@ -1,66 +1,11 @@
 """QCRS: input-specific noise level by quasiconcave search (Kung & Chen, AAAI 2024).
 
-For a fixed input x, the certified radius as a function of the noise level,
-R(sigma) = sigma * PhiInv(p_A_lower(sigma)), is quasiconcave for most inputs: it
-grows linearly while p_A_lower is pinned at its finite-sample cap alpha^(1/n)
-(the base classifier is right on almost every noisy copy), then falls once the
-noise starts to flip predictions.  QCRS looks for the maximiser in [left, right]:
-
-1. c_hat = the top class among ``n_select`` (default ``gradient_n``) noisy copies at sigma0;
-2. bisection: at the midpoint s of [left, right] estimate the sign of dR/dsigma
-   as sign(R_hat(s + h) - R_hat(s - h)) with h = epsilon / epsilon_step (the lower
-   probe is s / 2 when s - h <= 0), each R_hat from ``gradient_n`` noisy copies:
-   R_hat(s) = s * PhiInv(LB(#c_hat, gradient_n, alpha)), 0 when that bound is < 1/2.
-   Positive: left = s; negative: right = s; zero (both probes abstain): the rule
-   of the reference code -- keep the lower half (right = s) at the start or after
-   a positive step, the upper half (left = s) after a negative step (R was positive
-   and decreasing at the previous, larger midpoint and is 0 at s, so the peak lies
-   between them).
-   Stop when right - left <= epsilon; the candidate is the midpoint;
-3. keep sigma0 if R_hat(sigma0) >= R_hat(candidate) (ties keep sigma0);
-4. CERTIFY (the ordinary algorithm, :meth:`SRS.smooth.Smooth.certify`) at the chosen
-   sigma with fresh noise; and CERTIFY at sigma0 too, for the fixed-sigma row.
-
-If R were evaluated exactly and quasiconcave, every bisection decision is wrong by
-at most h, so the returned sigma is within epsilon / 2 + h of the maximiser: within
-epsilon for epsilon_step >= 2 (the default).  Monte Carlo noise adds to this.
-
-Noise streams (per image, derived from the image generator's seed S; the image
-generator itself is never advanced by the search):
-
-* search, class selection: seed H(S, "select"); every probe (both sides of every
-  finite difference and the final comparison) restarts from seed H(S, "probe"):
-  common random numbers, i.e. the probes at sigma - h and sigma + h scale the
-  *same* standard normal draws, so their difference is not swamped by sampling
-  noise and R_hat(.) is one fixed function of sigma during the whole search.
-  H is SHA-256 of "S:qcrs:tag" cut to 63 bits, so these seeds differ from S.
-* CERTIFY at best_sigma: the image generator as passed (state at entry), i.e. the
-  stream ``SRS/code/certify.py`` uses for that image.
-* CERTIFY at sigma0: a copy of the image generator's state at entry.  So the
-  fixed columns equal certify.py's row at sigma0 for the same seed, and when
-  best_sigma == sigma0 both certificates are the same one (computed once).
-
-Guarantee.  The search only chooses sigma(x); the final CERTIFY draws its noise
-from a stream independent of everything the search saw, at level alpha.  Given
-the chosen sigma, that CERTIFY is the ordinary algorithm, so: with probability at
-least 1 - alpha, the returned class c is g_{sigma(x)}(x) and g_{sigma(x)}(x + d) = c
-for every ||d||_2 < radius, where g_s is the smoothed classifier with noise
-N(0, s^2 I) (of the standard base classifier; in SRS mode the
-correlation-eliminated certificate still certifies the standard model's g_s).
-The search samples spend none of alpha.
-
-What it does NOT guarantee.  {g_{sigma(x)}} is not one fixed classifier: each
-input's certificate refers to its own smoothed classifier g_{sigma(x)}.  The
-input-dependent classifier x' -> g_{sigma(x')}(x') picks its own sigma(x') at a
-perturbed point x', so its prediction at x' is NOT guaranteed to equal the class
-certified at x, even for ||x' - x|| < radius; certified regions of different
-inputs may even overlap with different classes.  This is the caveat of
-input-dependent smoothing (Sukenik, Kuvshinov & Guennemann 2022, "Intriguing
-properties of input-dependent randomized smoothing"): sound statements need
-extra conditions on how fast sigma(x) may vary, which QCRS does not enforce.
-The fixed-sigma certificate in the same row is a separate, ordinary certificate
-for the single classifier g_{sigma0} (also w.p. >= 1 - alpha; both hold together
-w.p. >= 1 - 2 alpha), offered so users can rely on the globally consistent one.
+A bisection on sign(R_hat(s + h) - R_hat(s - h)) over [left, right] picks sigma(x) from search samples (seeded
+streams of their own, common random numbers across probes); then the ordinary CERTIFY runs at sigma(x) on noise
+independent of the search, and at sigma0 for the fixed-sigma row (the stream certify.py uses).  Guarantee: w.p.
+>= 1 - alpha the returned class is g_{sigma(x)}(x) on the ball of the radius; the search spends no alpha.  NOT
+guaranteed: the input-dependent classifier x' -> g_{sigma(x')}(x') is not certified (Sukenik et al. 2022); the
+fixed-sigma certificate is the globally consistent one.  Algorithm, streams and caveat: docs/guarantees.md, "QCRS".
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
 """The results file: one owner for its columns, its header, writing, resuming and reading.
 
-A results file is a TSV: ``# key: value`` header lines (command, versions, seed, checkpoint
-hash, every setting that changes a row), then a line of column names, then one row per image.
-The first six columns are the field's (idx, label, predict, radius, correct, time, as in
-locuslab/smoothing); our diagnostics follow.  Rows are flushed and fsynced one by one, so an
-interrupted run loses at most the image in progress; ``--resume`` drops a torn last line,
-checks that the settings match (every header entry outside :data:`RESUME_IGNORED_KEYS`), and
-continues with the next image.
-
-Writers: :class:`ResultsFile` (the runner).  Readers: :func:`read_results` (analysis, both
-dialects: ours and the reference code's six columns with a timedelta ``time``) and
-:func:`read_rows` (raw strings, for comparisons and tests).
+A TSV: ``# key: value`` header, column names, one row per image (first six columns as locuslab/smoothing).
+Rows are flushed and fsynced one by one; ``--resume`` drops a torn last line and refuses a header that differs
+outside :data:`RESUME_IGNORED_KEYS`.  :class:`ResultsFile` writes; :func:`read_results` and :func:`read_rows` read.
 """
 from __future__ import annotations
 

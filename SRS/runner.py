@@ -1,16 +1,7 @@
-"""One runner for every certification mode: a typed run description, executed image by image.
+"""One runner for every certification mode: a typed run description (:class:`RunSpec`), executed image by image.
 
-:class:`RunSpec` says everything a run needs (data, checkpoint, images, seed, device, sampling
-and the smoothed classifier); the command lines (``SRS.cli``) and the benchmark
-(``SRS.benchmark``) build it alike.  :func:`run` executes it for a :class:`Mode` (certify,
-predict, QCRS, ...), which supplies its columns, its extra header entries (checked on
-``--resume``) and the work on one image:
-
-    validate -> threads -> checkpoint + data set -> smoothed classifier -> results file
-    -> for each chosen image not yet in the file: mode.work -> one row -> summary
-
-Noise is seeded per image from (seed, idx) (:func:`image_generator`), so a resumed run writes
-the same rows as an uninterrupted one.
+:func:`run` executes a spec for a :class:`Mode`.  Noise is seeded per image from (seed, idx)
+(:func:`image_generator`), so a resumed run writes the same rows as an uninterrupted one.
 """
 from __future__ import annotations
 

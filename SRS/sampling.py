@@ -1,16 +1,8 @@
 """Drawing noisy copies of an input and classifying them: the standard model and the SRS chain.
 
-* :func:`noisy_batch` draws ``rows`` copies x + e, e ~ N(0, sigma^2 I), from a generator;
-  :class:`PhaseLog` records the generator state before each mini-batch, so
-  :func:`regenerate` can reproduce the noisy inputs at any positions bit for bit (the paired
-  standard solves of SRS run after the pass, in full batches).
-* :class:`StandardSolver` classifies a batch with the standard base classifier: the DEQ
-  solved from zeros with fixed settings, or any plain module's forward.
-* :class:`SRSChain` classifies the batches of one image in sequence, each warm-started from
-  the previous batch's solutions (warm-up batches from zeros), as Gao et al. (2024).
-* :func:`draw_counts` runs a whole phase of ``num`` samples through either and counts the
-  predictions per class (on the device, one host sync per phase); :class:`SampleStats`
-  records what that cost.
+:func:`noisy_batch` and :class:`PhaseLog` (generator state per mini-batch: :func:`regenerate` reproduces any
+position's noise bit for bit), :class:`StandardSolver` (solve from zeros), :class:`SRSChain` (warm-started
+batches), :func:`draw_counts` (per-class counts of a phase, one host sync) and :class:`SampleStats`.
 """
 from __future__ import annotations
 

@@ -1,25 +1,10 @@
 """Settings of a smoothed classifier: how the base DEQ solves, and how SRS samples and pairs.
 
-Every certification option is declared once, here: a dataclass field made by :func:`option`, whose
-metadata (:class:`Option`) gives its flag, help, group (main or advanced), the mode it needs, its
-value check, where the results header records it and its benchmark label.  From these declarations
-(:func:`declared`) come the flags of certify.py, predict.py, certify_qcrs.py and attack.py
-(``SRS.cli``), the value checks and the refusal of a flag outside its mode
-(:meth:`SmoothingSpec.validate`), the header's ``srs`` entry (:meth:`SRSConfig.describe`) and so
-the ``--resume`` check, and the benchmark labels (``SRS.benchmark.srs``).  An option is added by
-declaring it here and reading it where it acts.
-
-* :class:`SRSOptions`: the options that pass unchanged into the SRS settings;
-* :class:`SRSConfig`: those options with the solves they steer (SRS step, warm-up);
-* :class:`SmoothingSpec`: those options with the flags that name the solvers, the certified model's
-  defaulting to the checkpoint config's CERTIFY section; :meth:`SmoothingSpec.resolve` turns it into
-  (certified model, SRS settings).
-
-Their defaults are the recipe ``certify.py DATASET CKPT SIGMA OUT --srs --f_thresh 3`` runs: an
-Anderson step of 3 evaluations, adaptive pairing aimed at the certified-accuracy table's radii
-(default: multiples of sigma / 2 from 0 to 3 sigma) with a second look of up to 3 times the pairs,
-and the standard fallback refined by a route pilot of 0.5 N.  Plain frozen dataclasses, built by the
-command lines, the benchmark and tests alike; :class:`SRS.smooth.Smooth` takes the resolved ones.
+Every certification option is declared once here (:func:`option`, metadata :class:`Option`): flags, checks,
+mode refusals (:meth:`SmoothingSpec.validate`), the results header's ``srs`` entry and benchmark labels all come
+from the declarations.  :class:`SRSOptions` -> :class:`SRSConfig` (with the solves) -> :class:`SmoothingSpec`
+(:meth:`~SmoothingSpec.resolve`: certified model, SRS settings).  Defaults are the recipe ``--srs --f_thresh 3``
+(docs/internals.md, "Certification settings").
 """
 from __future__ import annotations
 
@@ -72,11 +57,7 @@ def default_radii(sigma: float) -> Tuple[float, ...]:
 
 
 def check_radii(radii: Optional[Sequence[float]]) -> Tuple[float, ...]:
-    """The table radii of ``--radii``, sorted without repeats.
-
-    Raises:
-        UserError: one line unless there is at least one radius and each is a finite number >= 0.
-    """
+    """The table radii of ``--radii``, sorted without repeats; UserError unless each is finite and >= 0."""
     if not radii:
         raise UserError("--radii needs at least one radius (pixel units), e.g. --radii 0 0.25 0.5")
     for r in radii:
@@ -96,26 +77,14 @@ class Option:
     """What a declared option is, beyond its field's name, type and default.
 
     Attributes:
-        flag: the command-line flag (its argparse dest is the field's name).
-        help: the flag's help; the default is appended (``default_text``, else the field's default).
-        header: where the results header records the option: ``'srs:KEY'`` (``KEY=value`` in the ``srs``
-            entry) or a top-level entry (``'standard'``, ``'tol'``, ``'srs'``); a tuple lists the places
-            by mode.  None: recorded nowhere, for the reason ``header_free``.
-        header_free: why an option with no ``header`` changes no row.
-        header_when: ``(config, routes) -> bool``: whether the ``srs`` entry holds a ``'srs:KEY'`` option
-            (``routes``: whether the mode has CERTIFY's fallback route).
-        changed_only: the ``srs`` entry holds it only at a value other than its default (so files written
-            before the option existed keep their header).
-        show: the value as the header writes it.
-        advanced: listed among the advanced SRS options (False: a main option of certify.py).
-        needs: where it applies (None: every mode; NEEDS_SRS, NEEDS_ADAPTIVE, NEEDS_ROUTE); given outside
-            it (at a value other than its default) the flag is refused in one line.
-        why: the refusal's words where those of ``needs`` do not fit.
-        check: ``value -> None`` raising UserError (one line) for a value out of range.
-        type, nargs, metavar: as argparse's; ``const``: the flag takes no value and sets the field to it.
-        default_text: the default as the help states it (None: the field's default).
-        label: the benchmark label's suffix for a value other than the default: a format string of the
-            value, or a function of it; None: not part of a label.
+        flag, help: the command-line flag (dest: the field's name) and its help (default appended).
+        header: where the results header records it: ``'srs:KEY'`` or a top-level entry (a tuple: by mode);
+            None with ``header_free`` saying why it changes no row.  ``header_when(config, routes)``: whether the
+            ``srs`` entry holds it; ``changed_only``: only at a non-default value; ``show``: its header text.
+        needs: the mode it applies in (None: every mode); outside it a non-default value is refused in one
+            line (``why``: the words where those of ``needs`` do not fit).  ``check``: raises UserError.
+        advanced, type, nargs, metavar, const, default_text: argparse presentation.
+        label: benchmark label suffix for a non-default value (format string or function), or None.
     """
     flag: str
     help: str
@@ -221,45 +190,16 @@ SOLVER_METAVAR = "SOLVER"
 
 @dataclass(frozen=True)
 class SRSOptions:
-    """The SRS options that pass unchanged from the flags into :class:`SRSConfig` (declaration order is the
-    order of the header's ``srs`` entry).
+    """The SRS options that pass unchanged from the flags into :class:`SRSConfig` (field order is the order of
+    the header's ``srs`` entry; each field's help string says what it does).
 
-    Attributes:
-        warmup_interval: every k-th batch is a warm-up from zeros (0: only the first).
-        conf_drop: K, the paired samples of the correlation-eliminated bound; None = adaptive pairing
-            (``--conf_drop auto``): K_A per image from the SRS counts alone (``SRS.pairing``).
-        certificate: 'eliminated' (steps 1-5 of the SRS paper: N_A_E = floor(N_A (1 - p_m_upper)), then
-            the Clopper-Pearson bound of N_A_E / n); 'reference' (the reference code's weaker variant:
-            the bound of (N_A r) / (n r), r = 1 - p_m_upper); 'none' (no correction: certifies the
-            chain as if it were the standard model, NOT a guarantee; for ablations only).
-        chain_across_phases: carry the chain from selection into estimation.
-        radius_slack: None (default): adaptive pairing aims at the table's ``radii``; a number: it aims
-            within that many sigma of the radius the SRS counts alone give (``SRS.pairing.pairs_needed``).
-        radii: the certified-accuracy table (pixel units): adaptive pairing takes the fewest pairs with
-            which, if none is misaligned, the eliminated radius reaches the largest table radius at or
-            below the SRS counts' radius (``SRS.pairing.radii_pair_count``); also the table of
-            ``--sequential``.  None: :func:`default_radii` of the noise level.
-        max_pairs: most paired standard solves per image (None: N).
-        fallback: certify with the standard model outright where the selection samples predict that
-            SRS plus its pairs would cost more (``SRS.pairing.choose_route``).
-        route_pilot: where the selection samples alone send an image to the standard model,
-            ceil(route_pilot * n) further SRS samples from a stream of their own
-            (``derived_seed(seed, 'route_pilot')``), in no certificate, refine that decision.
-        second_look: G > 1 plans a second look at the pairs, up to G times the first look's in all,
-            solved only when the first look finds a misaligned pair; both sizes are fixed before any
-            pair is solved and each look's misalignment bound is taken at alpha_1 / 2 (union bound,
-            ``SRS.bounds.eliminated_p_lower``).  The eliminated certificate's only (the others take one
-            look, :attr:`looks`); 0 turns it off.
-        warm_start: where a non-warm-up batch starts: 'previous' (the paper's chain: sample j from sample
-            j of the previous batch) or 'mean' (every sample from the mean of the previous batch's
-            solutions).  Either way the chain's predictions are a function of the image's noise alone,
-            which is all the pairing argument needs.
-        step_cost: evaluations of f an SRS step is expected to spend, for the fallback's cost model
-            (None: its budget); for a step with a tolerance, whose budget is only a cap.
-        refine_margin: SRS samples whose top-two logit margin after the step is below this are re-solved
-            by the standard model (after the pass, full batches); their prediction is the standard
-            model's own, never misaligned, so the pairs come from the others
-            (``SRS.bounds.eliminated_count``).  0 turns it off (the paper's chain).
+    Soundness notes: ``certificate`` 'eliminated' is the sound certificate, 'reference' the reference code's
+    weaker variant, 'none' NO guarantee (ablations only).  ``conf_drop`` None (adaptive) and ``radii`` /
+    ``radius_slack`` size K_A from the SRS counts alone (``SRS.pairing``).  ``route_pilot`` samples come from a
+    stream of their own and enter no certificate.  ``second_look`` G > 1 fixes both looks' sizes before any pair
+    is solved and takes each look's bound at alpha_1 / 2 (union bound).  With either ``warm_start`` the chain's
+    predictions are a function of the image's noise alone (all the pairing argument needs).  ``refine_margin``
+    re-solves low-margin samples with the standard model: exact, never misaligned, never paired.
     """
     warmup_interval: int = option(
         0, "--warmup_interval", "with --srs: every k-th batch is a warm-up from zeros (0: only the first)",
@@ -352,10 +292,8 @@ class SRSOptions:
 
     @property
     def corrected(self) -> bool:
-        """Whether the SRS counts are corrected by paired standard solves ('eliminated', 'reference').
-
-        Only ``certificate='none'`` skips the correction.  A corrected certificate with no pair
-        (``conf_drop=0``) has p_m_upper = 1 and abstains: zero pairs say nothing about f_D."""
+        """Whether the SRS counts are corrected by paired standard solves (all but 'none'); with no pair
+        (``conf_drop=0``) p_m_upper = 1 and the certificate abstains."""
         return self.certificate != "none"
 
     @property
@@ -365,8 +303,7 @@ class SRSOptions:
 
     @property
     def looks(self) -> int:
-        """Looks at the misalignment bound planned per image: 2 with ``second_look`` in adaptive pairing for
-        the eliminated certificate (the only bound split over looks), else 1."""
+        """Planned looks at the misalignment bound: 2 with ``second_look`` (adaptive, eliminated), else 1."""
         return 2 if self.adaptive and self.second_look > 1 and self.certificate == "eliminated" else 1
 
     def options(self) -> dict:
@@ -376,23 +313,14 @@ class SRSOptions:
 
 @dataclass(frozen=True)
 class SRSConfig(SRSOptions):
-    """Serialized randomized smoothing settings: the options (:class:`SRSOptions`) with the solves they steer.
-
-    Attributes:
-        step: the SRS solve from the warm start (``--f_solver/--f_thresh``; its tol lets it stop early,
-            the budget acting as a cap).
-        warmup: the solve of the warm-up batches from zeros (the first; and every ``warmup_interval``-th).
-    """
+    """SRS settings: the options (:class:`SRSOptions`) with the solves they steer: ``step`` from the warm start
+    (its tol may stop it early, the budget a cap) and ``warmup`` from zeros."""
     step: DEQSolve = DEQSolve("anderson", 3)
     warmup: DEQSolve = DEQSolve("anderson", 10)
 
     def describe(self, routes: bool = True) -> str:
-        """One line with every setting that changes a certificate (the results header's ``srs`` entry):
-        the solves, then each option whose declaration places it there (``Option.header_when``).
-
-        Args:
-            routes: whether the mode has CERTIFY's standard fallback route; without it (PREDICT) the
-                route's options shape no row and are left out."""
+        """The results header's ``srs`` entry: every setting that changes a certificate (the solves, then each
+        option its declaration places there; without ``routes``, as in PREDICT, the route's options are left out)."""
         parts = [f"step={self.step.describe()}", f"step_tol={self.step.tol}", f"warmup={self.warmup.describe()}"]
         for name, opt, default in declared(SRSOptions):
             value = getattr(self, name)
@@ -408,12 +336,8 @@ SRS_DEFAULTS = SRSConfig()
 @dataclass(frozen=True)
 class SmoothingSpec(SRSOptions):
     """The smoothed classifier as the flags describe it; None solver fields take the checkpoint config's
-    CERTIFY section (the certified model) or the SRS defaults.
-
-    Standard mode: ``f_solver``/``f_thresh`` name the certified model (the reference code's flags), as
-    ``std_solver``/``std_thresh`` do (both given with different values is refused).  ``srs``:
-    ``f_solver``/``f_thresh`` are the SRS step from the warm start and ``std_solver``/``std_thresh`` the
-    certified model.  ``conf_drop`` None is adaptive pairing (``--conf_drop auto``)."""
+    CERTIFY section (the certified model) or the SRS defaults.  Without ``srs``, ``f_solver``/``f_thresh`` name
+    the certified model like ``std_solver``/``std_thresh``; with ``srs`` they are the SRS step."""
     srs: bool = option(
         False, "--srs", "serialized randomized smoothing: a warm-started chain whose counts the paired standard "
         "solves correct (the certificate is still the certified model's)",
@@ -452,15 +376,9 @@ class SmoothingSpec(SRSOptions):
         return [(name, opt) for name, opt, default in declared(SmoothingSpec) if getattr(self, name) != default]
 
     def validate(self, n: int, n_name: str = "N", routes: bool = True, table: bool = False) -> None:
-        """Every setting error, one line each, before any work.
-
-        Args:
-            n: the samples the pairs are drawn from (``n_name``: its flag, for the messages).
-            routes: whether the mode has CERTIFY's standard fallback route (PREDICT has none, so the
-                route's flags are refused there).
-            table: whether the mode decides a table at ``radii`` (``--sequential``), where ``--radii`` applies
-                without adaptive pairing.
-        """
+        """Raise every setting error as one UserError line before any work: value checks, flags outside their
+        mode (``routes``: the mode has CERTIFY's fallback; ``table``: ``--sequential``), and pair counts above
+        ``n`` (the samples the pairs are drawn from; ``n_name``: its flag)."""
         for name, opt, _ in declared(SmoothingSpec):
             if opt.check is not None:
                 opt.check(getattr(self, name))
@@ -503,14 +421,8 @@ class SmoothingSpec(SRSOptions):
             raise UserError("--route_pilot refines the standard fallback's decision, which --no_fallback turns off")
 
     def resolve(self, default: DEQSolve, sigma: Optional[float] = None) -> Tuple[DEQSolve, Optional["SRSConfig"]]:
-        """(certified model, SRS settings or None).
-
-        Args:
-            default: the certified model of the checkpoint config (its CERTIFY section): fills the None
-                solver, budget and tolerance of the certified model.
-            sigma: the noise level; with adaptive pairing aimed at the table and no ``radii``, the table is
-                :func:`default_radii` of it (None: left to the sampler, which knows sigma).
-        """
+        """(certified model, SRS settings or None); None solver fields come from ``default`` (the checkpoint
+        config's CERTIFY model); ``sigma`` gives :func:`default_radii` when the table is not given."""
         tol = default.tol if self.tol is None else self.tol  # explicit, so the header records the tolerance used
         if not self.srs:
             return DEQSolve(self.std_solver or self.f_solver or default.solver,

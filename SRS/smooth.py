@@ -1,19 +1,8 @@
 """The smoothed classifier: CERTIFY and PREDICT (Cohen et al. 2019), standard or serialized (SRS).
 
-For a base classifier f and noise level sigma, g(x) = argmax_c P(f(x + e) = c) with
-e ~ N(0, sigma^2 I).  :class:`Smooth` works for any ``nn.Module`` that maps images to logits.
-With a DEQ (:class:`DEQ.interface.DEQClassifier`) it samples in two ways:
-
-* standard: every noisy copy is solved from zeros with the standard solver and budget (the
-  classifier f_D whose smoothed version is certified);
-* SRS (:class:`SRS.settings.SRSConfig`): the noisy copies run through an
-  :class:`SRS.sampling.SRSChain`, each batch warm-started from the previous one.  SRS predictions
-  are not independent draws of f_D(x + e), so they are certified with the correlation-eliminated
-  certificate of Gao et al. (2024): a uniform subsample of the samples in A gets a paired standard
-  solve after the pass (on regenerated noise, in full batches), and the misalignment it reveals
-  corrects the count (:mod:`SRS.certificates`).  Which samples are paired, how many, and when an
-  image is better certified by the standard model outright is decided in :mod:`SRS.pairing`,
-  whose docstring holds the soundness argument.
+:class:`Smooth` works for any images -> logits module.  Standard mode certifies the smoothed f_D (every copy
+solved from zeros); SRS mode certifies the same f_D with the correlation-eliminated certificate (:mod:`SRS.pairing`
+holds the soundness summary, docs/guarantees.md the argument).
 """
 from __future__ import annotations
 
@@ -36,25 +25,15 @@ from .settings import DEQSolve, SRSConfig
 class Smooth:
     """A smoothed classifier g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I).
 
-    Guarantee (Cohen et al. 2019, Thm 1 and its Monte Carlo version): if
-    ``certify`` returns (c, R) with c != ABSTAIN, then with probability at least
-    1 - alpha over its noise draws, g(x) = c and g(x + d) = c for every
-    ||d||_2 < R, where g is the smoothed version of the *standard* base
-    classifier: ``base_classifier`` itself for plain modules, and for a DEQ the
-    model solved from zeros with ``standard`` (solver, budget).  This holds in
-    SRS mode too, with fixed or adaptive pairing and with the standard
-    fallback: the correlation-eliminated certificate only ever claims a radius
-    for the standard model's smoothed classifier (argument in ``SRS.pairing``).
-
-    ``predict`` returns g(x) or ABSTAIN; it returns a wrong class (not g(x))
-    with probability at most alpha.
+    Guarantee (Cohen et al. 2019): if ``certify`` returns (c, R), c != ABSTAIN, then w.p. >= 1 - alpha over its
+    noise, g(x + d) = c for every ||d||_2 < R, g being the smoothed *standard* classifier (``base_classifier``,
+    or a DEQ solved from zeros with ``standard``); in SRS mode too, with any pairing and the fallback (the
+    eliminated certificate only claims radii for the standard model; docs/guarantees.md).  ``predict`` returns
+    a class other than g(x) w.p. at most alpha.
 
     Args:
-        base_classifier: images -> logits; a :class:`DEQ.interface.DEQClassifier` for DEQ settings.
-        num_classes: number of classes.
-        sigma: noise level (pixel units).
-        standard: the standard DEQ solve (default :class:`DEQSolve`; ignored for plain modules).
-        srs: SRS settings; None samples the standard model only.
+        base_classifier: images -> logits (a :class:`DEQ.interface.DEQClassifier` for DEQ settings).
+        num_classes, sigma (pixel units); standard: the standard DEQ solve; srs: SRS settings or None.
     """
 
     def __init__(self, base_classifier: torch.nn.Module, num_classes: int, sigma: float,
@@ -98,28 +77,15 @@ class Smooth:
                 generator: Optional[torch.Generator] = None) -> Certificate:
         """CERTIFY: guess c_A from n0 samples, bound p_A from n fresh samples, return (c_A, R).
 
-        Standard mode: n_A = count of c_A among n draws of f_D(x + e);
-        p_A_lower = Clopper-Pearson lower bound of n_A / n at level alpha.
-
-        SRS mode (correlation eliminated): N_A = count of c_A among the n SRS
-        predictions; K_A of those N_A samples, a uniform subsample (``SRS.pairing``),
-        also get the standard prediction on the same noise, and M of them disagree
-        with c_A.  With alpha_1 = alpha_2 = alpha / 2: p_m_upper = upper bound of
-        M / K_A at alpha_1 (1 if K_A = 0); N_A_E = floor(N_A (1 - p_m_upper)) (w.p.
-        >= 1 - alpha_1 at least N_A_E of the n i.i.d. draws of f_D(x + e) are c_A);
-        p_A_lower = lower bound of N_A_E / n at alpha_2.  Union bound: level alpha.
-        Adaptive pairing (``conf_drop=None``) picks K_A from N_A alone; with
-        ``fallback`` the selection counts may route the image to the standard
-        model on fresh noise (``route='fallback'``), which is ordinary CERTIFY.
-        Abstain (ABSTAIN, 0.0) when p_A_lower < 1/2, or when any solve diverged (no finite iterate)
-        or produced non-finite logits (status ``nonfinite_logits(k)``, k samples).
+        Standard mode: p_A_lower = Clopper-Pearson lower bound of n_A / n at level alpha.  SRS mode: the
+        correlation-eliminated certificate (N_A_E = floor(N_A (1 - p_m_upper)), p_m_upper at alpha / 2 from K_A
+        uniform pairs, p_A_lower of N_A_E / n at alpha / 2; union bound: level alpha), or with ``fallback``
+        ordinary CERTIFY on fresh noise (``route='fallback'``); argument: docs/guarantees.md.  Abstains
+        (ABSTAIN, 0.0) when p_A_lower < 1/2 or a solve diverged or gave non-finite logits.
 
         Args:
-            x: (C, H, W) or (1, C, H, W) input.
-            n0, n: selection and estimation samples.
-            alpha: failure probability.
-            batch_size: noisy samples per mini-batch (SRS chain width; paired solves per call).
-            generator: the noise stream (a fresh one from the global RNG if None).
+            x: (C, H, W) or (1, C, H, W); n0, n: selection and estimation samples; alpha: failure probability.
+            batch_size: samples per mini-batch; generator: the noise stream (None: fresh from the global RNG).
 
         Returns:
             :class:`SRS.certificates.Certificate`, which unpacks as (prediction, radius).
@@ -246,21 +212,13 @@ class Smooth:
                generator: torch.Generator, stats: SampleStats, chain: SRSChain, warm: int) -> Tuple[str, float]:
         """('srs' or 'fallback', the refined fraction of the samples the decision saw).
 
-        The selection samples decide first (``SRS.pairing.image_route``).  Where they send the image
-        to the standard model and ``route_pilot`` > 0, a pilot of ceil(route_pilot * n) SRS samples
-        continues the chain on a stream of its own (``derived_seed(seed, 'route_pilot')``: not the
-        image's noise stream, whose draws are therefore the same with and without the pilot) and the
-        rule is applied again to the selection and pilot counts together.  Pilot samples enter no
-        certificate (their refine flags are counted, not re-solved); their evaluations are the image's
-        cost, but not samples of it (``SampleStats.nfe_per_sample`` stays per certification sample,
-        as for the paired solves).
-
-        Soundness: the decision is a function of the selection and pilot noise (and the chain run on
-        it) only, both independent of the estimation samples the SRS certificate uses and of the fresh
-        samples the fallback uses; given the decision, each branch fails with probability <= alpha,
-        so the reported certificate does (the argument of ``SRS.pairing`` with a larger selection set).
-        The pilot's chain state may warm-start the estimation chain: the estimation predictions stay
-        functions of the noise, which is all the pairing argument needs."""
+        The selection samples decide (``SRS.pairing.image_route``); where they send the image to the standard
+        model and ``route_pilot`` > 0, ceil(route_pilot * n) further SRS samples on a stream of their own
+        (``derived_seed(seed, 'route_pilot')``) refine the decision.  Pilot samples enter no certificate.
+        Soundness: the decision is a function of selection and pilot noise only, independent of the samples
+        either branch certifies with, so each branch fails w.p. <= alpha given it (docs/guarantees.md); a pilot
+        chain state that warm-starts the estimation chain leaves its predictions functions of the noise.
+        """
         srs = self.srs
         k, seen, rate = int(sel[c_hat]), n0, (stats.refined / n0 if n0 else 0.0)
         with stats.planning():

@@ -1,33 +1,8 @@
 """Certification speed benchmark: standard MDEQ-30A vs sound SRS on the same images, same N, one table.
 
     python scripts/bench_certify.py --ckpt output/digits/cls_mdeq_digits_noise0.25/last.pth --sigma 0.25
-    python scripts/bench_certify.py --ckpt output/digits/cls_mdeq_digits_noise0.5/last.pth --sigma 0.5
-    python scripts/bench_certify.py --random-init experiments/cifar/cls_mdeq_LARGE.yaml --images 5   # GPU timing
 
-Runs MDEQ-30A (with its ladder MDEQ-kA, k = 1, 2, 3, 5, 8, 12, 20, certified from the same solves on the
-same noise, which finds the equal-accuracy standard baseline: the cheapest MDEQ-kA within one image of
-MDEQ-30A at every radius), SRS-MDEQ-1A, -3A and -1N with certify.py's defaults (adaptive pairing aimed at the
-table's radii, a second look, a 0.5 N route pilot; SRS-MDEQ-3A is ``--srs --f_thresh 3``) and
-SRS-MDEQ-1A with the paper's fixed K (``--fixed_K``, 400), all through certify.py's runner (``SRS.runner.run``),
-interleaved image by image; then times the equal-accuracy baseline beside them (a second interleaved
-pass; ``--no_time_baseline`` skips it); and prints the ladder and per method: the speedups over the
-equal-accuracy baseline and over MDEQ-30A (evaluations of f first, wall clock beside), seconds per
-image, the largest certified-accuracy gap over
-the radii (default sigma * 0, 0.5, ..., 3), mean K and K_A, the misalignment rate sum(M) / sum(K_A),
-standard-solve calls per image, fallbacks to the standard model, and the sound speed limit computed
-from the MDEQ-30A run of the same images (``SRS.benchmark.sound_speed_limit``) with the fraction of it
-reached.  ``--step_tol T`` adds SRS-MDEQ-tolT-30A (the SRS step runs to tolerance T from the warm start,
-30 evaluations as a cap), the low-misalignment option; ``--refine_margin M`` adds SRS-1A/-3A/-1N whose
-samples with a top-two logit margin below M are re-solved by the standard model (exact, never misaligned);
-``--mean_start`` adds the SRS rows whose samples start from the previous batch's mean solution (``--warm_start mean``);
-``--route_pilot P`` and ``--radius_slack S`` add the SRS rows with that pilot or with pairs aimed within S sigma of
-each image's SRS radius instead of at the table's radii.  Every budget is exact (--tol 0), so "kA" means
-k Anderson evaluations.  Runs on CUDA when present (``--device``).  Re-running resumes finished files.
-
-``--random-init CFG`` times seeded random-init weights of a config on seeded synthetic images instead
-(speed only: no accuracy is reported for such a model).  For eager vs compiled and fp32 vs bf16
-throughput (ms per f evaluation and per Anderson step, FLOPs, fraction of the device's peak) see
-``scripts/bench_gpu.py``.
+Methods, flags and the printed columns: docs/internals.md, "scripts/bench_certify.py".
 """
 
 from DEQ.errors import ArgumentParser, UserError, cli_main

@@ -1,20 +1,7 @@
-"""Throughput of the MDEQ on this device: eager vs compiled, fp32 vs bf16 (issue 11's table).
+"""Throughput of the MDEQ on this device: eager vs compiled, fp32 vs bf16.
 
-    python scripts/bench_gpu.py --cfg experiments/cifar/cls_mdeq_LARGE.yaml experiments/cifar/cls_mdeq_SMALL.yaml \
-        --batch 400 --N 10000 --peak-tflops 494.7          # one H100 (dense TF32 peak; 989 for bf16)
-    python scripts/bench_gpu.py --cfg experiments/digits/cls_mdeq_digits.yaml experiments/cifar/cls_mdeq_SMALL.yaml \
-        --batch 400 --N 1000 --threads 1                   # the CPU (inductor's C++ backend)
-
-Per config (seeded random-init weights, seeded uniform-noise images of the config's size: no data set
-needed) and per runtime (``--compile`` off/on x ``--precision`` fp32/bf16, as ``DEQ.acceleration``
-applies them to certify.py): the compile time (first calls of stem, f and head), ms per evaluation of
-f at batch B, ms per Anderson step inside a 30-step solve ((t(30) - t(1)) / 29: f plus the solver's
-bookkeeping), seconds per image of MDEQ-30A and SRS-MDEQ-1A certification (``SRS.smooth.Smooth``
-with the settings of ``SRS.benchmark.random_init_timing``: sigma 0.5, tol 0, warm-up anderson 10,
-K = --K paired standard solves, N0/N/batch as given; one untimed warm-up image), the FLOPs of one
-evaluation of f per sample (``torch.utils.flop_counter.FlopCounterMode``) and the fraction of the
-device's dense peak (``--peak-tflops``) reached by f alone and by MDEQ-30A certification.
-A speed measurement only: the weights are not trained, so certificates mean nothing here.
+Seeded random-init weights and images (speed only; certificates mean nothing here).  What is measured:
+docs/internals.md, "scripts/bench_gpu.py".
 """
 import time
 

@@ -2,13 +2,7 @@
 
     python scripts/bench_ladder.py --ckpt output/digits/cls_mdeq_digits32_noise0.5/last.pth --sigma 0.5 --top 60
 
-Certifies MDEQ-<top>A on every skip-th test image with the ladder MDEQ-kA (``--rungs``) certified from
-the same solves on the same noise (``SRS.ladder``), and prints the ladder table against the reference
-rung (``--reference``, the certified model, default 30): certified accuracy per radius, evaluations of
-f per sample, the largest gap in images, and the equal-accuracy baseline (the cheapest rung within one
-image of the reference at every radius).  A setting is in the regime SRS exists for when MDEQ-5A
-certifies far less than MDEQ-30A while MDEQ-30A is close to MDEQ-60A (``--top 60``).  Re-running
-resumes the ladder file.
+Re-running resumes the ladder file.  What it prints: docs/internals.md.
 """
 import os
 

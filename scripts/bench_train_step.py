@@ -2,25 +2,7 @@
 
     python scripts/bench_train_step.py --cfg experiments/cifar/cls_mdeq_SMALL.yaml --batch 96 --steps 3
 
-Runs random 32x32 (or the config's size) inputs, so no data set is needed.  Reports
-the pretraining (unrolled) step and the DEQ step separately, with and without the
-Jacobian term.
-
-    python scripts/bench_train_step.py --cfg experiments/digits/cls_mdeq_digits.yaml --batch 32 --compile both
-
-``--compile`` times the DEQ step with the no-gradient fixed-point solve evaluating f eagerly (off),
-through ``torch.compile`` (on, as ``cls_train.py --compile on``: ``MDEQClsNet.set_runtime(runtime,
-train=True)``), or both.  The compile time (the compiled f's first call: compilation plus one
-evaluation) is reported on its own line and is not in the per-step figures (each figure is the mean
-of ``--steps`` steps after one untimed warm-up step, which holds the compile).
-
-    python scripts/bench_train_step.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --batch 64 --adv
-
-``--adv`` also times SmoothAdv (the config's ATTACK section, or ``--m`` noise vectors): one
-attack step (forward solve and implicit backward on batch x m rows, model in eval mode) and one
-gradient-free step (``ATTACK.NO_GRAD_ATTACK``), each relative to one DEQ training step, and the
-whole adversarial training step (NUM_STEPS attack steps, then the optimiser step on batch x m
-rows with TRAIN_MULTI_NOISE, else batch rows).
+Random inputs, no data set.  ``--compile`` and ``--adv`` variants: docs/internals.md.
 """
 import time
 

@@ -1,21 +1,9 @@
 """Reproduce the paper's standard-vs-SRS comparison in one command.
 
-Embedded data (default; a 2-core CPU: about 20-25 minutes without the table rows, --no_table_rows):
     python scripts/reproduce.py                      # sigma 0.25 and 0.5 -> reports/digits/report.md
-    python scripts/reproduce.py --quick              # the README's main job: sigma 0.25, 3 methods, < 10 min
-
-The paper's CIFAR-10 setting (MDEQ-LARGE, sigma 0.5, N 10000, every 20th test image):
     python scripts/reproduce.py --paper --ckpt CKPT --data-dir ~/data/cifar10
 
-For every sigma: train the digits MDEQ at that noise (or reuse the checkpoint
-already in output/), certify the same test images with MDEQ-1A, MDEQ-5A,
-MDEQ-30A, SRS-MDEQ-1N, SRS-MDEQ-1A and SRS-MDEQ-3A (the default adaptive pairing, aimed at the
-table's radii, with a second look and a 0.5 N route pilot: SRS-MDEQ-3A is ``--srs --f_thresh 3``), the
-one-step chains with low margins re-solved (``table_methods``),
-and fixed K rows for the paper's comparison, and write the table (times,
-speedups), certified-accuracy curves, RRD histograms and the raw TSVs into one
-report folder with a markdown report.  Re-running resumes: finished TSVs and
-checkpoints are reused.  Budgets are exact (--tol 0): "kA" is k evaluations of f.
+Re-running resumes (finished TSVs and checkpoints are reused).  Methods and outputs: docs/internals.md.
 """
 import os
 import re

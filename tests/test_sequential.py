@@ -66,7 +66,7 @@ def test_levels_sum_to_alpha_with_half_at_N(looks):
 
 
 def test_price_at_N_is_the_bound_at_half_alpha():
-    """The figures the SRS.sequential docstring states: N = 10000, alpha = 0.001."""
+    """The figures docs/guarantees.md ("Sequential CERTIFY") states: N = 10000, alpha = 0.001."""
     N, alpha = 10000, 0.001
     fixed, seq = lower_confidence_bound(N, N, alpha), lower_confidence_bound(N, N, alpha / 2)
     assert fixed == pytest.approx(alpha ** (1 / N)) and seq == pytest.approx((alpha / 2) ** (1 / N))

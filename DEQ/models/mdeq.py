@@ -1,25 +1,10 @@
 """Multiscale deep equilibrium model (MDEQ) for classification.
 
-Architecture and parameter names follow the published MDEQ code (locuslab/deq,
-MDEQ-Vision, ``MDEQClsNet``), so that a ``state_dict`` saved by that code (or by
-the SRS reference code, which uses the same modules) loads here with
-``strict=True`` and gives the same logits.  The only structural addition is the
-input normalisation as the first module (``norm_layer``); its mean and std are
-non-persistent buffers, so they do not appear in the ``state_dict`` and key
-sets stay identical.  No key mapping is needed; ``checkpoint.load_state_dict``
-only strips a ``module.`` prefix left by ``DataParallel``.
-
-Forward interfaces:
-
-* ``model(x)``: logits, solving with the configured solver and budget from
-  zeros (a plain classifier: this is the "standard model" f_D).
-* ``model.solve(x, solver=, max_iter=, z0=, tol=)``: :class:`DEQOutput` with
-  logits, the fixed point ``z`` (flat, (B, D)) and the solver statistics, so a
-  caller can chain ``z`` into the next solve (SRS warm starts).
-* ``model.forward_train(x, train_step, compute_jac_loss, f_thres)``: logits,
-  Jacobian loss and solver statistics, with gradients through the fixed point
-  by implicit differentiation (or a one-step phantom gradient), or through the
-  unrolled f during pretraining.
+Parameter names are those of the MDEQ code's ``MDEQClsNet``: its (and the SRS reference's) state_dicts load with
+``strict=True`` and give the same logits; the input normalisation (first module) has non-persistent buffers.
+``model(x)``: the standard model f_D's logits; ``model.solve(...)``: :class:`DEQOutput` (logits, flat fixed
+point, statistics; for SRS warm starts); ``model.forward_train(...)``: logits and Jacobian loss with gradients
+through the fixed point (implicit or phantom) or the unrolled f (pretraining).
 """
 from __future__ import annotations
 

@@ -1,25 +1,8 @@
-"""ResNet baselines of randomized smoothing (Cohen, Rosenfeld & Kolter 2019).
+"""ResNet baselines of randomized smoothing (Cohen, Rosenfeld & Kolter 2019): CIFAR ResNet-6n+2 and ResNet-50.
 
-* :func:`resnet_cifar`: the CIFAR ResNet of Cohen et al.'s ``archs/cifar_resnet.py``
-  (after Wei Yang's pytorch-classification): a 3x3 stem with 16 channels, three
-  stages of ``n`` basic blocks with 16, 32 and 64 channels (stride 2 at the start of
-  stages 2 and 3, a 1x1 conv + BN shortcut where the shape changes), global average
-  pooling and a linear layer; depth 6n+2 (ResNet-20: n = 3, ResNet-110: n = 18).
-* ResNet-50: torchvision's ``resnet50`` (ImageNet).
-
-Each is wrapped as ``ResNetClassifier(NormalizeLayer(mean, std), net)``, an
-``nn.Sequential`` exactly like the ``torch.nn.Sequential(normalize_layer, model)``
-of Cohen's ``architectures.get_architecture``: the input is normalised inside the
-model (noise and radii live in [0, 1] pixel space) and the parameter names are
-Cohen's (``1.conv1.weight``, ``1.layer1.0.bn1.running_mean``, ...), so a released
-``checkpoint.pth.tar`` loads with a strict ``load_state_dict`` (the normalisation
-has no state).  One difference, invisible on CIFAR-10: the final pooling averages
-the whole feature map (Cohen's ``AvgPool2d(8)`` does the same on 32x32 inputs), so
-the network also runs on the 8x8 digits.
-
-These are plain classifiers: ``model(x)`` returns logits, and there is no ``.solve``
-method (randomized smoothing treats them as ordinary base classifiers; SRS, which
-warm-starts fixed-point solves, refuses them).
+Each is ``ResNetClassifier(NormalizeLayer(mean, std), net)`` with Cohen's parameter names, so a released
+``checkpoint.pth.tar`` loads with a strict ``load_state_dict``; inputs in [0, 1] pixel space.  Plain classifiers
+(no ``.solve``; SRS refuses them).  Architecture notes: docs/internals.md, "ResNet baselines".
 """
 from __future__ import annotations
 

@@ -1,27 +1,9 @@
 """Train a noise-augmented MDEQ classifier.
 
     python DEQ/tools/cls_train.py --cfg experiments/digits/cls_mdeq_digits.yaml --noise 0.25
-    python DEQ/tools/cls_train.py --cfg experiments/cifar/cls_mdeq_LARGE.yaml --noise 0.5 --data-dir ~/data/cifar10
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume                   # continue the run folder's last.pth
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume TRAIN.END_EPOCH 60   # ... to a later end epoch
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --resume-from other/run/best.pth --out new/run
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 --overwrite                # delete the folder's checkpoints, start again
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.5 TRAIN.END_EPOCH 10 DEQ.F_THRES 6   # yacs overrides
-    python DEQ/tools/cls_train.py --cfg experiments/digits/cls_mdeq_digits_smoothadv.yaml --noise 0.25   # SmoothAdv
-    python DEQ/tools/cls_train.py --cfg ... --noise 0.25 ATTACK.ADV_TRAINING True ATTACK.EPSILON 0.5 ATTACK.NUM_STEPS 2
-    torchrun --nproc_per_node 8 DEQ/tools/cls_train.py --cfg ... --noise 0.5    # DistributedDataParallel, 8 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29400 --rdzv-id run1 \
-        DEQ/tools/cls_train.py --cfg ... --noise 0.5                           # the same command on every node
 
-A run folder that already holds last.pth / best.pth is never overwritten silently:
-pass --resume, --overwrite or another --out.  --threads sets torch's CPU threads
-(default: OMP_NUM_THREADS if set, else the usable cores shared among torchrun's
-local processes); on a busy machine oversubscribed threads made certification
-~50x slower, so lower it there.
-Under torchrun each process trains on TRAIN.BATCH_SIZE_PER_GPU rows of every global batch
-(WORLD_SIZE x that); rank 0 writes the log and the checkpoints (see DEQ/training/, DEQ/distributed.py).
-Flags go before the KEY VALUE overrides.  SmoothAdv training (adversarial training of the
-smoothed classifier) is the ``ATTACK`` config section; see DEQ/attacks.py and docs/training.md.
+A run folder holding last.pth / best.pth is never overwritten silently (--resume, --overwrite or another
+--out).  Flags go before the KEY VALUE overrides.  More examples: docs/training.md, docs/internals.md.
 """
 import argparse
 

@@ -1,14 +1,7 @@
 """Empirical robustness: attack every chosen image, then predict with the smoothed classifier there.
 
-    python SRS/code/attack.py digits CKPT 0.25 out/pgd_0.5.tsv --attack pgd --epsilon 0.5 --N 1000 --skip 10
-    python SRS/code/attack.py digits CKPT 0.25 out/spgd4_0.5.tsv --attack smooth_pgd --num_noise_vec 4 \
-        --epsilon 0.5 --steps 20 --N 1000 --skip 10
-
-One TSV row per image in predict.py's format (idx label predict correct time ...) plus the
-perturbation's norm and the base model's prediction at the attacked input; the attack settings
-are in the header (checked on --resume).  ``SRS/code/analyze.py --attack-table FILES`` makes the
-paper's attack table.  Certified accuracy at radius r is a lower bound on the accuracy under any
-attack of size r: the attack table must not fall below the certified-accuracy table.
+Certified accuracy at radius r lower-bounds accuracy under any attack of size r: the attack table must not fall
+below the certified-accuracy table.  Examples: docs/certification.md.
 """
 from DEQ.errors import cli_main
 from SRS.cli import attack_main, attack_parser
