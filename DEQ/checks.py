@@ -1,10 +1,6 @@
 """Argument and path checks shared by every CLI: one :class:`UserError` line each, before any work.
 
-The CLIs (``DEQ/tools/cls_train.py``, ``SRS/code/*.py``) and the config loader call
-these instead of writing their own comparisons, so a value or a path is refused
-with the same words everywhere (e.g. ``nan`` fails every range check: comparisons
-with nan are False, so each check is written as ``not (lo <= v <= hi)``).
-"""
+The same words everywhere; each range check is written ``not (lo <= v <= hi)`` so that nan fails it."""
 from __future__ import annotations
 
 import math
@@ -91,16 +87,8 @@ __all__ = ["check_number", "check_count", "check_input_file", "writable_dir_prob
 
 
 def check_choice(flag: str, value: str, choices) -> str:
-    """One-line error for a value outside ``choices`` (for callers that bypass argparse).
-
-    Args:
-        flag: the flag's name, for the message.
-        value: the given value.
-        choices: the allowed values.
-
-    Returns:
-        str: ``value``.
-    """
+    """Return ``value`` if it is in ``choices``, else a one-line error naming ``flag`` (for callers that bypass
+    argparse)."""
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     return value

@@ -133,22 +133,9 @@ def get_dataset(name: str, split: str, data_dir: Optional[str] = None, augment: 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
                 device: Optional[torch.device] = None, seed: int = 0, pin_memory: bool = True,
                 batch_sampler: Optional[Sampler] = None) -> DataLoader:
-    """DataLoader with a seeded shuffle (so a resumed run replays the same order).
-
-    Args:
-        dataset: the data set.
-        batch_size: images per batch.
-        shuffle: reshuffle every epoch (from the loader's seeded generator).
-        workers: worker processes (the config's WORKERS); an in-memory TensorDataset (digits) uses 0.
-        device: where the batches go; memory is pinned only for CUDA.
-        seed: seed of the shuffle generator.
-        pin_memory: pin host memory when ``device`` is CUDA (the config's PIN_MEMORY).
-        batch_sampler: yields the index lists of the batches (under torchrun, this rank's share:
-            ``DEQ.distributed``); ``batch_size`` and ``shuffle`` are then unused.
-
-    Returns:
-        DataLoader: with ``.generator`` set (reseed it per epoch for a replayable order).
-    """
+    """DataLoader with a seeded shuffle (``seed``), so a resumed run replays the same order; ``.generator`` is
+    set (reseed it per epoch).  ``workers`` is 0 for an in-memory TensorDataset; memory is pinned only for CUDA with
+    ``pin_memory``; a ``batch_sampler`` (under torchrun, this rank's share) replaces ``batch_size`` and ``shuffle``."""
     in_memory = isinstance(dataset, TensorDataset)
     gen = torch.Generator().manual_seed(seed)
     cuda = device is not None and torch.device(device).type == "cuda"

@@ -1,11 +1,7 @@
 """Training on many processes (GPUs, nodes) with DistributedDataParallel, launched by torchrun.
 
-:class:`World` (torchrun's environment; one process and no effect without it), :class:`ShardedBatchSampler`
-(rank r's slice of each global batch: the union of the ranks' k-th batches is a one-process run's k-th batch),
-:class:`RoundRobinBatches` (evaluation batch b to rank b mod WORLD_SIZE), per-rank streams (:func:`derived_seed`,
-:func:`rank_rng_state`) and :func:`check_ranks_agree`.  ``DEQ/`` never imports ``SRS/``
-(``SRS.distributed`` is the certification counterpart).  Launch lines: docs/training.md.
-"""
+Without torchrun the world is one process and nothing here has any effect.  ``DEQ/`` never imports ``SRS/``
+(``SRS.distributed`` is the certification counterpart).  Overview: docs/internals.md; launch lines: docs/training.md."""
 from __future__ import annotations
 
 import datetime
@@ -35,14 +31,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 class World:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun).
-
-    Args:
-        rank: global rank (RANK).
-        size: number of processes (WORLD_SIZE).
-        local_rank: rank on this node (LOCAL_RANK); picks the GPU.
-        local_size: processes on this node (LOCAL_WORLD_SIZE).
-    """
+    """This process's place in a torchrun job: ``rank`` (RANK), ``size`` (WORLD_SIZE), ``local_rank``
+    (LOCAL_RANK, picks the GPU), ``local_size`` (LOCAL_WORLD_SIZE); rank 0 of 1 without torchrun."""
 
     def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, local_size: int = 1):
         if size < 1 or not 0 <= rank < size or not 0 <= local_rank < max(local_size, 1):
@@ -53,14 +43,8 @@ class World:
 
     @classmethod
     def from_env(cls) -> "World":
-        """The world torchrun describes in the environment (one process when it is absent).
-
-        Returns:
-            World
-
-        Raises:
-            UserError: the variables are not whole numbers or contradict each other.
-        """
+        """The world torchrun's environment describes (one process without it); UserError if the
+        variables are not whole numbers or contradict each other."""
         size = _env_int("WORLD_SIZE", 1)
         return cls(_env_int("RANK", 0), size, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1))
 
@@ -76,18 +60,9 @@ class World:
         return self.rank == 0
 
     def pick_device(self, device: torch.device) -> torch.device:
-        """This rank's device: cuda:LOCAL_RANK for ``cuda`` without an index, ``device`` otherwise.
+        """This rank's device: cuda:LOCAL_RANK for an index-less ``cuda``, ``device`` otherwise.
 
-        Args:
-            device: what ``--device`` asked for (after ``DEQ.utils.pick_device``).
-
-        Returns:
-            torch.device
-
-        Raises:
-            UserError: ``cuda:N`` with several processes on this node (they would share one GPU), or
-                more local processes than visible GPUs.
-        """
+        Raises UserError: ``cuda:N`` with several processes on this node, or more local processes than visible GPUs."""
         if not self.distributed or device.type != "cuda":
             return device
         if device.index is not None:
@@ -102,13 +77,8 @@ class World:
         return torch.device("cuda", self.local_rank)
 
     def start(self, device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
-        """Join the process group (NCCL on CUDA, gloo on the CPU); no-op for one process.
-
-        Args:
-            device: this rank's device (:meth:`pick_device`).
-            timeout_minutes: how long a collective waits for the other ranks before this rank stops
-                with an error (a dead or stuck rank never makes the others hang for ever).
-        """
+        """Join the process group (NCCL on CUDA, gloo on the CPU); no-op for one process.  A collective
+        waits ``timeout_minutes`` for the other ranks, then this rank stops with an error (no rank hangs for ever)."""
         self.device = device
         if not self.distributed or dist.is_initialized():
             return
@@ -128,15 +98,8 @@ class World:
             dist.barrier()
 
     def on_rank0(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only and give its result to every rank; a UserError there is raised on
-        every rank (the others wait meanwhile: this is also a barrier).
-
-        Args:
-            fn: the work (file-system changes of the run folder, checkpoint writes).
-
-        Returns:
-            ``fn()``'s (picklable) result, on every rank.
-        """
+        """Run ``fn`` on rank 0 only and return its (picklable) result on every rank; a UserError there is
+        raised on every rank.  Also a barrier."""
         result, error = None, None
         if self.is_main:
             try:
@@ -154,14 +117,7 @@ class World:
         return result
 
     def sum(self, values: Sequence[float]) -> List[float]:
-        """Element-wise sum over ranks (float64; nan stays nan).
-
-        Args:
-            values: this rank's numbers.
-
-        Returns:
-            list of float: the sums (``values`` itself for one process).
-        """
+        """Element-wise float64 sum of ``values`` over ranks (nan stays nan); ``values`` itself for one process."""
         if not self.distributed:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
@@ -185,19 +141,11 @@ class World:
 
 def check_ranks_agree(world: World, mine: Dict[str, object],
                       describe: Callable[[int, str, object, object], str]) -> None:
-    """Refuse, with the same one line on every rank, ranks whose values differ from rank 0's (a torchrun
-    launch types the command on every node; a rank started otherwise would compute something else).
+    """Refuse, with the same one line on every rank, a rank whose ``mine`` values differ (``!=``) from
+    rank 0's (a rank started with another command would compute something else).
 
-    Args:
-        world: the job (one process: nothing to compare).
-        mine: this rank's values by name (picklable; compared with ``!=``).
-        describe: ``describe(rank, name, rank 0's value, that rank's value)`` -> the error line (the name
-            and the fix); a name one side lacks has the value None there.
-
-    Raises:
-        UserError: ``describe(...)`` of the first rank (in rank order) and, within it, the first name (rank
-            0's order, then names only that rank has) whose value is not rank 0's.
-    """
+    Raises UserError ``describe(rank, name, rank 0's value, its value)`` (None where a side lacks the name) for the
+    first differing rank, and within it the first name (rank 0's order, then names only that rank has)."""
     ranks = world.gather(mine)
     ref = ranks[0]
     for rank, other in enumerate(ranks):
@@ -208,27 +156,13 @@ def check_ranks_agree(world: World, mine: Dict[str, object],
 
 # ---------------------------------------------------------------------- seeds and generator states
 def derived_seed(*parts) -> int:
-    """A 63-bit seed from any parts (numbers, strings): distinct parts give independent streams.
-
-    Args:
-        *parts: e.g. ``(SEED, "rank", r)``.
-
-    Returns:
-        int: a seed for ``torch.manual_seed`` / ``Generator.manual_seed``.
-    """
+    """A 63-bit seed from any parts (e.g. ``(SEED, "rank", r)``): distinct parts give independent streams."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 def rank_rng_state(device: Optional[torch.device]) -> dict:
-    """This rank's generator states: torch's CPU generator and, on CUDA, the generator of its own GPU.
-
-    Args:
-        device: the rank's device.
-
-    Returns:
-        dict: ``{"torch": ByteTensor[, "cuda": ByteTensor]}`` (checkpoint-safe).
-    """
+    """This rank's generator states ``{"torch": ..., ["cuda": ...]}`` (CPU, and its own GPU on CUDA)."""
     state = {"torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -236,12 +170,7 @@ def rank_rng_state(device: Optional[torch.device]) -> dict:
 
 
 def set_rank_rng_state(state: dict, device: Optional[torch.device]) -> None:
-    """Restore what :func:`rank_rng_state` returned.
-
-    Args:
-        state: the saved states.
-        device: the rank's device.
-    """
+    """Restore what :func:`rank_rng_state` returned."""
     torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded onto a GPU holds them there
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
@@ -258,20 +187,10 @@ def _split(batch: List[int], rank: int, size: int) -> List[int]:
 class ShardedBatchSampler(Sampler):
     """Rank ``rank``'s slices of the global training batches (a batch sampler: yields index lists).
 
-    The global order of an epoch is the order a one-process :func:`DEQ.data.make_loader` draws when its
-    generator is seeded with ``seed + epoch`` (the same DataLoader machinery computes it, so it stays
-    equal in every torch version), cut into global batches of ``size * per_rank`` indices.  A last
-    global batch with fewer indices than ranks is skipped (every rank needs at least one row);
-    otherwise a short last batch is split as evenly as possible (:meth:`loss_weight` makes the
-    all-reduced gradient the mean over the global batch).
-
-    Args:
-        n: items in the data set.
-        per_rank: TRAIN.BATCH_SIZE_PER_GPU.
-        rank, size: this rank and the number of ranks.
-        shuffle: TRAIN.SHUFFLE (False: the data set's order).
-        seed: base seed; epoch e uses ``seed + e`` (:meth:`set_epoch`).
-    """
+    Epoch e's global order is the one-process :func:`DEQ.data.make_loader` order with its generator seeded by
+    ``seed + e`` (computed by the same DataLoader code), cut into global batches of ``size * per_rank``.  The union of
+    the ranks' k-th batches is the one-process k-th batch.  A last global batch with fewer indices than ranks is
+    skipped; a short one is split as evenly as possible, :meth:`loss_weight` keeping the gradient the global mean."""
 
     def __init__(self, n: int, per_rank: int, rank: int, size: int, shuffle: bool = True, seed: int = 0):
         super().__init__()
@@ -299,15 +218,8 @@ class ShardedBatchSampler(Sampler):
         return len(self.global_sizes)
 
     def loss_weight(self, step: int) -> float:
-        """Factor on rank ``rank``'s loss at batch ``step`` of an epoch so that DDP's mean over ranks is the
-        mean over the global batch: 1.0 unless the batch is split unevenly.
-
-        Args:
-            step: batch number within the epoch.
-
-        Returns:
-            float
-        """
+        """Factor on this rank's loss at batch ``step`` of an epoch so that DDP's mean over
+        ranks is the mean over the global batch (1.0 unless the batch is split unevenly)."""
         m = self.global_sizes[step]
         if m % self.size == 0:
             return 1.0
@@ -316,13 +228,7 @@ class ShardedBatchSampler(Sampler):
 
 
 class RoundRobinBatches(Sampler):
-    """Evaluation batches of a one-process run (sequential, ``batch_size`` each), batch b to rank b mod size.
-
-    Args:
-        n: items in the data set.
-        batch_size: TEST.BATCH_SIZE_PER_GPU.
-        rank, size: this rank and the number of ranks.
-    """
+    """Evaluation batches of a one-process run (sequential, ``batch_size`` each), batch b to rank b mod size."""
 
     def __init__(self, n: int, batch_size: int, rank: int, size: int):
         super().__init__()

@@ -32,24 +32,11 @@ def _fsync_folder(folder: str) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w", prefix: str = ".tmp-", suffix: str = "") -> Iterator[IO]:
-    """Replace ``path`` with what the ``with`` block writes, all at once.
+    """Replace ``path`` (``mode`` "w" or "wb") with what the ``with`` block writes to the yielded file.
 
-    The block writes to a temporary file ``prefix*suffix`` in the folder of ``path``; when it ends, the file
-    is flushed and fsynced, gets the mode of an ordinary new file (0666 minus the umask, not mkstemp's
-    0600), and is renamed over ``path`` (``os.replace``); the folder is then fsynced where possible.
-
-    Guarantees: a reader sees the old file or the whole new one, never a part.  If the block (or any step
-    before the rename) raises, the temporary file is removed, ``path`` is left as it was, and the exception
-    propagates.  A kill mid-write can leave the temporary file behind (``prefix``/``suffix`` let the
-    caller find it), never a torn ``path``.
-
-    Args:
-        path: the file to replace (its folder must exist).
-        mode: ``"w"`` (text) or ``"wb"`` (bytes).
-        prefix, suffix: the temporary file's name around mkstemp's random part.
-
-    Yields:
-        the open temporary file.
+    Guarantees: a reader sees the old file or the whole new one, never a part (temporary ``prefix*suffix`` file in
+    the folder, fsynced, mode 0666 minus the umask, ``os.replace``, folder fsynced).  If the block raises, the
+    temporary file is removed, ``path`` is unchanged and the exception propagates; a kill can leave the temporary file.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)

@@ -67,11 +67,8 @@ def default_threads() -> int:
 
 def set_threads(threads=None) -> int:
     """Set torch's intra-op CPU threads (``--threads``; None: :func:`default_threads`) and return the number.
-
-    Why a flag: torch sizes its pool from the machine, not from what is free.  On a
-    busy shared 2-core machine that oversubscription made certification about 50x
-    slower (15-17 s per image against 0.30 s with one thread, identical results);
-    ``--threads 1`` is the fix there, and under torchrun each process gets its share."""
+    torch sizes its pool from the machine, not from what is free: on a busy shared machine ``--threads 1`` avoids
+    oversubscription, and under torchrun each process gets its share."""
     from .checks import check_count
     check_count("--threads", threads, 1)
     n = default_threads() if threads is None else int(threads)
@@ -88,20 +85,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def apply_cudnn_flags(cfg) -> None:
-    """Set torch's backend flags from the config's CUDNN section (training runs call this once).
-
-    * ``CUDNN.ENABLED`` -> ``torch.backends.cudnn.enabled``;
-    * ``CUDNN.BENCHMARK`` -> ``torch.backends.cudnn.benchmark`` (off when DETERMINISTIC: the
-      autotuner may pick a different, equally deterministic kernel in the next run);
-    * ``CUDNN.DETERMINISTIC`` -> ``torch.backends.cudnn.deterministic`` and
-      ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a deterministic
-      kernel warns instead of stopping the run), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set
-      (cuBLAS reads it when it starts, so this holds when no CUDA matmul ran before).
-    Every flag is set both ways, so a later run in the same process gets exactly its own config.
-
-    Args:
-        cfg: a config with a CUDNN section (``DEQ.config``).
-    """
+    """Set torch's backend flags from ``cfg.CUDNN`` (training runs call this once), each both ways so a later run in the
+    same process gets exactly its own config: ENABLED -> ``cudnn.enabled``; BENCHMARK -> ``cudnn.benchmark`` (off
+    when DETERMINISTIC); DETERMINISTIC -> ``cudnn.deterministic``, ``use_deterministic_algorithms(True,
+    warn_only=True)`` and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set (effective before the first CUDA matmul)."""
     import os
     c = cfg.CUDNN
     deterministic = bool(c.DETERMINISTIC)

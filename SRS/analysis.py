@@ -90,12 +90,8 @@ def mean_time(df: pd.DataFrame) -> float:
 
 
 def hp_certified_accuracy(df: pd.DataFrame, radii, alpha: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound (level ``alpha``, :func:`SRS.bounds.lower_confidence_bound`) on
-    certified accuracy at each radius.
-
-    Accounts for the finite test sample: with probability >= 1 - alpha the population certified
-    accuracy at a given radius is at least this value.
-    """
+    """One-sided Clopper-Pearson lower bound (level ``alpha``) on certified accuracy at each radius: with
+    probability >= 1 - alpha the population certified accuracy there is at least this value."""
     if not 0 < alpha < 0.5:
         raise UserError(f"--hp-alpha {alpha}: must be in (0, 0.5), e.g. 0.001")
     counts = _certified_counts(df, radii)
@@ -117,13 +113,9 @@ def _row(df, radii, acc, time, speedup) -> dict:
 
 def summary_table(runs: dict, radii=DEFAULT_RADII, baseline: str | None = None,
                   hp_alpha: float | None = None, compare_fixed: bool = False) -> pd.DataFrame:
-    """One row per run: certified accuracy (%) per radius, ACR, abstain (%), mean s/image, speedup.
-
-    Speedup is baseline mean time / run mean time (baseline defaults to the first run).  Optional extra
-    rows: ``LABEL [fixed sigma]`` (QCRS fixed-sigma columns, same images, no separate timing) and
-    ``LABEL [HP lower bound, alpha=A]`` (Clopper-Pearson lower bounds; only the radius columns are set).
-    Values keep full precision; rounding happens in ``to_markdown``/``to_latex``.
-    """
+    """One row per run: certified accuracy (%) per radius, ACR, abstain (%), mean s/image, speedup (baseline,
+    default the first run, mean time / run mean time).  Optional rows ``LABEL [fixed sigma]`` (QCRS) and
+    ``LABEL [HP lower bound, alpha=A]`` (radius columns only).  Full precision; ``to_markdown``/``to_latex`` round."""
     if not runs:
         raise UserError("no result files given; pass at least one RESULT.tsv")
     baseline = next(iter(runs)) if baseline is None else baseline
@@ -455,18 +447,9 @@ def rrd_report(runs: dict, baseline: str, out_dir=None) -> list[str]:
 
 # ----------------------------------------------------------------------------- attack table
 def attack_table(runs: dict, radii=None) -> pd.DataFrame:
-    """The paper's attack table: accuracy (%) of the smoothed classifier, 'clean' then one column per
-    attack radius, one row per attack (PGD, Smooth-PGD m = 1, 4, 8, 16, ...).
-
-    Args:
-        runs: {label: frame} of ``SRS/code/attack.py`` files (mode attack; header: attack_label,
-            epsilon) and ``SRS/code/predict.py`` files (mode predict: the clean accuracy, also an
-            attack of radius 0).  Read them with ``read_results(path, PREDICTION_COLUMNS)``.
-        radii: the columns (default: every attack epsilon > 0 found).
-
-    Returns:
-        DataFrame indexed by attack label; missing cells are NaN.
-    """
+    """The paper's attack table: smoothed-classifier accuracy (%), 'clean' then one column per attack radius
+    (default every epsilon > 0 found), one row per attack; missing cells NaN.  ``runs``: {label: frame} of attack.py
+    and predict.py files (read with ``read_results(path, PREDICTION_COLUMNS)``)."""
     cells, clean = {}, []
     for label, df in runs.items():
         meta = df.attrs.get("meta", {})

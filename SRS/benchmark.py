@@ -1,11 +1,8 @@
 """Run the paper's standard-vs-SRS comparison: several certify runs over the same images, one table.
 
-Every run is a typed ``SRS.runner.RunSpec`` executed by the same runner as
-``SRS/code/certify.py``, so its TSV is exactly what that script writes, and re-running a
-suite resumes each file instead of recomputing it.  Method labels follow the paper: MDEQ-kA is
-the standard model with k Anderson evaluations from zeros; SRS-MDEQ-kA / -kN the
-serialized model with k Anderson / naive evaluations from the warm start.
-"""
+Every run is a ``SRS.runner.RunSpec`` run by the runner of ``SRS/code/certify.py`` (same TSV; a re-run resumes each
+file).  Labels: MDEQ-kA is the standard model with k Anderson evaluations from zeros; SRS-MDEQ-kA / -kN the
+serialized model with k Anderson / naive evaluations from the warm start."""
 from __future__ import annotations
 
 import os
@@ -30,10 +27,8 @@ _LETTER = {"anderson": "A", "naive": "N", "broyden": "B"}
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the comparison: its label and the ``SRS.runner.SmoothingSpec`` fields it sets.
-
-    ``rungs``: a standard method that also certifies the ladder MDEQ-k (k in rungs) on the same noise
-    from its own solves (``SRS.ladder``); its file is still this method's certify file."""
+    """A row of the comparison: its label and the ``SmoothingSpec`` fields it sets; ``rungs``: a standard method
+    that also certifies the ladder MDEQ-k (k in rungs) from its own solves (``SRS.ladder``), in its own file."""
     label: str
     settings: Tuple[Tuple[str, object], ...]
     rungs: Tuple[int, ...] = ()
@@ -61,19 +56,10 @@ def standard(k: int, solver: str = "anderson", rungs: Sequence[int] = ()) -> Met
 
 def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30),
         warmup: Tuple[str, int] = ("anderson", 10), step_tol: Optional[float] = None, **options) -> Method:
-    """SRS-MDEQ-k<solver>: the SRS step of k evaluations certifying the standard model ``std``, every other
-    option at its declared default (``SRS.settings``: the recipe's adaptive pairing aimed at the table's
-    radii, a second look, a route pilot of 0.5 N) unless given.
+    """SRS-MDEQ-k<solver>: the SRS step of k evaluations certifying the standard model ``std``.
 
-    Args:
-        step_tol: the step runs to that tolerance with k as a cap (label 'SRS-MDEQ-tol<t>-<k><solver>').
-        options: options that ``SRS.settings.SRSOptions`` declares, by field name (``conf_drop`` also as
-            'auto' or K).  The label gets each one's declared suffix (``Option.label``) for a value other
-            than its default, in declaration order, e.g. ' K=400 (reference)', ' pilot0.1', ' refine3'.
-
-    Raises:
-        TypeError: for a name that is not a declared option.
-    """
+    ``step_tol``: run the step to that tolerance with k as a cap.  ``options``: ``SRSOptions`` fields (default: the
+    declared ones); each non-default value adds its declared label suffix.  Raises TypeError for an undeclared name."""
     names = [name for name, _, _ in declared(SRSOptions)]
     unknown = sorted(set(options) - set(names))
     if unknown:
@@ -92,10 +78,8 @@ def srs(k: int, solver: str = "anderson", std: Tuple[str, int] = ("anderson", 30
 
 def paper_methods(conf_drop: Union[int, str] = "auto", std: Tuple[str, int] = ("anderson", 30),
                   rungs: Sequence[int] = DEFAULT_RUNGS, radii: Optional[Sequence[float]] = None) -> List[Method]:
-    """The rows of the paper's CIFAR-10 table: the certified model with its ladder (which holds the
-    paper's MDEQ-1A and MDEQ-5A rows and the equal-accuracy baseline), SRS-1N, SRS-1A, SRS-3A.  The SRS
-    rows pair as ``conf_drop`` says: the paper's fixed K (label ' K=<K>'), or 'auto', the default adaptive
-    pairing, aimed at ``radii`` (pixel units; None: the default table of multiples of sigma / 2)."""
+    """The rows of the paper's CIFAR-10 table: the certified model with its ladder, SRS-1N, SRS-1A, SRS-3A,
+    pairing as ``conf_drop`` says (fixed K, or 'auto' aimed at ``radii``, None: multiples of sigma / 2)."""
     table = {"radii": tuple(radii)} if radii is not None and conf_drop == "auto" else {}
     return [standard(std[1], std[0], rungs=[k for k in rungs if k <= std[1]]),
             srs(1, "naive", std, conf_drop=conf_drop, **table), srs(1, "anderson", std, conf_drop=conf_drop, **table),
@@ -123,19 +107,9 @@ def run_methods(template: RunSpec, methods: Sequence[Method], out_dir: str,
                 planner: Optional[Dict[str, List[float]]] = None) -> Dict[str, str]:
     """Certify with every method (resuming files already there); return label -> TSV path.
 
-    Interleaved (the default): image by image, each image through every method before the next, so a
-    machine that gets busier or quieter during the run slows every method alike and the wall-clock
-    ratios of the ``time`` columns compare like with like.  Each image is one resumed run of the
-    method's file (``--max`` grows by one, which a resume allows), so the rows and certificates are
-    exactly those of one uninterrupted run per method.
-
-    Args:
-        template: the common run (data, checkpoint, sampling, seed, device, and common smoothing
-            settings such as ``tol``); its ``outfile`` is replaced by one file per method in ``out_dir``.
-        methods: the rows, see :func:`standard` and :func:`srs`.
-        interleave: False runs each method over all images before the next method.
-        planner: if given, label -> the pairing planner's seconds of every image certified now (the
-            runner's ``planner_seconds``; images resumed from a file add none).
+    ``interleave`` (default): each image goes through every method before the next (one resumed run per image, so the
+    certificates are those of one uninterrupted run), so machine load affects every method alike.  ``template``'s
+    ``outfile`` becomes one file per method in ``out_dir``; ``planner`` collects label -> planner seconds per new image.
     """
     def record(label: str, summary: Dict[str, float]) -> None:
         if planner is not None and summary["images"]:
@@ -174,13 +148,7 @@ def image_count(template: RunSpec) -> int:
 def run_attacks(template: RunSpec, attacks: Sequence[AttackSettings], out_dir: str,
                 log: Callable[[str], None] = print) -> Dict[str, str]:
     """PREDICT on the clean images, then every attack followed by PREDICT (``SRS.modes.AttackMode``),
-    resuming files already there; return label -> TSV path (read them with
-    ``read_results(path, PREDICTION_COLUMNS)`` for ``SRS.analysis.attack_table``).
-
-    Args:
-        template: the common run (its sampling's N is PREDICT's; N0 is not used).
-        attacks: one run per entry (attack, epsilon, m, ...).
-    """
+    resuming files already there; return label -> TSV path (for ``SRS.analysis.attack_table``)."""
     os.makedirs(out_dir, exist_ok=True)
     s = template.sampling
     path = os.path.join(out_dir, file_name("clean", s.sigma))
@@ -227,28 +195,12 @@ def table_goal(radius: float, correct: bool, radii: Sequence[float]) -> Optional
 
 def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[float],
                       sigma: float) -> Tuple[float, float]:
-    """The speed limit of sound SRS at equal certified accuracy on the table's radii, from the
-    standard run of the same images.
+    """Return ``(limit, SRS pass seconds per sample)``: the speed limit of sound SRS at equal certified
+    accuracy on ``radii`` (definition: docs/guarantees.md), from the standard run ``base`` of the same images in order.
 
-    Per image i with standard time t_i and standard counts n_A of n: equal certified accuracy means
-    certifying it at the largest table radius r_i at or below its standard radius (nothing where
-    the standard run certifies it at none).  If the SRS counts were the standard ones and no pair
-    were misaligned, the eliminated certificate reaches r_i with K_i = ``pairs_needed(n_A, n,
-    alpha, 0, n_A, z_goal=r_i / sigma)`` paired standard solves (None: not even with every sample
-    paired), on top of the SRS pass; the standard model outright costs t_i.  So the cheapest sound
-    cost is min(pass_i + K_i t_i / samples, t_i) (pass_i alone where nothing is to reach), and the
-    limit is sum(t_i) / sum(that).  The SRS pass time per sample is measured from ``run`` itself: its
-    rows that took the SRS route, less their standard solves (costed at the standard run's time per
-    sample).  A method whose accuracy falls short of the standard run's can exceed its limit.
-
-    Args:
-        base, run: result frames (standard and SRS) over the same images, in the same order.
-        samples: N0 + N, the noisy samples per image of both runs.
-        radii: the table's radii; sigma: the noise level (radii / sigma = PhiInv(p)).
-
-    Returns:
-        (limit, pass_seconds_per_sample).
-    """
+    Per image: min(pass + K_i t_i / samples, t_i), K_i = ``pairs_needed`` to reach the largest table radius at or below
+    the standard radius; the limit is sum(t_i) / sum of that.  The pass time comes from ``run``'s SRS-route rows less
+    their standard solves.  ``samples``: N0 + N."""
     t_std = base["time"].to_numpy(dtype=float)
     per_sample = t_std / samples
     route = run["route"].astype(str).to_numpy() if "route" in run.columns else np.full(len(run), "srs")
@@ -271,10 +223,8 @@ def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[flo
 
 def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequence[float], samples: int,
                    alpha: float, sigma: float) -> "pd.DataFrame":
-    """Per method: s/image, speedup over the baseline (wall clock, and in evaluations of f per image,
-    which no machine load changes), largest certified-accuracy gap over the radii,
-    mean K and K_A, misalignment rate sum(M) / sum(K_A), standard-solve calls per image, fallbacks, and
-    for SRS methods the sound speed limit (``sound_speed_limit``) and the fraction of it reached."""
+    """Per method: s/image, speedups over ``baseline`` (wall clock, f evaluations), largest accuracy gap
+    over the radii, mean K / K_A, misalignment rate, standard calls per image, fallbacks, and the sound speed limit."""
     base = runs[baseline].sort_values("idx").reset_index(drop=True)
     rows = []
     for label, df in runs.items():
@@ -298,15 +248,9 @@ def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequen
 
 @dataclass
 class EqualAccuracy:
-    """The equal-accuracy standard baseline found on the ladder of the certified model's file.
-
-    Attributes:
-        label: 'MDEQ-kA' of the cheapest rung within ``tolerance`` images of the certified model at
-            every table radius (``SRS.ladder.equal_accuracy_rung``).
-        k: its budget; nfe: its evaluations of f per sample.
-        ladder: the ladder table (``SRS.ladder.ladder_table``).
-        frames: k -> the rung's rows (``SRS.ladder.rung_frames``).
-    """
+    """The equal-accuracy standard baseline on the certified model's ladder: ``label`` 'MDEQ-kA' of the
+    cheapest rung within ``tolerance`` images of it at every table radius, ``k``, ``nfe`` per sample, the ``ladder``
+    table and ``frames`` (k -> the rung's rows)."""
     label: str
     k: int
     nfe: float
@@ -327,9 +271,8 @@ def equal_accuracy_baseline(ladder_path: str, radii: Sequence[float], tolerance:
 
 def add_equal_accuracy(summary: "pd.DataFrame", runs: Dict[str, "pd.DataFrame"], base: EqualAccuracy,
                        timed: Optional[Dict[str, "pd.DataFrame"]] = None) -> "pd.DataFrame":
-    """``method_summary`` with the speedups over the equal-accuracy baseline in front: in evaluations of f
-    (its nfe per sample over the method's), and in wall clock where ``timed`` holds the baseline and the
-    method timed side by side (interleaved; NaN otherwise)."""
+    """``method_summary`` with the speedups over the equal-accuracy baseline in front: in f evaluations,
+    and in wall clock where ``timed`` holds the baseline timed beside the method (NaN otherwise)."""
     out = summary.copy()
     nfe = [mean_column(runs[m], "nfe") for m in out["method"]]
     out.insert(1, "f-eval vs equal-acc.", [base.nfe / v if v else float("nan") for v in nfe])
@@ -366,8 +309,7 @@ def summary_markdown(table: "pd.DataFrame") -> str:
 
 @dataclass
 class Honest:
-    """An honest comparison (:func:`honest_comparison`): the runs, their summary with the speedups over the
-    equal-accuracy baseline in front, the baseline, and the runs of the baseline's own timing pass."""
+    """An honest comparison (:func:`honest_comparison`): runs, summary, baseline and the timing pass's runs."""
     paths: Dict[str, str]
     runs: Dict[str, "pd.DataFrame"]
     summary: "pd.DataFrame"
@@ -378,16 +320,11 @@ class Honest:
 def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str, radii: Sequence[float],
                       time_baseline: bool = True, tolerance: int = 1, timed_labels: Optional[Sequence[str]] = None,
                       log: Callable[[str], None] = print) -> Honest:
-    """Certify ``methods`` interleaved, find the equal-accuracy baseline on the certified model's ladder,
-    and compare every method with MDEQ-D and with that baseline.
+    """Certify ``methods`` interleaved, find the equal-accuracy baseline on the ladder of the first method
+    (the certified model, ``standard(D, rungs=...)``; ValueError otherwise), and compare every method with both.
 
-    The first method must be the certified standard model with its ladder (``standard(D, rungs=...)``).
-    With ``time_baseline`` and a baseline cheaper than the certified model, a second interleaved pass
-    (``out_dir/vs_<baseline>``) runs the baseline for real beside the other methods (those labelled in
-    ``timed_labels``, default all), so that the wall clock over the baseline is measured side by side too
-    (the certificates of that pass equal the first pass's: same seeds).  The summary's ``planner s/image``
-    is the pairing planner's mean seconds per image certified in the first pass (NaN: every image resumed).
-    """
+    With ``time_baseline`` and a cheaper baseline, a second interleaved pass (``out_dir/vs_<baseline>``) times it
+    beside the methods in ``timed_labels`` (default all); its certificates equal the first pass's (same seeds)."""
     top = methods[0]
     if not top.rungs:
         raise ValueError("the first method must be the certified model with its ladder: standard(D, rungs=...)")
@@ -432,16 +369,9 @@ RANDOM_INIT_METHODS = ("MDEQ-30A", "SRS-MDEQ-1A", "SRS-MDEQ-3A", "SRS-MDEQ-1N")
 def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int, device, seed: int = 0,
                        conf_drop: Union[int, str] = 400, log: Callable[[str], None] = print,
                        methods: Optional[Sequence[str]] = None) -> "pd.DataFrame":
-    """Seconds per image of MDEQ-30A and SRS-1A/-3A/-1N on a seeded random-init model built from a config
-    (e.g. experiments/cifar/cls_mdeq_LARGE.yaml), on seeded uniform-noise images of the config's size.
-
-    A speed measurement only: the weights and images are not trained or real, so certificates and
-    accuracies mean nothing here and are not reported.  Budgets are exact (tol 0), as in the paper's
-    notation; the first image of every method is a warm-up (allocator, cuDNN autotuning) and not timed.
-    ``planner s/image`` is the pairing planner's mean seconds per timed image (``Certificate.planner_seconds``).
-    ``methods``: the labels of ``RANDOM_INIT_METHODS`` to time (None: all); MDEQ-30A, the speedups' reference,
-    is always timed.
-    """
+    """Seconds per image of MDEQ-30A (always) and ``methods`` of ``RANDOM_INIT_METHODS`` on a seeded
+    random-init model of ``cfg_path`` and seeded noise images: a speed measurement only (no certificates reported).
+    Budgets are exact (tol 0); each method's first image is an untimed warm-up."""
     import torch
     from DEQ.config import load_config
     from DEQ.models.mdeq import build_model

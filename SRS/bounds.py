@@ -28,17 +28,9 @@ def upper_confidence_bound(k: float, n: float, alpha: float) -> float:
 
 
 def lower_confidence_bounds(k, n, alpha: float) -> np.ndarray:
-    """:func:`lower_confidence_bound` elementwise, equal to it bit for bit: the same scipy quantile
-    (``beta.ppf(alpha, k, n - k + 1)``, what statsmodels' ``proportion_confint(method="beta")`` evaluates)
-    on arrays, with the same edge cases (0 where k = 0 or n <= 0).
-
-    Args:
-        k: successes (array-like of whole numbers); n: trials (array-like or one number, broadcast with k).
-        alpha: one-sided failure probability.
-
-    Returns:
-        float64 array of k's broadcast shape.
-    """
+    """:func:`lower_confidence_bound` elementwise (``k`` array, ``n`` array or number, broadcast), equal to it bit
+    for bit: the same scipy quantile ``beta.ppf(alpha, k, n - k + 1)`` with the same edge cases (0 where k = 0 or
+    n <= 0).  Returns a float64 array."""
     k, n = np.broadcast_arrays(np.asarray(k), np.asarray(n))
     out = np.zeros(k.shape)
     ok = (n > 0) & (k != 0)
@@ -64,44 +56,25 @@ def radius_from_p(p_lower: float, sigma: float) -> float:
 
 
 def eliminated_count(n_A: int, K_A: int, M: int, alpha_1: float, exact: int = 0) -> Tuple[float, int]:
-    """Steps 3-4 of the correlation-eliminated certificate.
+    """Steps 3-4 of the correlation-eliminated certificate; return ``(p_m_upper, N_A_E)``.
 
-    Args:
-        n_A: estimation samples whose SRS prediction is c_A.
-        K_A: paired samples among the n_A - exact unchecked ones (a uniform subsample of those, see
-            ``SRS.pairing``).
-        M: pairs among the K_A whose standard prediction is not c_A.
-        alpha_1: failure probability spent on the misalignment bound.
-        exact: samples among the n_A whose prediction *is* the standard model's (rows the chain
-            re-solved with the standard model, ``SRSConfig.refine_margin``): they cannot be misaligned,
-            so only the other n_A - exact need the bound.
-
-    Returns:
-        (p_m_upper, N_A_E): the one-sided (1 - alpha_1) Clopper-Pearson upper bound on the misaligned
-        fraction M / K_A of the unchecked samples (1 when K_A = 0), and
-        N_A_E = exact + floor((n_A - exact) (1 - p_m_upper)), a count that with probability
-        >= 1 - alpha_1 is at most the number of the n i.i.d. standard predictions equal to c_A.
-    """
+    ``n_A``: estimation samples predicting c_A; ``exact`` of them re-solved with the standard model (never
+    misaligned); ``K_A`` pairs, a uniform subsample of the other n_A - exact (``SRS.pairing``), ``M`` of them
+    misaligned. p_m_upper is the one-sided (1 - alpha_1) Clopper-Pearson upper bound on M / K_A (1 when K_A = 0) and
+    N_A_E = exact + floor((n_A - exact) (1 - p_m_upper)): with probability >= 1 - alpha_1 at most the number of the n
+    i.i.d. standard predictions equal to c_A."""
     p_m_upper = upper_confidence_bound(M, K_A, alpha_1)
     return p_m_upper, int(exact) + int(math.floor((n_A - exact) * (1.0 - p_m_upper)))
 
 
 def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: int = 0,
                        looks: int = 1, alpha_2: Optional[float] = None) -> Tuple[float, int, float]:
-    """The whole eliminated certificate with the reference split alpha_1 = alpha_2 = alpha / 2.
+    """The whole eliminated certificate, alpha_1 = alpha_2 = alpha / 2; return (p_m_upper, N_A_E, p_A_lower),
+    p_A_lower the (1 - alpha_2) lower bound of N_A_E / n.
 
-    Args:
-        looks: the misalignment bound may be read at this many pair counts fixed in advance (the
-            second look of ``SRSConfig.second_look``); each look's bound is then taken at
-            alpha_1 / looks, so by the union bound all of them hold at once with probability
-            >= 1 - alpha_1, whichever look is reported.
-        alpha_2: the level of the p_A bound if not alpha / 2 (sequential certification spends its
-            alpha / 2 over the looks at the estimation count, ``sequential_levels``: the bound at the
-            stopping look takes that look's share).
-
-    Returns:
-        (p_m_upper, N_A_E, p_A_lower), p_A_lower being the (1 - alpha_2) lower bound of N_A_E / n.
-    """
+    ``looks``: pair counts fixed in advance at which the misalignment bound may be read (``second_look``), each at
+    alpha_1 / looks, so all hold at once with probability >= 1 - alpha_1 whichever is reported.  ``alpha_2``: the p_A
+    bound's level if not alpha / 2 (sequential certification: the stopping look's share, ``sequential_levels``)."""
     p_m_upper, n_a_e = eliminated_count(n_A, K_A, M, alpha / 2 / looks, exact)
     return p_m_upper, n_a_e, lower_confidence_bound(n_a_e, n, alpha / 2 if alpha_2 is None else alpha_2)
 

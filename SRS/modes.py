@@ -176,17 +176,10 @@ ATTACK_KINDS = ("pgd", "smooth_pgd")
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """One attack run (flag names of SmoothAdv's attack scripts where they exist).
-
-    Attributes:
-        attack: 'pgd' (the base model: the standard solve from zeros) or 'smooth_pgd' (SmoothAdv's
-            attack on the smoothed soft classifier, m noise vectors fixed across the steps).
-        epsilon: l2 (or l-inf for pgd) radius in pixel units.
-        norm: 'l2' or 'linf' (pgd only; smooth_pgd is l2).
-        steps, step_size (None: 2 epsilon / steps, 2.5 epsilon / steps for l-inf), restarts (pgd).
-        num_noise_vec: m (smooth_pgd).
-        no_grad: SmoothAdv's gradient-free direction (smooth_pgd).
-    """
+    """One attack run (SmoothAdv's flag names): ``attack`` 'pgd' (the base model, standard solve from zeros)
+    or 'smooth_pgd' (the smoothed soft classifier, m = ``num_noise_vec`` fixed noise vectors, l2, optionally
+    ``no_grad``); ``epsilon`` in pixels; ``norm`` l2/linf (pgd); ``step_size`` None: 2 epsilon / steps (2.5 for
+    l-inf); ``restarts`` (pgd)."""
     attack: str
     epsilon: float
     norm: str = "l2"

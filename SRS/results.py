@@ -250,15 +250,11 @@ def shard_files(outfile: str) -> List[str]:
 
 
 def consolidate(outfile: str, columns: Sequence[str], meta: Dict[str, object], resume: bool, overwrite: bool) -> None:
-    """Merge OUTFILE and its shard files into OUTFILE, in image order, then remove the shards.
+    """Merge OUTFILE and its shard files into OUTFILE in image order, then remove the shards.
 
-    Each source is read as ``--resume`` reads a file (settings checked against ``meta``, a torn last
-    line dropped; nothing is changed before every check passes); a row present in several sources
-    (the same image, same seed: the same row) is kept once.  OUTFILE is replaced atomically (a
-    temporary file in its folder, fsynced, then ``os.replace``), and only then are the shards
-    removed: a crash at any point loses no row.  Without ``resume`` existing results are refused
-    (``overwrite``: deleted), as for a single file.
-    """
+    Each source is checked as ``--resume`` checks a file before anything changes; a row in several sources is kept
+    once.  OUTFILE is replaced atomically before the shards are removed: a crash at any point loses no row.  Without
+    ``resume`` existing results are refused (``overwrite``: deleted)."""
     shards = shard_files(outfile)
     exists = os.path.isfile(outfile) and os.path.getsize(outfile) > 0
     if not shards and not exists:
@@ -360,12 +356,8 @@ def _to_numeric(df: pd.DataFrame, column: str, path, line_numbers: list[int], in
 
 
 def read_results(path, required: Sequence[str] = REQUIRED_COLUMNS) -> pd.DataFrame:
-    """Read a certification TSV (either dialect) into a DataFrame.
-
-    ``time`` becomes float seconds, integer columns become int64, ``attrs['meta']`` holds the parsed
-    ``# key: value`` comments and ``attrs['path']`` the file name.  Extra columns that are entirely numeric
-    (n_A, nfe, p_A_lower, ...) become numbers; others (status) stay text.
-    """
+    """Read a certification TSV (either dialect) into a DataFrame: ``time`` in float seconds, integer
+    columns int64, wholly numeric extra columns numbers, ``attrs['meta']`` the header and ``attrs['path']``."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not a results file; pass the TSV file inside it")

@@ -77,29 +77,14 @@ class Sampling:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything one run needs.  Built by ``SRS.cli`` from the flags, or directly (benchmark, tests).
+    """Everything one run needs; built by ``SRS.cli`` from the flags, or directly (benchmark, tests).
 
-    Attributes:
-        data: which images.
-        checkpoint: the model to certify: a checkpoint path (written by ``DEQ/tools/cls_train.py``, or a bare
-            reference state_dict with ``cfg``), or a model object (a ``torch.nn.Module``, or an
-            ``SRS.source.ModelObject`` around one; what it must provide is said there).
-        outfile: the results TSV (``SRS.results``).
-        sampling: sigma, N0, N, alpha, batch.
-        smoothing: the smoothed classifier's settings.
-        cfg: yaml config, only for bare reference state_dicts that carry none.
-        seed: per-image noise is seeded from (seed, idx).
-        device: auto (CUDA if present), cpu, cuda, cuda:N.
-        threads: torch CPU threads (None: ``DEQ.utils.default_threads``).
-        resume, overwrite: continue / replace an existing OUTFILE.
-        progress: show a progress bar (rank 0 only under torchrun, counting every rank's rows).
-        dist_timeout: minutes a torchrun rank waits for the others (process group timeout).
-        compile: 'auto' (on for CUDA), 'on', 'off': evaluate the model through torch.compile
-            (``DEQ.acceleration``; the row counts of ``static_rows(batch, N0, N)`` are compiled, other calls
-            padded to the next of them).
-        precision: 'fp32' or 'bf16': the certified model's precision (a header entry, checked on --resume).
-        announce: print the one line naming the certified model before the work (rank 0 only).
-    """
+    ``checkpoint``: a checkpoint path (``cfg``: the yaml of a bare reference state_dict) or a model object
+    (``torch.nn.Module`` or ``SRS.source.ModelObject``).  ``outfile``: the results TSV; ``seed``: per-image noise is
+    seeded from (seed, idx); ``device``: auto, cpu, cuda, cuda:N; ``threads`` None: ``DEQ.utils.default_threads``;
+    ``resume`` / ``overwrite`` an existing outfile; ``progress``: a bar on rank 0; ``dist_timeout``: torchrun
+    minutes; ``compile``: auto/on/off (``DEQ.acceleration``); ``precision``: fp32/bf16 (checked on --resume);
+    ``announce``: print the certified-model line (rank 0)."""
     data: DataSpec
     checkpoint: ModelSource
     outfile: str
@@ -133,16 +118,9 @@ class RunSpec:
 
 # ----------------------------------------------------------------------------- modes
 class Mode(Protocol):
-    """What a mode adds to the runner.
-
-    Attributes:
-        name: the header's ``mode`` entry (certify, predict, certify_qcrs, ...).
-        columns: the results columns (``SRS.results``).
-        routes: whether the mode certifies with CERTIFY's standard fallback route (``--no_fallback``,
-            ``--route_pilot`` and ``--step_cost`` apply); False for PREDICT-based modes.
-        table: whether the mode decides each image's row of a table at ``--radii`` (``--sequential``), so
-            that ``--radii`` applies without adaptive pairing.
-    """
+    """What a mode adds to the runner: ``name`` (the header's ``mode``), ``columns`` (``SRS.results``),
+    ``routes`` (CERTIFY's standard fallback route applies: ``--no_fallback``, ``--route_pilot``, ``--step_cost``) and
+    ``table`` (it decides each image's row at ``--radii``, so ``--radii`` applies without adaptive pairing)."""
     name: str
     columns: Sequence[str]
     routes: bool
@@ -241,11 +219,9 @@ def certified_line(smooth: Smooth, source: str, model_name: str, routes: bool = 
 
 
 def run_header(spec: RunSpec, mode: Mode, smooth: Smooth, loaded: Loaded, threads: int) -> Dict[str, object]:
-    """The '#' header of a results file: every setting that changes a row, plus provenance.
-
-    On --resume every entry must match except those in ``SRS.results.RESUME_IGNORED_KEYS``
-    (command, versions, date, max, device, checkpoint path, threads, ...), so an entry added here,
-    in a mode's header or in ``SRSConfig.describe`` is checked without further work."""
+    """The '#' header of a results file: every setting that changes a row, plus provenance.  On --resume
+    every entry outside ``SRS.results.RESUME_IGNORED_KEYS`` must match, so a new entry is checked without further work.
+    """
     s, d = spec.sampling, spec.data
     sampling = {"sigma": s.sigma, **({"N0": s.N0} if s.N0 is not None else {}), "N": s.N, "alpha": s.alpha,
                 "skip": d.skip, "batch": s.batch, "seed": spec.seed, "max": d.max}
@@ -264,19 +240,10 @@ def image_generator(seed: int, idx: int, device) -> torch.Generator:
 def run(spec: RunSpec, mode: Mode, world: Optional[World] = None) -> Dict[str, float]:
     """Execute ``spec`` in ``mode``: one row per chosen image not yet in OUTFILE, written as it comes.
 
-    Under torchrun (``world``: default from the environment) the images still to do are dealt to
-    the ranks, each writes its own shard file, and rank 0 merges them into OUTFILE in image order
-    (``SRS.distributed``); without torchrun, and without shards of an earlier distributed run to
-    merge, OUTFILE is written directly.
-
-    Returns:
-        Summary over the whole file (after --resume too): ``rows``, ``accuracy`` and
-        ``seconds_per_image`` over all its rows, ``images`` computed now, ``skipped_done`` already
-        there, ``main`` (whether this is rank 0, the process that should report), plus the mode's
-        own entries; and ``planner_seconds``, the pairing planner's mean seconds per image over the
-        images this process computed now (NaN when none; in no column of the file).  Running out of
-        memory is a one-line error saying what to lower; the rows written so far stay.
-    """
+    Under torchrun the images still to do are dealt to the ranks, whose shard files rank 0 merges in image order
+    (``SRS.distributed``).  Returns a summary of the whole file (``rows``, ``accuracy``, ``seconds_per_image``,
+    ``images`` computed now, ``skipped_done``, ``main``, the mode's entries, ``planner_seconds`` of the images computed
+    now).  Running out of memory is a one-line error saying what to lower; rows written so far stay."""
     spec.validate(routes=mode.routes, table=mode.table)
     world = World.from_env() if world is None else world
     threads = set_threads(spec.threads)

@@ -1,13 +1,8 @@
 """Where the certified model comes from: a checkpoint file, or a model object built by the caller.
 
-``SRS.runner.RunSpec.checkpoint`` is either the path of a checkpoint (``DEQ.checkpoint.load_model``: its
-config gives the certified model (its CERTIFY section), the number of classes, the image size and the data set it was trained
-on) or a model object: a ``torch.nn.Module`` as it is, or wrapped in :class:`ModelObject` to name it and
-give what it does not expose.  Either way the runner sees a :class:`ModelInfo`: the defaults the smoothing
-flags fall back to, the checks against the data set, and the results header's entries that identify the
-model (a file's SHA-256, or the SHA-256 of a model object's state_dict, :func:`state_sha256`), which
-``--resume`` and the ranks of a distributed run compare like every other setting.
-"""
+Either way the runner sees a :class:`ModelInfo`: smoothing defaults, checks against the data set, and header
+entries identifying the weights (file SHA-256, or :func:`state_sha256`) that --resume and the ranks compare.
+Use: docs/certification.md, "Your own model from Python"."""
 from __future__ import annotations
 
 import hashlib
@@ -31,31 +26,13 @@ from .settings import DEQSolve
 class ModelObject:
     """A model object certified in place of a checkpoint file (``RunSpec.checkpoint``).
 
-    The model is any ``torch.nn.Module`` mapping a batch of images (B, C, H, W), pixels in [0, 1] as the
-    data set gives them, to logits (B, num_classes); a DEQ implements :class:`DEQ.interface.DEQClassifier`
-    (``solve(x, solver, max_iter, z0, tol) -> DEQOutput``), which standard smoothing of a DEQ and ``--srs``
-    need.  The runner moves it to the run's device and puts it in eval mode (in place); its weights are
-    identified by :func:`state_sha256` of its ``state_dict`` (so every tensor that changes a prediction
-    belongs in a parameter or buffer).  A compiled or bf16 runtime (``RunSpec.compile``/``precision``)
-    needs a DEQ with ``set_runtime(runtime)`` (as ``DEQ.models.mdeq.MDEQClsNet``); for a DEQ without it,
-    ``compile='auto'`` means off, and ``'on'`` or ``bf16`` are refused.
-
-    Every field left None is read from the model's attribute of the same meaning where it has one (the
-    names ``DEQ.models.mdeq.MDEQClsNet`` uses), else it takes the stated default.
-
-    Attributes:
-        model: the classifier.
-        name: the results header's ``model`` entry (attribute: none; default ``type(model).__name__``).
-        num_classes: its classes, checked against the data set (attribute ``num_classes``; default: the data
-            set's, unchecked).
-        solve: the solver, budget and tolerance that unset smoothing settings (``f_solver``, ``f_thresh``,
-            ``tol``, ``std_solver``, ``std_thresh``) fall back to (attributes ``f_solver``, ``f_thres``,
-            ``f_tol``, each on its own; defaults those of :class:`SRS.settings.DEQSolve`).
-        dataset: the data set it was trained on, checked against the run's (attribute ``dataset``; default:
-            unchecked).
-        image_size: the side the embedded digits images are resized to (attribute ``image_size``; default:
-            their own 8 pixels).
-    """
+    ``model`` maps images (B, C, H, W) in [0, 1] to logits; ``--srs`` and DEQ smoothing need a
+    :class:`DEQ.interface.DEQClassifier`.  The runner moves it to the device in eval mode; its weights are identified
+    by :func:`state_sha256` (keep whatever changes a prediction in parameters or buffers).  A compiled or bf16 runtime
+    needs ``set_runtime``, else ``compile='auto'`` is off and ``'on'`` / bf16 are refused.  A None field
+    (``name``, ``num_classes``, ``solve``, ``dataset``, ``image_size``) is read from the model's attribute of that
+    meaning (``num_classes``, ``f_solver``/``f_thres``/``f_tol``, ``dataset``, ``image_size``) or defaults:
+    ``type(model).__name__``, the data set's classes, :class:`SRS.settings.DEQSolve`, unchecked, 8 pixels."""
     model: torch.nn.Module
     name: Optional[str] = None
     num_classes: Optional[int] = None
@@ -69,17 +46,9 @@ ModelSource = Union[str, os.PathLike, torch.nn.Module, ModelObject]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the runner takes from the certified model's source, checkpoint or model object.
-
-    Attributes:
-        kind: the model in messages ('the checkpoint is a resnet110', 'the model object is a MyDEQ').
-        num_classes: the classifier's classes.
-        default: the solver, budget and tolerance that unset smoothing settings fall back to.
-        image_size: the side the digits images are resized to (None: their own size).
-        header: the results header's entries that identify the model: ``checkpoint`` (the path, not
-            compared on --resume), ``checkpoint_sha256`` and ``cfg_sha256``; or ``model`` (its name) and
-            ``model_sha256`` (:func:`state_sha256`).
-    """
+    """What the runner takes from the model's source: ``kind`` (for messages), ``num_classes``, ``default``
+    solve settings, ``image_size`` (None: the digits' own) and ``header`` (``checkpoint`` path, ``checkpoint_sha256``,
+    ``cfg_sha256``; or ``model`` and ``model_sha256``)."""
     kind: str
     num_classes: int
     default: DEQSolve
@@ -88,11 +57,7 @@ class ModelInfo:
 
 
 def model_object(source: ModelSource) -> Optional[ModelObject]:
-    """``source`` as a :class:`ModelObject`, or None for a checkpoint path.
-
-    Raises:
-        UserError: ``source`` is neither a path, a ``torch.nn.Module`` nor a :class:`ModelObject`.
-    """
+    """``source`` as a :class:`ModelObject`, None for a path; UserError for anything else."""
     if isinstance(source, (str, os.PathLike)):
         return None
     if isinstance(source, torch.nn.Module):
@@ -104,13 +69,9 @@ def model_object(source: ModelSource) -> Optional[ModelObject]:
 
 
 def state_sha256(model: torch.nn.Module) -> str:
-    """Hex SHA-256 of ``model.state_dict()``: for every entry in key order, its name, dtype, shape and the
-    bytes of its values on the CPU (row-major).  Equal for equal weights on any device; a change of any
-    value, dtype, shape or name changes it.
-
-    Raises:
-        UserError: a state_dict entry that is not a plain (strided) tensor, whose bytes cannot identify it.
-    """
+    """Hex SHA-256 of ``model.state_dict()``: per entry in key order, name, dtype, shape and CPU bytes.
+    Equal for equal weights on any device; any change of value, dtype, shape or name changes it.  UserError for an
+    entry that is not a plain strided tensor."""
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
@@ -130,17 +91,8 @@ def _attribute(model: torch.nn.Module, name: str, kind) -> Optional[object]:
 
 
 def object_info(source: ModelObject, dataset: str, cfg: Optional[str] = None) -> ModelInfo:
-    """The :class:`ModelInfo` of a model object certified on ``dataset``, with its checks.
-
-    Args:
-        source: the model object (fields None: the model's attributes or the defaults, see :class:`ModelObject`).
-        dataset: the run's data set.
-        cfg: ``RunSpec.cfg``, which only a bare checkpoint state_dict needs: refused here.
-
-    Raises:
-        UserError: a ``cfg``; a malformed field; a number of classes or a training data set other than
-            the data set's.
-    """
+    """The :class:`ModelInfo` of a model object certified on ``dataset``.  Raises UserError: a ``cfg``, a
+    malformed field, or another number of classes or training data set than ``dataset``'s."""
     model = source.model
     name = source.name if source.name is not None else type(model).__name__
     if cfg:
@@ -173,17 +125,8 @@ def object_info(source: ModelObject, dataset: str, cfg: Optional[str] = None) ->
 
 def checkpoint_info(path: Union[str, os.PathLike], loaded: LoadedModel, dataset: str,
                     cfg: Optional[str] = None) -> ModelInfo:
-    """The :class:`ModelInfo` of a checkpoint loaded by ``DEQ.checkpoint.load_model``, checked against ``dataset``.
-
-    Args:
-        path: the checkpoint file.
-        loaded: what ``load_model`` returned for it.
-        dataset: the run's data set.
-        cfg: the yaml it was built from, if one was given (its SHA-256 goes into the header).
-
-    Raises:
-        UserError: the checkpoint was trained on another data set or has another number of classes.
-    """
+    """The :class:`ModelInfo` of a checkpoint ``loaded`` by ``load_model`` (``cfg``: its yaml, hashed if
+    given).  Raises UserError: trained on another data set or with another number of classes."""
     c = loaded.cfg
     path = os.fspath(path)
     trained_on = loaded.checkpoint.get("dataset", c.DATASET.DATASET)
@@ -202,12 +145,8 @@ def checkpoint_info(path: Union[str, os.PathLike], loaded: LoadedModel, dataset:
 
 def object_runtime(model: torch.nn.Module, compile: str, precision: str, device: torch.device,
                    pad_rows=None) -> Runtime:
-    """The runtime of a model object: as ``DEQ.acceleration.resolve_runtime``, except that a DEQ without
-    ``set_runtime`` (which a compiled or bf16 runtime goes through) runs eager in fp32.
-
-    Raises:
-        UserError: ``compile='on'`` or ``precision='bf16'`` for a DEQ without ``set_runtime``.
-    """
+    """A model object's runtime: as ``DEQ.acceleration.resolve_runtime``, but a DEQ without
+    ``set_runtime`` runs eager fp32, and UserError for its ``compile='on'`` or ``precision='bf16'``."""
     if is_deq(model) and not hasattr(model, "set_runtime"):
         asked = [f for f, on in (("compile='on'", compile == "on"), ("precision='bf16'", precision == "bf16")) if on]
         if asked:

@@ -1,12 +1,7 @@
 """Models by MODEL.NAME (the registry, :mod:`DEQ.models.registry`) and the question a trainer asks of one.
 
-``mdeq`` (the multiscale DEQ, :mod:`DEQ.models.mdeq`) and the randomized-smoothing
-ResNet baselines (:mod:`DEQ.models.resnet`): ``resnet_cifar`` (Cohen et al.'s CIFAR
-ResNet of depth MODEL.DEPTH = 6n+2), ``resnet110`` (the same, depth 110) and
-``resnet50`` (torchvision's, ImageNet).  DEQs have a ``.solve`` method (fixed-point
-solve with a chosen solver, budget and warm start, :func:`DEQ.interface.is_deq`) and a
-``.forward_train`` (:func:`is_trainable_deq`); ResNets are plain classifiers.
-"""
+``mdeq`` (:mod:`DEQ.models.mdeq`) and the ResNet baselines (:mod:`DEQ.models.resnet`: ``resnet_cifar`` of depth
+6n+2, ``resnet110``, ``resnet50``).  DEQs have ``.solve`` and ``.forward_train``; ResNets are plain classifiers."""
 import torch
 
 from ..interface import is_deq
@@ -21,32 +16,13 @@ register_model("resnet50", build_resnet, depth=50)
 
 
 def build_model(cfg) -> torch.nn.Module:
-    """Build the model MODEL.NAME names, with random weights.
-
-    Args:
-        cfg: a validated config (``DEQ.config.load_config``).
-
-    Returns:
-        torch.nn.Module: MDEQClsNet or ResNetClassifier, in train mode.
-
-    Raises:
-        UserError: MODEL.NAME is not in :data:`MODELS`.
-    """
+    """Build the model MODEL.NAME of a validated ``cfg`` names, random weights, train mode; UserError if unknown."""
     return model_spec(cfg.MODEL.NAME).builder(cfg)
 
 
 def is_trainable_deq(model: torch.nn.Module) -> bool:
-    """Whether ``model`` trains as a deep equilibrium model: it has :meth:`DEQ.interface.DEQClassifier.solve`
-    (:func:`DEQ.interface.is_deq`) and ``.forward_train`` (unrolled pretraining, fixed point with the implicit
-    or phantom gradient, Jacobian term).
-
-    Args:
-        model: any classifier.
-
-    Returns:
-        bool: True for MDEQClsNet (and wrappers exposing its methods), False for plain classifiers and for
-        DEQs that can only be solved.
-    """
+    """Whether ``model`` trains as a DEQ: it has ``solve`` (:func:`DEQ.interface.is_deq`) and ``forward_train``
+    (True for MDEQClsNet and wrappers exposing its methods; False for plain classifiers and solve-only DEQs)."""
     return is_deq(model) and hasattr(model, "forward_train")
 
 

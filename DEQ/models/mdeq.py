@@ -37,10 +37,8 @@ def conv5x5(in_planes, out_planes, stride=1, bias=False):
 
 
 class VariationalDropout2d(_TorchdeqVariationalDropout2d):
-    """torchdeq's per-(sample, channel) dropout, mask fixed over solver steps.
-
-    torchdeq builds its mask on the CPU, which fails for CUDA inputs; this subclass
-    builds it on the input's device and dtype."""
+    """torchdeq's per-(sample, channel) dropout, mask fixed over solver steps, built on the input's device and
+    dtype (torchdeq builds it on the CPU, which fails for CUDA inputs)."""
 
     def __init__(self, dropout=0.0):
         super().__init__(dropout, token_first=False)
@@ -317,15 +315,8 @@ class MDEQClsNet(nn.Module):
         return func, shapes
 
     def f_flat(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        """f_theta on the flat state: the function ``torch.compile`` sees (built once, no closure).
-
-        Args:
-            z: (B, D) flat state (the branches' states concatenated).
-            injection: (B, C, H, W) injection into the highest-resolution branch (``inject(x)[0]``).
-
-        Returns:
-            (B, D) f(z).
-        """
+        """f_theta on the flat (B, D) state ``z`` given the (B, C, H, W) ``injection`` (``inject(x)[0]``):
+        the function ``torch.compile`` sees (built once, no closure)."""
         shapes = self.state_shapes([injection])
         bsz = z.shape[0]
         zs = [part.view(bsz, *s) for part, s in zip(torch.split(z, [s.numel() for s in shapes], dim=1), shapes)]
@@ -351,16 +342,9 @@ class MDEQClsNet(nn.Module):
 
     # --------------------------------------------------------------- inference
     def set_runtime(self, runtime: Optional[Runtime], train: bool = False) -> None:
-        """Evaluate stem, f and head of later :meth:`solve` calls under ``runtime`` (compiled and/or bf16,
-        ``DEQ.acceleration``); None or the eager fp32 runtime restores the plain path.
-
-        Args:
-            runtime: how :meth:`solve` evaluates the model.
-            train: with a compiling runtime, :meth:`forward_train`'s no-gradient fixed-point solve also
-                evaluates f through the engine's compiled ``f_flat`` (``Engine.train_f``; see
-                :meth:`forward_train` for what stays eager).  False (the default, e.g. certify.py and
-                attack.py): ``forward_train`` is untouched.
-        """
+        """Evaluate stem, f and head of later :meth:`solve` calls under ``runtime`` (``DEQ.acceleration``; None or eager
+        fp32: the plain path).  ``train``: a compiling runtime also evaluates :meth:`forward_train`'s no-gradient
+        solve through the compiled ``f_flat`` (``Engine.train_f``); False leaves ``forward_train`` untouched."""
         if runtime is None or runtime.plain:
             self.engine = None
             return
@@ -450,19 +434,9 @@ class MDEQClsNet(nn.Module):
                       f_thres: Optional[int] = None) -> TrainOutput:
         """Training forward.  train_step < PRETRAIN_STEPS (and >= 0): unroll f NUM_LAYERS times.
 
-        With a training runtime (``set_runtime(runtime, train=True)``, ``cls_train.py --compile``) the
-        no-gradient fixed-point solve, most of a DEQ step's f evaluations, evaluates f through the
-        engine's compiled ``f_flat`` (``Engine.train_f``): the rows as they come (no padding: the
-        dropout masks drawn in :meth:`_reset` have the batch dimension; each row count compiles once),
-        the state fp32 as the solver expects, and under AMP's autocast the compiled f is traced under
-        the same autocast as the eager one (dynamo guards on the autocast state; its output is cast
-        to fp32 as the eager ``_flat`` wrapper does).  The masks and the weight-normalised weights are
-        graph inputs, so each step's fresh ones are used without recompiling.  Everything with a
-        gradient stays eager: the differentiable ``new_z = f(z*)``, the Jacobian term, the implicit
-        backward (its hook calls the backward of ``new_z`` repeatedly with ``retain_graph``) and the
-        unrolled pretraining steps; a compiled backward called like that, once per step for a few f
-        evaluations, is not worth its compile time and memory.
-        """
+        With a training runtime (``set_runtime(runtime, train=True)``) only the no-gradient fixed-point solve runs
+        through the compiled ``f_flat``, under the same autocast; everything with a gradient stays eager
+        (docs/certification.md, "Compiled and bf16 evaluation")."""
         self._reset(x)
         injection = self.inject(x)
         func, shapes = self.make_func(injection)
@@ -497,10 +471,8 @@ class MDEQClsNet(nn.Module):
         return TrainOutput(self.head(new_z, shapes), jac_loss, result)
 
     def _check_train_solve(self, result, func, z0: torch.Tensor, shapes, f_thres: Optional[int]):
-        """The training solve's agreement check (``--compile auto``, once: ``CompileGuard.check``): the compiled
-        solve's fixed point against the eager one's (same dropout masks), compared by the predictions of
-        the head in eval mode (running statistics: no batch-norm statistics are updated).  Returns the
-        solve to use: the eager one after a disagreement (the engine then runs eager)."""
+        """The training solve's agreement check (``--compile auto``, once): compiled vs eager fixed point (same dropout
+        masks) compared by the eval-mode head's predictions; returns the eager solve after a disagreement."""
         guard = self.engine.guard
         if "train" not in guard.pending:
             return result
@@ -517,13 +489,6 @@ class MDEQClsNet(nn.Module):
 
 
 def build_model(cfg) -> torch.nn.Module:
-    """The model registry's builder (``DEQ.models.build_model``), kept importable from here.
-
-    Args:
-        cfg: a validated config.
-
-    Returns:
-        torch.nn.Module: the model MODEL.NAME names.
-    """
+    """The model registry's builder (``DEQ.models.build_model``) for a validated ``cfg``, kept importable here."""
     from . import build_model as registry_build
     return registry_build(cfg)

@@ -48,13 +48,8 @@ class CifarResNet(nn.Module):
     """Cohen et al.'s CIFAR ResNet of depth 6n+2 (see the module docstring)."""
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, init_weights: bool = True):
-        """
-        Args:
-            depth: 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...).
-            num_classes: width of the final linear layer.
-            in_channels: image channels (3 for CIFAR-10, 1 for digits).
-            init_weights: He init of the convs, unit BN (as Cohen's code); False keeps PyTorch's defaults.
-        """
+        """``depth`` 6n+2 with n >= 1; ``init_weights``: He init of the convs and unit BN (as Cohen's code),
+        False keeps PyTorch's defaults."""
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
@@ -95,31 +90,14 @@ class CifarResNet(nn.Module):
 
 
 def resnet_cifar(depth: int = 110, num_classes: int = 10, in_channels: int = 3, init_weights: bool = True) -> CifarResNet:
-    """Cohen et al.'s ``resnet_cifar(depth=..., num_classes=...)``, without the normalisation layer.
-
-    Args:
-        depth: 6n+2 (``cifar_resnet20``: 20, ``cifar_resnet110``: 110).
-        num_classes: number of classes.
-        in_channels: image channels.
-        init_weights: He init (True, as Cohen's code) or PyTorch's default init.
-
-    Returns:
-        CifarResNet: the network, random weights, train mode.
-    """
+    """Cohen et al.'s ``resnet_cifar`` of ``depth`` 6n+2 (20, 110, ...), without the normalisation layer;
+    random weights (He init with ``init_weights``, as Cohen's code, else PyTorch's), train mode."""
     return CifarResNet(depth, num_classes, in_channels, init_weights)
 
 
 def resnet50(num_classes: int = 1000, init_weights: bool = True) -> nn.Module:
-    """torchvision's ResNet-50 with random weights (Cohen et al.'s ImageNet base classifier).
-
-    Args:
-        num_classes: number of classes.
-        init_weights: torchvision's init (Kaiming normal convs, unit BN; True) or PyTorch's
-            per-module defaults (False).
-
-    Returns:
-        torchvision.models.ResNet: the network, without the normalisation layer.
-    """
+    """torchvision's ResNet-50 with random weights (Cohen et al.'s ImageNet base classifier), without the
+    normalisation layer; ``init_weights``: torchvision's init, else PyTorch's per-module defaults."""
     from torchvision.models import resnet50 as tv_resnet50
 
     net = tv_resnet50(weights=None, num_classes=num_classes)
@@ -134,27 +112,15 @@ class ResNetClassifier(nn.Sequential):
     """``Sequential(NormalizeLayer(mean, std), net)``: Cohen et al.'s layout and parameter names."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int):
-        """
-        Args:
-            net: the ResNet (input: normalised images).
-            mean, std: per-channel statistics of the data set in [0, 1] pixel units.
-            num_classes: number of classes of ``net``.
-        """
+        """``net`` takes normalised images; ``mean``, ``std``: per-channel statistics in [0, 1] pixels."""
         super().__init__(NormalizeLayer(mean, std), net)
         self.in_channels = len(mean)
         self.num_classes = num_classes
 
 
 def build_resnet(cfg) -> ResNetClassifier:
-    """The ResNet that MODEL.NAME / MODEL.DEPTH name, for DATASET.DATASET, with its normalisation.
-
-    Args:
-        cfg: a validated config (``DEQ.config.load_config``); MODEL.NAME one of resnet_cifar
-            (depth MODEL.DEPTH), resnet110, resnet50.
-
-    Returns:
-        ResNetClassifier: random weights (MODEL.INIT_WEIGHTS picks the init), train mode.
-    """
+    """The ResNet that MODEL.NAME / MODEL.DEPTH of a validated ``cfg`` name, for DATASET.DATASET, with its
+    normalisation: random weights (MODEL.INIT_WEIGHTS picks the init), train mode."""
     info = dataset_info(cfg.DATASET.DATASET)
     name, nc, init = cfg.MODEL.NAME, cfg.MODEL.NUM_CLASSES, cfg.MODEL.INIT_WEIGHTS
     if name == "resnet50":

@@ -46,26 +46,10 @@ def train(cfg_path: str, noise: Optional[float] = None, opts: Sequence[str] = ()
           dist_timeout: float = DEFAULT_TIMEOUT_MINUTES, compile: str = "auto") -> TrainOutcome:
     """Check everything, then train (or continue) one run; the training CLI and ``scripts/reproduce.py``.
 
-    Under torchrun (RANK / WORLD_SIZE in the environment) every process calls this: DistributedDataParallel
-    over the ranks (see the module docstring); without torchrun, one process as always.
-
-    Args:
-        cfg_path: yacs yaml; ``opts`` KEY VALUE overrides; ``noise`` overrides TRAIN.NOISE.
-        out: run folder (default OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>); under torchrun on a file system
-            every rank reads (``--resume``).
-        compile: 'auto' (on for CUDA), 'on', 'off': the evaluation passes and the training steps'
-            no-gradient fixed-point solves evaluate f through torch.compile (``Trainer.set_runtime``;
-            gradients, the Jacobian term and pretraining stay eager).
-        resume, resume_from, overwrite: continue the folder's last.pth / another checkpoint, or start again
-            (a folder holding checkpoints is never overwritten silently).
-        device, threads, quiet: as the CLI flags.
-        progress: show progress bars (default: not quiet; rank 0 only).
-        dist_timeout: under torchrun, minutes a rank waits in a collective for the others before it stops
-            with an error (the process-group timeout).
-
-    Returns:
-        :class:`TrainOutcome` (every rank: the same figures).
-    """
+    Under torchrun every process calls this (DDP over the ranks; every rank returns the same :class:`TrainOutcome`).
+    ``out`` default: OUTPUT_DIR/<dataset>/<cfg>_noise<sigma>; ``compile``: as :meth:`Trainer.set_runtime`; ``resume``
+    / ``resume_from`` / ``overwrite``: continue last.pth or another checkpoint, or start again (a folder with
+    checkpoints is never overwritten silently); ``dist_timeout``: torchrun collective timeout in minutes."""
     threads = set_threads(threads)
     check_number("--dist-timeout", dist_timeout, 0, strict=True, hint=" (minutes)")
     check_choice("--compile", compile, COMPILE_CHOICES)

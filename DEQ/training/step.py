@@ -65,13 +65,8 @@ def smoothadv_attacker(cfg, input_dim: int) -> Optional[SmoothAdvAttack]:
 
 
 class TrainForward(torch.nn.Module):
-    """The training forward as a module's ``forward``: DistributedDataParallel averages the gradients
-    of what runs inside ``DDP.forward`` only, and a DEQ trains through ``forward_train`` (pretraining
-    unroll, fixed point with the implicit-gradient hook or phantom gradient, Jacobian term).
-
-    Args:
-        model: the classifier (DEQ or plain).
-    """
+    """The training forward (``forward_train`` for a DEQ) as a module's ``forward``: DistributedDataParallel
+    averages the gradients of what runs inside ``DDP.forward`` only."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -90,25 +85,11 @@ class TrainForward(torch.nn.Module):
 def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, train_step: int, device,
                   attacker: Optional[SmoothAdvAttack] = None, forward: Optional[torch.nn.Module] = None,
                   draws: Optional[torch.Generator] = None, loss_weight: float = 1.0):
-    """One optimiser step on a noisy (with ``attacker``: SmoothAdv-perturbed) batch.
+    """One optimiser step on a noisy (with ``attacker``: SmoothAdv-perturbed) batch of this process's rows.
 
-    Args:
-        model: the bare model (the attack and the optimiser's parameters).
-        optimizer, scheduler, scaler: the run's optimisation state (``scaler`` None without AMP).
-        cfg: the run's config.
-        x, y: this process's rows of the batch, on ``device``.
-        epoch, train_step: position in the run (Jacobian schedule, pretraining, attack warm-up).
-        device: where the batch is.
-        attacker: SmoothAdv's attack, or None for Gaussian training.
-        forward: the module the training forward runs through: :class:`TrainForward` of ``model``
-            (the default) or that wrapped in DistributedDataParallel.
-        draws: generator of the Jacobian-loss coin and the threshold jitter (None: torch's global
-            generator, as a one-process run draws them; under torchrun one seeded alike on every rank).
-        loss_weight: factor on the loss (unevenly split last global batch under torchrun; else 1).
-
-    Returns:
-        tuple: (loss, jac_loss or None, correct count, rows trained on), for this process's rows.
-    """
+    ``forward``: :class:`TrainForward` of ``model`` or its DDP wrapper; ``draws``: generator of the Jacobian-loss coin
+    and threshold jitter (None: torch's global one; under torchrun seeded alike on every rank); ``loss_weight``: see
+    ``ShardedBatchSampler.loss_weight``.  Returns (loss, jac_loss or None, correct count, rows trained on)."""
     noise = cfg.TRAIN.NOISE
     if attacker is not None:
         x, y = smoothadv_batch(model, attacker, cfg, x, y, epoch, train_step)
@@ -151,24 +132,11 @@ def train_step_fn(model, optimizer, scheduler, scaler, cfg, x, y, epoch: int, tr
 @torch.no_grad()
 def evaluate(model, loader, noise: float, device, seed: int = 1234, solver=None, max_iter=None,
              world: Optional[World] = None) -> EvalStats:
-    """Clean accuracy and accuracy under N(0, noise^2) with the standard solver from zeros.
-    The evaluation noise comes from its own seeded generator: figures are comparable across epochs.
-    A plain classifier (no ``.solve``) is just run; its solver statistics are nan.
+    """Clean accuracy and accuracy under N(0, noise^2) with the standard solver from zeros, as :class:`EvalStats`.
 
-    Args:
-        model: the (bare) model.
-        loader: the test loader; under torchrun one built on :class:`DEQ.distributed.RoundRobinBatches`.
-        noise: std of the evaluation noise (0: the noisy accuracy is the clean one).
-        device: where the model is.
-        seed: seed of the noise generator.
-        solver, max_iter: the solve (default: the model's).
-        world: under torchrun, each rank evaluates its batches, skipping the noise draws of the
-            others' batches so every batch gets the noise a one-process run gives it, and the counts
-            are all-reduced: every rank returns the one-process figures.
-
-    Returns:
-        EvalStats
-    """
+    The noise comes from its own generator seeded by ``seed`` (comparable across epochs); a plain classifier's solver
+    statistics are nan.  Under torchrun (``world``) each rank evaluates its batches with the noise a one-process run
+    gives them and the counts are all-reduced: every rank returns the one-process figures."""
     model.eval()
     deq = is_trainable_deq(model)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -28,17 +28,8 @@ log = logging.getLogger("deq.train")
 
 
 class Trainer:
-    """Owns the model, data, optimisation state and logs of one training run.
-
-    Args:
-        cfg: the validated config.
-        device: this process's device.
-        out_dir: the run folder.
-        data_dir: data root (CIFAR-10 / ImageNet).
-        show_progress: progress bars (rank 0's only under torchrun).
-        world: under torchrun, the started :class:`DEQ.distributed.World` (DDP training); None or a
-            one-process world: the one-process run.
-    """
+    """Owns the model, data, optimisation state and logs of one training run.  ``world``: under torchrun the
+    started :class:`DEQ.distributed.World` (DDP training); None or one process: the one-process run."""
 
     def __init__(self, cfg, device, out_dir: str, data_dir: Optional[str] = None, show_progress: bool = True,
                  world: Optional[World] = None):
@@ -209,11 +200,9 @@ class Trainer:
             self.draws.manual_seed(derived_seed(seed, "draws", "epoch", self.epoch))
 
     def _relay_schedule(self, ckpt: dict) -> None:
-        """Re-lay the cosine schedule over the run as now planned when the checkpoint's plan differs: other
-        steps per epoch (another world size, PERCENT or batch size) or another TRAIN.END_EPOCH.  Position and
-        length in steps follow the epochs, so the learning rate is the one the epoch count calls for in a
-        run planned from TRAIN.BEGIN_EPOCH to the new TRAIN.END_EPOCH (raised: the decay is stretched to the
-        new end instead of the old schedule's cosine climbing again past its own end)."""
+        """Re-lay the cosine schedule when the checkpoint's plan differs (other steps per epoch or TRAIN.END_EPOCH): the
+        learning rate is the one the epoch count calls for in a run planned from TRAIN.BEGIN_EPOCH to the new
+        TRAIN.END_EPOCH (a raised end stretches the decay; the old cosine never climbs again past its end)."""
         if self.cfg.TRAIN.LR_SCHEDULER == "step":
             return  # milestones in epochs: a later end only adds epochs at the last factor
         saved = ckpt.get("steps_per_epoch")
@@ -240,26 +229,10 @@ class Trainer:
 
     # --------------------------------------------------------------- the loop
     def set_runtime(self, compile: str = "off") -> None:
-        """Solve through the compiled f of ``DEQ.acceleration`` (fp32): the evaluation passes and the
-        training steps' no-gradient fixed-point solves (``cls_train.py --compile``).
-
-        * Evaluation (``evaluate``'s ``model.solve``): stem, f and head compiled, rows padded to the full
-          and the last test batch.
-        * Training (``forward_train``, ``MDEQClsNet.set_runtime(runtime, train=True)``): the no-gradient
-          fixed-point solve, most of a DEQ step's f evaluations, evaluates f through the same compiled
-          ``f_flat``, the rows as they come (the dropout masks have the batch dimension, so no padding;
-          each row count compiles once, at its first DEQ step, after pretraining) and under the run's
-          AMP autocast on CUDA as the eager f would be.  Everything with a gradient stays eager: the
-          differentiable f(z*), the Jacobian term, the implicit backward and the unrolled pretraining
-          (a compiled backward, called repeatedly with ``retain_graph`` by the implicit-backward hook,
-          is not worth its compile time).  The fresh dropout masks and weight-normalised weights of
-          every step are graph inputs: no recompiles per step.
-
-        Nothing of it is saved in checkpoints: a run may be resumed with another ``--compile``.
-
-        Args:
-            compile: 'auto' (on for CUDA), 'on', 'off'.
-        """
+        """Solve through the compiled fp32 f of ``DEQ.acceleration`` (``cls_train.py --compile``: 'auto' (on for CUDA),
+        'on', 'off'): the evaluation passes (rows padded to the full and last test batch) and the training steps'
+        no-gradient fixed-point solves; everything with a gradient stays eager (docs/certification.md, "Compiled and
+        bf16 evaluation").  Nothing of it is saved in checkpoints: a run may resume with another ``--compile``."""
         rows = static_rows(self.cfg.TEST.BATCH_SIZE_PER_GPU, len(self.test_set))  # full and last test batch
         runtime = resolve_runtime(compile, "fp32", self.device, pad_rows=rows)
         if self.is_deq and hasattr(self.model, "set_runtime"):
