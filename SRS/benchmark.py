@@ -373,14 +373,9 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     random-init model of ``cfg_path`` and seeded noise images: a speed measurement only (no certificates reported).
     Budgets are exact (tol 0); each method's first image is an untimed warm-up."""
     import torch
-    from DEQ.config import load_config
-    from DEQ.models.mdeq import build_model
-    cfg = load_config(cfg_path)
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(device).eval()
-    size = cfg.MODEL.IMAGE_SIZE
-    channels = 1 if cfg.DATASET.DATASET == "digits" else 3
-    images = torch.rand((n_images + 1, channels, size[0], size[1]), generator=torch.Generator().manual_seed(seed))
+    from DEQ.models import random_init_mdeq
+    model, shape = random_init_mdeq(cfg_path, device, seed, purpose="this benchmark times MDEQ certification")
+    images = torch.rand((n_images + 1, *shape), generator=torch.Generator().manual_seed(seed))
     std = DEQSolve("anderson", 30, 0.0)
     warm = DEQSolve("anderson", 10, 0.0)
     K = None if conf_drop == "auto" else int(conf_drop)
@@ -391,7 +386,7 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
             chosen[label] = SRSConfig(step=DEQSolve(solver, k, 0.0), warmup=warm, conf_drop=K)
     rows = []
     for label, srs_cfg in chosen.items():
-        smooth = Smooth(model, cfg.MODEL.NUM_CLASSES, 0.5, standard=std, srs=srs_cfg)
+        smooth = Smooth(model, model.num_classes, 0.5, standard=std, srs=srs_cfg)
         times, calls, planner = [], [], []
         for i in range(n_images + 1):
             x = images[i].to(device)

@@ -10,30 +10,13 @@ import torch
 from DEQ.acceleration import Engine, Runtime, static_rows
 from DEQ.checks import check_choice
 from DEQ.errors import ArgumentParser, UserError, cli_main
+from DEQ.models import random_init_mdeq
 from DEQ.utils import pick_device, set_threads
 
 
 def build(cfg_path: str, device: torch.device, seed: int):
-    """(model in eval mode, input shape (C, H, W)) of a config with seeded random weights.
-
-    Args:
-        cfg_path: yacs yaml.
-        device: where to put the model.
-        seed: torch seed of the weights.
-
-    Returns:
-        tuple: (model, shape).
-    """
-    from DEQ.config import load_config
-    from DEQ.data import dataset_info
-    from DEQ.models import build_model
-    cfg = load_config(cfg_path)
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(device).eval()
-    if not hasattr(model, "set_runtime"):
-        raise UserError(f"{cfg_path} is not an MDEQ config (MODEL.NAME {cfg.MODEL.NAME}): this benchmark times f")
-    size = cfg.MODEL.IMAGE_SIZE
-    return model, (dataset_info(cfg.DATASET.DATASET).in_channels, size[0], size[1])
+    """(model in eval mode, input shape (C, H, W)) of a config with seeded random weights."""
+    return random_init_mdeq(cfg_path, device, seed, purpose="this benchmark times f")
 
 
 def timed(fn, device: torch.device, reps: int) -> float:

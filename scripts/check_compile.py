@@ -14,21 +14,8 @@ import torch
 from DEQ.acceleration import compiled_vs_eager, resolve_runtime
 from DEQ.checks import check_choice
 from DEQ.errors import ArgumentParser, UserError, cli_main
+from DEQ.models import random_init_mdeq
 from DEQ.utils import pick_device, set_threads
-
-
-def random_init_model(cfg_path: str, device: torch.device, seed: int):
-    """(model in eval mode, input shape (C, H, W)) of an MDEQ config with seeded random weights."""
-    from DEQ.config import load_config
-    from DEQ.data import dataset_info
-    from DEQ.models import build_model
-    cfg = load_config(cfg_path)
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(device).eval()
-    if not hasattr(model, "set_runtime"):
-        raise UserError(f"{cfg_path} is not an MDEQ config (MODEL.NAME {cfg.MODEL.NAME}): pass an MDEQ config")
-    size = cfg.MODEL.IMAGE_SIZE
-    return model, (dataset_info(cfg.DATASET.DATASET).in_channels, size[0], size[1])
 
 
 @cli_main
@@ -50,7 +37,7 @@ def main(argv=None):
     device = pick_device(args.device)
     bad = 0
     for cfg_path in args.cfg:
-        model, shape = random_init_model(cfg_path, device, args.seed)
+        model, shape = random_init_mdeq(cfg_path, device, args.seed, purpose="pass an MDEQ config")
         x = torch.rand((args.batch,) + shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         for precision in args.precision:
             runtime = resolve_runtime(args.compile, precision, device, pad_rows=args.batch)
