@@ -143,27 +143,12 @@ def test_adaptive_count_stops_where_the_cap_saturates():
     assert adaptive_pair_count(3000, n, alpha, slack, 100) == 0        # abstains anyway
 
 
-def _grid_pair_count(n_A, n, alpha, grid, cap, exact=0, descend=True, looks=1):
-    """The pair count of the former ``--radius_grid`` rule, kept as the reference: the fewest pairs reaching the
-    largest multiple of ``grid`` (units of sigma) at or below the SRS counts' radius, descending the grid under a
-    cap."""
-    from scipy.stats import norm
-    p = lower_confidence_bound(n_A, n, alpha)
-    if p < 0.5:
-        return 0
-    goal = math.floor(norm.ppf(p) / grid + 1e-9) * grid
-    while goal >= 0:
-        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=goal, exact=exact, looks=looks)
-        if need is not None or not descend:
-            return need
-        goal -= grid
-    return 0
-
-
 @pytest.mark.parametrize("grid", [0.5, 0.25])
 def test_table_radii_on_a_grid_give_the_grid_pair_counts(grid):
     """Radii equal to a grid (0, g, 2g, ... past the largest radius N = 10000 can certify) pair exactly as the
-    grid rule did: same K_A for every count, cap, exact samples, look plan and descent."""
+    grid rule did (the plain reference planner of test_planner): same K_A for every count, cap, exact samples,
+    look plan and descent."""
+    from test_planner import _ref_grid_pair_count as _grid_pair_count
     n, alpha = 10000, 0.001
     radii = tuple(k * grid for k in range(int(4 / grid) + 1))
     for n_A in list(range(5000, 10001, 83)) + [9939, 9990, 10000]:
