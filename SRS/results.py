@@ -211,8 +211,9 @@ class ResultsFile:
             if key in RESUME_IGNORED_KEYS:
                 continue
             if key not in old_meta:
-                raise UserError(f"--resume: {self.path} has no '{key}' line in its header (made by an older version?) "
-                                f"and this run has {key}={new_meta[key]}; rerun with the same settings or use a new OUTFILE")
+                raise UserError(f"--resume: {self.path} has no '{key}' line in its header (another kind of run, or an "
+                                f"older version) and this run has {key}={new_meta[key]}; rerun with the same settings or "
+                                f"use a new OUTFILE")
             if key not in new_meta:
                 raise UserError(f"--resume: {self.path} was made with {key}={old_meta[key]}, a setting this run does "
                                 f"not have; rerun with the same settings or use a new OUTFILE")
