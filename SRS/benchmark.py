@@ -392,12 +392,12 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
             x = images[i].to(device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.time()
+            t0 = time.perf_counter()
             c = smooth.certify(x, N0, N, 0.001, batch, generator=torch.Generator(device=device).manual_seed(seed + i))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
-                times.append(time.time() - t0)
+                times.append(time.perf_counter() - t0)
                 calls.append(c.std_calls)
                 planner.append(c.planner_seconds)
         rows.append({"method": label, "s/image": float(np.mean(times)), "std calls/image": float(np.mean(calls)),
