@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -130,7 +130,9 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
     if n_A - exact <= 0:
         return 0                               # every sample of A is exact: nothing to pair
     hi = min(cap, n_A - exact)
-    z_of = _clean_z(n_A, n, alpha, exact, looks)
+
+    def z_of(K: int) -> float:
+        return eliminated_z(n_A, n, K, alpha, 0, exact, looks)
     if hi < 1 or z_of(hi) < z_target:
         return None
     lo = 1                                     # eliminated_z is non-decreasing in K_A (M = 0)
@@ -141,19 +143,6 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
         else:
             lo = mid + 1
     return lo
-
-
-def _clean_z(n_A: int, n: int, alpha: float, exact: int, looks: int) -> Callable[[int], float]:
-    """K -> ``eliminated_z(n_A, n, K, alpha, 0, exact, looks)`` bit for bit, checks done once (whole K >= 0)."""
-    if not all(_whole(v) for v in (n_A, n, exact)) or not 0 <= n_A <= n:
-        return lambda K: eliminated_z(n_A, n, K, alpha, 0, exact, looks)
-    level_m, level_p, free, exact, n = alpha / 2 / looks, alpha / 2, n_A - exact, int(exact), int(n)
-
-    def z_of(K: int) -> float:
-        p_m_upper = _clean_upper_chunk(level_m, K - K % _CHUNK)[K % _CHUNK]
-        c = exact + int(math.floor(free * (1.0 - p_m_upper)))
-        return _count_z_chunk(n, level_p, c - c % _CHUNK)[c % _CHUNK]
-    return z_of
 
 
 def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Optional[float]:

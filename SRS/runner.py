@@ -27,7 +27,8 @@ from .results import (PLANNER, RESUME_IGNORED_KEYS, UNTIMED, ResultsFile, consol
                       provenance, read_rows, shard_files, shard_path)
 from .settings import DEQSolve, SmoothingSpec, SRSConfig, parse_conf_drop
 from .smooth import Smooth
-from .source import ModelInfo, ModelSource, checkpoint_info, model_object, object_info, object_runtime
+from .source import (ModelInfo, ModelSource, certified_model, checkpoint_info, model_object, object_info,
+                     object_runtime)
 
 # ----------------------------------------------------------------------------- the run description
 @dataclass(frozen=True)
@@ -166,12 +167,6 @@ def load(spec: RunSpec, device: torch.device) -> Loaded:
 
 
 SOLVER_FLAGS = ("f_thresh", "f_solver", "std_solver", "std_thresh", "tol")
-
-
-def certified_model(cfg) -> DEQSolve:
-    """The certified model a checkpoint config names: its CERTIFY section (solver, budget, tolerance); a config
-    written before the section existed has its defaults (``DEQ.config``)."""
-    return DEQSolve(cfg.CERTIFY.SOLVER, cfg.CERTIFY.THRES, cfg.CERTIFY.TOL)
 
 
 def build_smooth(spec: RunSpec, model: torch.nn.Module, info: ModelInfo) -> Smooth:

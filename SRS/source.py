@@ -123,6 +123,12 @@ def object_info(source: ModelObject, dataset: str, cfg: Optional[str] = None) ->
                      header={"model": name, "model_sha256": state_sha256(model)})
 
 
+def certified_model(cfg) -> DEQSolve:
+    """The certified model a checkpoint config names: its CERTIFY section (solver, budget, tolerance); a config
+    written before the section existed has its defaults (``DEQ.config``)."""
+    return DEQSolve(cfg.CERTIFY.SOLVER, cfg.CERTIFY.THRES, cfg.CERTIFY.TOL)
+
+
 def checkpoint_info(path: Union[str, os.PathLike], loaded: LoadedModel, dataset: str,
                     cfg: Optional[str] = None) -> ModelInfo:
     """The :class:`ModelInfo` of a checkpoint ``loaded`` by ``load_model`` (``cfg``: its yaml, hashed if
@@ -138,7 +144,7 @@ def checkpoint_info(path: Union[str, os.PathLike], loaded: LoadedModel, dataset:
         raise UserError(f"checkpoint {path} has {c.MODEL.NUM_CLASSES} classes but {dataset} has "
                         f"{info.num_classes}: use a checkpoint for this data set")
     return ModelInfo(kind=f"the checkpoint is a {c.MODEL.NAME}", num_classes=c.MODEL.NUM_CLASSES,
-                     default=DEQSolve(c.CERTIFY.SOLVER, c.CERTIFY.THRES, c.CERTIFY.TOL), image_size=c.MODEL.IMAGE_SIZE[0],
+                     default=certified_model(c), image_size=c.MODEL.IMAGE_SIZE[0],
                      header={"checkpoint": path, "checkpoint_sha256": loaded.sha256,
                              "cfg_sha256": file_sha256(cfg) if cfg else None})
 
@@ -157,5 +163,5 @@ def object_runtime(model: torch.nn.Module, compile: str, precision: str, device:
     return resolve_runtime(compile, precision, device, pad_rows=pad_rows)
 
 
-__all__ = ["ModelObject", "ModelSource", "ModelInfo", "model_object", "state_sha256", "object_info", "checkpoint_info",
-           "object_runtime"]
+__all__ = ["certified_model", "ModelObject", "ModelSource", "ModelInfo", "model_object", "state_sha256",
+           "object_info", "checkpoint_info", "object_runtime"]
