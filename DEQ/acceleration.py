@@ -54,8 +54,13 @@ class Runtime:
         return not self.compile and self.precision == "fp32"
 
     def describe(self) -> str:
-        """``compile=on cuda_graphs=on`` style text (the results header's ``compile`` entry)."""
-        return f"{'on' if self.compile else 'off'}" + (" cuda_graphs" if self.cuda_graphs else "")
+        """The results header's ``compile`` entry: 'off', 'on' or 'on cuda_graphs', and with ``fallback`` the
+        policy of ``--compile auto`` (the header is written before the first image, so it records what a
+        fallback would do, never that the run stayed compiled; a fallback itself is warned on stderr)."""
+        text = f"{'on' if self.compile else 'off'}" + (" cuda_graphs" if self.cuda_graphs else "")
+        if self.compile and self.fallback:
+            text += " (auto: eager after a compile failure or a first-batch disagreement, warned on stderr)"
+        return text
 
 
 def static_rows(batch: int, *phases: Optional[int]) -> Tuple[int, ...]:

@@ -5,6 +5,7 @@ file).  Labels: MDEQ-kA is the standard model with k Anderson evaluations from z
 serialized model with k Anderson / naive evaluations from the warm start."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -15,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .analysis import certified_accuracy, read_results, summary_table, to_markdown
-from .pairing import pairs_needed
-from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode
+from .pairing import count_z, pairs_needed
+from .modes import AttackMode, AttackSettings, CertifyMode, PredictMode, SequentialMode
 from .ladder import DEFAULT_RUNGS, LadderMode, equal_accuracy_rung, ladder_table, rung_frames
 from .runner import RunSpec, Sampling, SmoothingSpec, run
 from .settings import DEQSolve, SRSConfig, SRSOptions, declared, parse_conf_drop
@@ -28,10 +29,12 @@ _LETTER = {"anderson": "A", "naive": "N", "broyden": "B"}
 @dataclass(frozen=True)
 class Method:
     """A row of the comparison: its label and the ``SmoothingSpec`` fields it sets; ``rungs``: a standard method
-    that also certifies the ladder MDEQ-k (k in rungs) from its own solves (``SRS.ladder``), in its own file."""
+    that also certifies the ladder MDEQ-k (k in rungs) from its own solves (``SRS.ladder``), in its own file;
+    ``radii``: sequential CERTIFY of the table at these radii (``SRS.sequential``) instead of fixed-N CERTIFY."""
     label: str
     settings: Tuple[Tuple[str, object], ...]
     rungs: Tuple[int, ...] = ()
+    radii: Tuple[float, ...] = ()
 
     def smoothing(self, base: SmoothingSpec) -> SmoothingSpec:
         """``base`` (common settings such as tol) with this method's settings."""
@@ -45,7 +48,26 @@ class Method:
         """The runner mode of this row: CERTIFY, or CERTIFY with the ladder."""
         if self.rungs:
             return LadderMode(s.N0, s.N, s.alpha, s.batch, self.rungs)
+        if self.radii:
+            mode = SequentialMode(s.N0, s.N, s.alpha, s.batch, self.radii)
+            given = dict(self.settings)
+            mode.validate(bool(given.get("srs")), given.get("certificate", "eliminated"),
+                          given.get("refine_margin", 0.0))
+            return mode
         return CertifyMode(s.N0, s.N, s.alpha, s.batch)
+
+
+def sequential(method: Method, radii: Sequence[float]) -> Method:
+    """``method``'s sequential twin '<label> seq': sequential CERTIFY of the table at ``radii`` (no ladder)."""
+    return Method(f"{method.label} seq", method.settings, (), tuple(float(r) for r in radii))
+
+
+def standard_label(label: str) -> Optional[Tuple[int, str]]:
+    """(k, solver) of a standard-model label 'MDEQ-kA' / 'MDEQ-kB' / 'MDEQ-kN'; None for any other label."""
+    m = re.fullmatch(r"MDEQ-(\d+)([ABN])", label)
+    if not m:
+        return None
+    return int(m.group(1)), {v: k for k, v in _LETTER.items()}[m.group(2)]
 
 
 def standard(k: int, solver: str = "anderson", rungs: Sequence[int] = ()) -> Method:
@@ -185,6 +207,12 @@ def _col(df, column: str, default: float = 0.0) -> np.ndarray:
     return df[column].astype(float).to_numpy() if column in df.columns else np.full(len(df), default)
 
 
+def evaluations_per_image(df, samples: int) -> np.ndarray:
+    """Evaluations of f spent on each image: ``nfe`` (per drawn sample, pairs included) times the samples drawn
+    (the ``samples`` column of a sequential run, else ``samples`` = N0 + N)."""
+    return _col(df, "nfe", float("nan")) * _col(df, "samples", float(samples))
+
+
 def table_goal(radius: float, correct: bool, radii: Sequence[float]) -> Optional[float]:
     """The largest table radius an image is certified at (None: it counts at none of them)."""
     if not correct or radius < 0:
@@ -221,6 +249,35 @@ def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[flo
     return float(t_std.sum() / sum(cheapest)), pass_per_sample
 
 
+def limit_evaluations(rows: "pd.DataFrame", n: int, samples: int, alpha: float, radii: Sequence[float], sigma: float,
+                      step: float, model_cost: float, project_N: Optional[int] = None) -> np.ndarray:
+    """Per image, the fewest evaluations of f a sound SRS certificate of the model whose CERTIFY ``rows`` these
+    are (``n`` estimation samples each, ``samples`` = N0 + N drawn) can spend and still certify the image at its
+    table row: a perfectly aligned chain of ``step`` evaluations per sample plus the K pairs of ``model_cost``
+    evaluations each that the eliminated certificate needs with no misaligned pair (``pairs_needed``, aimed at the
+    largest table radius at or below the model's radius), never more than the model alone (the fallback,
+    ``samples * model_cost``).  A bound no real chain beats: misaligned pairs, warm-up and routing only add.
+
+    ``project_N``: the same images at N = ``project_N`` estimation samples, each image's top-class share n_A / n
+    kept (an assumption, to be labelled as such wherever it is shown); ``samples`` then counts that N."""
+    out = []
+    for _, r in rows.iterrows():
+        n_A, N = int(r["n_A"]), n
+        radius = float(r["radius"])
+        if project_N is not None:
+            n_A, N = int(round(n_A * project_N / n)), project_N
+            z = count_z(n_A, N, alpha)
+            radius = sigma * z if z > -math.inf else -1.0
+        alone = samples * model_cost
+        goal = table_goal(radius, bool(r["correct"]), radii)
+        if goal is None:
+            out.append(min(samples * step, alone))  # nothing to certify: the chain only has to find that out
+            continue
+        K = pairs_needed(n_A, N, alpha, 0.0, n_A, z_goal=goal / sigma)
+        out.append(alone if K is None else min(samples * step + K * model_cost, alone))
+    return np.asarray(out, dtype=float)
+
+
 def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequence[float], samples: int,
                    alpha: float, sigma: float) -> "pd.DataFrame":
     """Per method: s/image, speedups over ``baseline`` (wall clock, f evaluations), largest accuracy gap
@@ -236,8 +293,10 @@ def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequen
         K_A = _col(df, "K_A")
         is_srs = "route" in df.columns and (df["route"].astype(str) != "standard").any()
         limit = sound_speed_limit(base, df, samples, alpha, radii, sigma)[0] if is_srs else float("nan")
-        evals = _col(base, "nfe", float("nan")).mean() / _col(df, "nfe", float("nan")).mean()
-        rows.append({"method": label, "s/image": df["time"].mean(), "speedup": speedup, "f-eval speedup": evals,
+        per_image = evaluations_per_image(df, samples).mean()
+        evals = evaluations_per_image(base, samples).mean() / per_image
+        rows.append({"method": label, "s/image": df["time"].mean(), "evals/image": per_image, "speedup": speedup,
+                     "f-eval speedup": evals,
                      "largest gap (points)": gap, "at radius": at, "mean K": _col(df, "K").mean(),
                      "mean K_A": K_A.mean(), "misaligned": _col(df, "M").sum() / K_A.sum() if K_A.sum() else float("nan"),
                      "std calls/image": _col(df, "std_calls", float("nan")).mean(),
@@ -270,12 +329,13 @@ def equal_accuracy_baseline(ladder_path: str, radii: Sequence[float], tolerance:
 
 
 def add_equal_accuracy(summary: "pd.DataFrame", runs: Dict[str, "pd.DataFrame"], base: EqualAccuracy,
-                       timed: Optional[Dict[str, "pd.DataFrame"]] = None) -> "pd.DataFrame":
-    """``method_summary`` with the speedups over the equal-accuracy baseline in front: in f evaluations,
-    and in wall clock where ``timed`` holds the baseline timed beside the method (NaN otherwise)."""
+                       timed: Optional[Dict[str, "pd.DataFrame"]] = None, samples: int = 1) -> "pd.DataFrame":
+    """``method_summary`` with the speedups over the equal-accuracy baseline in front: in f evaluations per image
+    (the baseline's from the ladder, at ``samples`` = N0 + N per image), and in wall clock where ``timed`` holds the
+    baseline timed beside the method (NaN otherwise)."""
     out = summary.copy()
-    nfe = [mean_column(runs[m], "nfe") for m in out["method"]]
-    out.insert(1, "f-eval vs equal-acc.", [base.nfe / v if v else float("nan") for v in nfe])
+    per_image = [evaluations_per_image(runs[m], samples).mean() for m in out["method"]]
+    out.insert(1, "f-eval vs equal-acc.", [base.nfe * samples / v if v else float("nan") for v in per_image])
     wall = []
     for m in out["method"]:
         if m == base.label:
@@ -290,7 +350,7 @@ def add_equal_accuracy(summary: "pd.DataFrame", runs: Dict[str, "pd.DataFrame"],
 
 def summary_markdown(table: "pd.DataFrame") -> str:
     """The method summary as a markdown table."""
-    fmt = {"s/image": "{:.2f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "f-eval vs equal-acc.": "{:.2f}x",
+    fmt = {"s/image": "{:.2f}", "evals/image": "{:,.0f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "f-eval vs equal-acc.": "{:.2f}x",
            "wall vs equal-acc.": "{:.2f}x", "f-eval vs 30A": "{:.2f}x", "wall vs 30A": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
            "planner s/image": "{:.4f}", "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
            "fallbacks": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
@@ -335,17 +395,20 @@ def honest_comparison(template: RunSpec, methods: Sequence[Method], out_dir: str
     solver = dict(top.settings).get("f_solver", "anderson")
     base = equal_accuracy_baseline(paths[top.label], radii, tolerance, solver)
     timed: Dict[str, "pd.DataFrame"] = {}
-    if time_baseline and base.label != top.label:
+    if time_baseline and base.label != top.label and base.label not in runs:
         k_method = standard(base.k, solver)
         others = [m for m in methods[1:] if m.label != base.label and (timed_labels is None or m.label in timed_labels)]
         if others:
             log(f"[sigma {s.sigma:g}] equal-accuracy baseline {base.label}: timing it beside the other methods")
             timed_paths = run_methods(template, [k_method] + others, os.path.join(out_dir, f"vs_{base.label}"), log)
             timed = {label: read_results(p) for label, p in timed_paths.items()}
-    summary = method_summary(runs, top.label, radii, (s.N0 or 0) + s.N, s.alpha, s.sigma)
+    elif base.label in runs:
+        timed = runs  # the baseline ran among the methods, interleaved with them
+    samples = (s.N0 or 0) + s.N
+    summary = method_summary(runs, top.label, radii, samples, s.alpha, s.sigma)
     summary.insert(summary.columns.get_loc("s/image") + 1, "planner s/image",
                    [float(np.mean(planner[m])) if planner.get(m) else float("nan") for m in summary["method"]])
-    return Honest(paths, runs, add_equal_accuracy(summary, runs, base, timed), base, timed)
+    return Honest(paths, runs, add_equal_accuracy(summary, runs, base, timed, samples), base, timed)
 
 
 def ladder_markdown(base: EqualAccuracy) -> str:
@@ -407,7 +470,7 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     df["speedup"] = df["s/image"].iloc[0] / df["s/image"]
     return df
 
-__all__ = ["Method", "standard", "srs", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
+__all__ = ["Method", "standard", "srs", "sequential", "standard_label", "evaluations_per_image", "limit_evaluations", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
            "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
            "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
            "Honest", "honest_comparison", "RANDOM_INIT_METHODS", "random_init_timing"]

@@ -256,7 +256,7 @@ class SRSOptions:
     second_look: float = option(
         3.0, "--second_look", "adaptive pairing: G > 1 plans a second look of up to G times the first look's "
         "pairs, solved only when the first finds a misaligned pair (each look's bound at half the level); 0 off",
-        header="srs:second_look", header_when=lambda c, routes: _pairing(c, routes) and c.looks == 2,
+        header="srs:second_look", header_when=lambda c, routes: _route(c, routes) and c.looks == 2,
         needs=NEEDS_ADAPTIVE, type=float, check=_second_look, label=" look{:g}")
     warm_start: str = option(
         "previous", "--warm_start", "with --srs: each sample starts from the previous batch's sample at its "
@@ -413,6 +413,9 @@ class SmoothingSpec(SRSOptions):
                             "--certificate eliminated (the other certificates take one look)")
         if self.radius_slack is not None and self.radii is not None and not table:
             raise UserError("--radius_slack replaces aiming the pairs at the table's radii (--radii): give one of them")
+        if self.second_look != SRS_DEFAULTS.second_look and not routes:
+            raise UserError("--second_look plans a second look of CERTIFY's pairs; PREDICT takes one look (its "
+                            "pairs are sized for one bound at alpha / 2): drop --second_look")
         route_only = [opt.flag for name, opt in changed if opt.needs == NEEDS_ROUTE]
         if route_only and not routes:
             raise UserError(f"{route_only[0]} sets the standard fallback route of CERTIFY; PREDICT has no such route "

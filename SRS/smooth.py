@@ -7,6 +7,7 @@ holds the soundness summary, docs/guarantees.md the argument).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import numpy as np
@@ -141,7 +142,8 @@ class Smooth:
         p_m_upper)), the discarded n1 - n1_E counted for the runner-up) and the test
         runs at alpha / 2, the misalignment bound taking the other alpha / 2.  The
         pairs are a uniform subsample of the samples predicting the top class;
-        adaptive pairing sizes them with the certify rule applied to n1 (no fallback).
+        adaptive pairing sizes them with the certify rule applied to n1 (no fallback, one look:
+        ``second_look`` belongs to CERTIFY).
 
         Args: as :meth:`certify`, with n samples in one phase.
 
@@ -161,7 +163,7 @@ class Smooth:
         n1, n2, level = out.n1, out.n2, alpha
         if log is not None and not bad:
             with stats.planning():
-                plan = plan_pairs(srs, log.preds(), top, n, out.n1, alpha, generator,
+                plan = plan_pairs(replace(srs, second_look=0.0), log.preds(), top, n, out.n1, alpha, generator,
                                   pair_cap(srs, self.standard, n, 0, use_budget=False), exact_mask(log, srs),
                                   self.sigma)
             M = self._misaligned(x, log, plan.positions, top, batch_size, stats)

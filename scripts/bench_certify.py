@@ -41,7 +41,12 @@ def main():
     p.add_argument("--skip", type=int, default=30)
     p.add_argument("--max", type=int, default=-1)
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of method labels to run (--random-init: of MDEQ-30A, SRS-MDEQ-1A, -3A, -1N)")
+                   help="subset of method labels to run, plus any standard model MDEQ-kA to run beside them (e.g. "
+                        "the equal-accuracy baseline, then timed in the same interleaved pass; --random-init: of "
+                        "MDEQ-30A, SRS-MDEQ-1A, -3A, -1N)")
+    p.add_argument("--sequential", action="store_true",
+                   help="also run each method's sequential twin '<label> seq' (sequential CERTIFY of the table at "
+                        "--radii), interleaved with the fixed-N runs")
     p.add_argument("--out", default=None, help="TSV folder (default output/bench_certify/sigma<S>)")
     p.add_argument("--radii", type=float, nargs="+", default=None,
                    help="the table's radii (pixel units; default multiples of sigma/2 from 0 to 3 sigma): the "
@@ -56,7 +61,7 @@ def main():
     import torch
     torch.set_num_threads(max(args.threads, 1))
     from SRS.benchmark import (RANDOM_INIT_METHODS, comparison, honest_comparison, ladder_markdown, random_init_timing,
-                               srs, standard, summary_markdown, to_markdown)
+                               sequential, srs, standard, standard_label, summary_markdown, to_markdown)
     if args.random_init:
         unknown = set(args.methods or ()) - set(RANDOM_INIT_METHODS)
         if unknown:
@@ -98,12 +103,11 @@ def main():
         methods += chains(radius_slack=args.radius_slack)
     if args.mean_start:
         methods += chains(warm_start="mean")
-    if args.methods:
-        unknown = set(args.methods) - {m.label for m in methods}
-        if unknown:
-            raise UserError(f"unknown --methods {sorted(unknown)}; choose from {[m.label for m in methods]}")
-        methods = [m for m in methods if m.label in args.methods or m.label == "MDEQ-30A"]
     radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
+    if args.methods:
+        methods = chosen_methods(methods, args.methods, args.sequential, radii, standard, standard_label, sequential)
+    elif args.sequential:
+        methods += [sequential(m, radii) for m in methods]
     out = args.out or f"output/bench_certify/sigma{args.sigma:g}"
     honest = honest_comparison(template, methods, out, radii, time_baseline=not args.no_time_baseline)
     table, runs = comparison(honest.paths, radii, baseline="MDEQ-30A")
@@ -115,8 +119,27 @@ def main():
     print()
     print(to_markdown(table))
     print(f"\nimages: {len(runs['MDEQ-30A'])}, N0={args.N0}, N={args.N}, alpha={args.alpha}, sigma={args.sigma}, "
-          f"batch={args.batch}, tol=0, device={pick_device(args.device)}; methods run interleaved image by image\n")
+          f"batch={args.batch}, tol=0, device={pick_device(args.device)}; methods run interleaved image by image"
+          + ("; '<label> seq': sequential CERTIFY of the table" if args.sequential else "") + "\n")
     print(summary_markdown(honest.summary))
+
+
+def chosen_methods(methods, labels, with_twins, radii, standard, standard_label, sequential):
+    """The rows --methods names: MDEQ-30A always, the listed labels, any standard model 'MDEQ-kA', and with
+    --sequential the listed '<label> seq' twins (every kept method's twin when no twin is listed)."""
+    bases = {label[:-len(" seq")] if label.endswith(" seq") else label for label in labels}
+    candidates = methods + [standard(*standard_label(label)) for label in sorted(bases)
+                            if label not in {m.label for m in methods} and standard_label(label)]
+    twins = [sequential(m, radii) for m in candidates] if with_twins else []
+    unknown = set(labels) - {m.label for m in candidates + twins}
+    if unknown:
+        raise UserError(f"unknown --methods {sorted(unknown)}; choose from {[m.label for m in methods + twins]}, any "
+                        f"standard model MDEQ-kA" + ("" if with_twins else ", or '<label> seq' with --sequential"))
+    kept = [m for m in candidates if m.label in labels or m.label == "MDEQ-30A"]
+    listed = [t for t in twins if t.label in labels]
+    if with_twins and not listed:
+        listed = [sequential(m, radii) for m in kept]
+    return kept + listed
 
 
 if __name__ == "__main__":

@@ -165,3 +165,81 @@ def test_honest_comparison_names_the_equal_accuracy_baseline_and_times_it(tmp_pa
         assert set(honest.timed) == {f"MDEQ-{k}A", srs_label}
         assert s.loc[srs_label, "wall vs equal-acc."] == pytest.approx(
             honest.timed[f"MDEQ-{k}A"]["time"].sum() / honest.timed[srs_label]["time"].sum())
+
+
+def test_sequential_twins_count_evaluations_per_image_and_time_a_baseline_run_beside_them(tmp_path, tiny_checkpoint):
+    """A sequential twin ('<label> seq') certifies the table sequentially: its evaluations per image are nfe times
+    the samples it drew (not N0 + N), and a baseline that ran among the methods is timed from that same pass."""
+    from SRS.benchmark import evaluations_per_image, honest_comparison, sequential
+    common = RunSpec(data=DataSpec("digits", skip=90), checkpoint=tiny_checkpoint, outfile="",
+                     sampling=Sampling(0.25, 80, 0.001, 20, 10), smoothing=SmoothingSpec(tol=0.0), progress=False)
+    radii = [0.0, 0.1]
+    top = standard(8, rungs=(1, 2, 3, 5))
+    methods = [top, standard(1), sequential(top, radii)]
+    honest = honest_comparison(common, methods, str(tmp_path), radii, log=lambda m: None)
+    seq = honest.runs["MDEQ-8A seq"]
+    assert "samples" in seq.columns and (seq["samples"] <= 90).all()
+    assert list(evaluations_per_image(seq, 90)) == pytest.approx(list(seq["nfe"] * seq["samples"]))
+    s = honest.summary.set_index("method")
+    assert s.loc["MDEQ-8A seq", "f-eval vs 30A"] == pytest.approx(8 * 90 / (seq["nfe"] * seq["samples"]).mean())
+    assert s.loc["MDEQ-8A seq", "evals/image"] == pytest.approx((seq["nfe"] * seq["samples"]).mean())
+    if honest.baseline.label == "MDEQ-1A":  # the baseline ran in the first pass: no second pass, same timings
+        assert honest.timed is honest.runs and not os.path.exists(tmp_path / "vs_MDEQ-1A")
+
+
+def test_speed_limit_in_evaluations_is_the_fewest_clean_pairs_or_the_model_alone():
+    """limit_evaluations: an image certified at a table radius costs the pass plus the fewest clean pairs whose
+    eliminated bound reaches that radius (one pair fewer does not), capped by the model alone; an image
+    certified at no table radius costs the pass only."""
+    from SRS.benchmark import limit_evaluations
+    from SRS.pairing import eliminated_z
+    n, samples, alpha, sigma, radii = 1000, 1100, 0.001, 0.5, [0.0, 0.25, 0.5]
+    rows = pd.DataFrame([{"n_A": 990, "radius": 0.9, "correct": 1}, {"n_A": 700, "radius": 0.2, "correct": 1},
+                         {"n_A": 990, "radius": 0.9, "correct": 0}, {"n_A": 400, "radius": -1.0, "correct": 1}])
+    costs = limit_evaluations(rows, n, samples, alpha, radii, sigma, step=1, model_cost=30)
+    for n_A, goal, cost in ((990, 0.5, costs[0]), (700, 0.0, costs[1])):
+        K = int(round((cost - samples) / 30))
+        assert eliminated_z(n_A, n, K, alpha) >= goal / sigma > eliminated_z(n_A, n, K - 1, alpha)
+    assert costs[2] == costs[3] == samples
+    alone = limit_evaluations(rows, n, samples, alpha, radii, sigma, step=1, model_cost=1.01)
+    assert alone[0] == samples * 1.01  # its pairs would cost more than the model's own samples
+    assert (limit_evaluations(rows, n, samples, alpha, radii, sigma, step=3, model_cost=30) >= costs).all()
+
+
+def _script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_certify_methods_choose_rows_standard_models_and_twins():
+    """--methods keeps MDEQ-30A and the listed rows, adds any standard model 'MDEQ-kA', and with --sequential
+    the listed twins only (every kept row's twin when none is listed); an unknown label is one error."""
+    from DEQ.errors import UserError
+    from SRS.benchmark import sequential, standard_label
+    pick = _script("bench_certify").chosen_methods
+    rows = [standard(30, rungs=(1, 5)), srs(1), srs(3)]
+    radii = (0.0, 0.25)
+    labels = lambda ms: [m.label for m in ms]
+    assert labels(pick(rows, ["SRS-MDEQ-3A", "MDEQ-5A"], False, radii, standard, standard_label, sequential)) == \
+        ["MDEQ-30A", "SRS-MDEQ-3A", "MDEQ-5A"]
+    both = pick(rows, ["SRS-MDEQ-3A"], True, radii, standard, standard_label, sequential)
+    assert labels(both) == ["MDEQ-30A", "SRS-MDEQ-3A", "MDEQ-30A seq", "SRS-MDEQ-3A seq"]
+    assert both[-1].radii == radii and not both[-2].rungs
+    only = pick(rows, ["MDEQ-30A seq", "MDEQ-5A seq"], True, radii, standard, standard_label, sequential)
+    assert labels(only) == ["MDEQ-30A", "MDEQ-30A seq", "MDEQ-5A seq"]
+    with pytest.raises(UserError, match="unknown --methods"):
+        pick(rows, ["SRS-MDEQ-3A seq"], False, radii, standard, standard_label, sequential)
+
+
+def test_speed_limit_script_reads_a_committed_ladder_and_refuses_a_missing_one():
+    path = os.path.join(ROOT, "reports", "digits32", "tsv", "MDEQ-30A_ladder_sigma0.5.tsv")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "speed_limit.py"), path, "--steps", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "equal-accuracy baseline MDEQ-8A" in out.stdout and "| 1 | MDEQ-30A |" in out.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "speed_limit.py"), "missing.tsv"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: ladder file not found: missing.tsv"]

@@ -465,7 +465,7 @@ def test_predict_header_leaves_out_the_fallback_route(ckpt, tmp_path):
     predict_script.main(predict_argv(ckpt, out, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
     srs = read_results(out)[0]["srs"]
     assert "conf_drop=auto" in srs and "radii=0,0.125,0.25,0.375,0.5,0.625,0.75" in srs
-    assert "fallback" not in srs and "route_pilot" not in srs and "step_cost" not in srs
+    assert "fallback" not in srs and "route_pilot" not in srs and "step_cost" not in srs and "second_look" not in srs
     cert = tmp_path / "cert_auto.tsv"
     run_certify(certify_argv(ckpt, cert, "--max", "1", "--srs", "--f_thresh", "1", "--std_thresh", "10"))
     assert "fallback=True route_pilot=0.5 second_look=3.0" in read_results(cert)[0]["srs"]

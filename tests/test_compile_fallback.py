@@ -121,6 +121,16 @@ def test_resolve_runtime_auto_is_the_one_that_falls_back(monkeypatch):
     assert not resolve_runtime("on", "fp32", torch.device("cpu")).fallback
 
 
+def test_header_records_the_fallback_policy_not_a_compiled_run(monkeypatch):
+    """The results header is written before the first image: with auto it states the fallback policy, so a run
+    that fell back is never recorded as compiled without qualification; on and off say just that."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    cuda = torch.device("cuda")
+    assert "auto: eager after" in resolve_runtime("auto", "fp32", cuda).describe()
+    assert resolve_runtime("on", "fp32", cuda).describe() == "on cuda_graphs"
+    assert resolve_runtime("auto", "fp32", torch.device("cpu")).describe() == "off"
+
+
 # ------------------------------------------------------------------ compiled and eager disagree
 def test_auto_checks_the_first_batch_and_falls_back_on_disagreement(tiny_checkpoint, digits_batch, monkeypatch,
                                                                     capsys):

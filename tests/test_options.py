@@ -11,7 +11,7 @@ from DEQ.errors import UserError
 from SRS.cli import ADVANCED, certify_parser, predict_parser, smoothing_spec
 from SRS.results import ResultsFile, read_rows
 from SRS.runner import smoothing_header
-from SRS.settings import DEQSolve, SmoothingSpec, SRSOptions, declared
+from SRS.settings import SRS_DEFAULTS, DEQSolve, SmoothingSpec, SRSOptions, declared
 
 POS = ["digits", "ckpt.pth", "0.25", "out.tsv"]
 SRS = ["--srs"]
@@ -139,7 +139,8 @@ def test_files_written_before_resume_with_the_same_settings(tsv, flags):
 
 
 def test_predict_refuses_the_route_options_the_declarations_mark():
-    """PREDICT has no fallback route: the options declared for it are refused there, the others accepted."""
+    """PREDICT has no fallback route and takes one look at the misalignment bound: the options declared for the
+    route, and a second look, are refused there, the others accepted."""
     from SRS.settings import NEEDS_ROUTE
     route = [opt for _, opt, _ in declared(SRSOptions) if opt.needs == NEEDS_ROUTE]
     assert {o.flag for o in route} == {"--no_fallback", "--route_pilot", "--step_cost"}
@@ -148,6 +149,9 @@ def test_predict_refuses_the_route_options_the_declarations_mark():
             spec = smoothing_spec(predict_parser().parse_args(POS + mode + flags))
             if any(o.flag == flags[0] for o in route):
                 with pytest.raises(UserError, match="PREDICT has no such route"):
+                    spec.validate(N, routes=False)
+            elif flags[0] == "--second_look" and spec.second_look != SRS_DEFAULTS.second_look:
+                with pytest.raises(UserError, match="PREDICT takes one look"):
                     spec.validate(N, routes=False)
             else:
                 spec.validate(N, routes=False)

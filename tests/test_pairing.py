@@ -276,6 +276,20 @@ def test_zero_pairs_under_a_correction_abstain_on_a_misaligned_chain(certificate
     assert (pred.K_A, pred.p_m_upper, pred.prediction) == (0, 1.0, ABSTAIN)
 
 
+def test_predict_takes_one_look_whatever_second_look_says():
+    """PREDICT bounds the misalignment once (at alpha / 2): the second look of CERTIFY's recipe does not
+    enlarge its pairs, so PREDICT pairs exactly as with second_look off (same noise, same K_A, same M)."""
+    model, x, r, c = _deq_setup(a=0.95)
+    kw = dict(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0), conf_drop=None, radius_slack=None,
+              radii=_table(0.25))
+    std = DEQSolve("anderson", 50, 1e-10)
+    looks = [Smooth(model, 2, 0.5, standard=std, srs=_cfg(**kw, second_look=g)) for g in (3.0, 0.0)]
+    assert looks[0].srs.looks == 2 and looks[1].srs.looks == 1
+    preds = [s.predict(x, 400, 0.05, 40, generator=torch.Generator().manual_seed(3)) for s in looks]
+    assert preds[0].K_A > 0
+    assert (preds[0].K, preds[0].K_A, preds[0].M, int(preds[0])) == (preds[1].K, preds[1].K_A, preds[1].M, int(preds[1]))
+
+
 @pytest.mark.parametrize("a", [0.5, 0.95])
 def test_table_pairing_is_sound(a):
     """Adaptive pairing aimed at table radii (K_A from n_A and the radii), with the fallback and the route
