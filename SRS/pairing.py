@@ -97,33 +97,37 @@ def clean_upper_bound(K: int, level: float) -> float:
     return float(_clean_upper_chunk(level, K - K % _CHUNK)[K % _CHUNK])
 
 
-def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: int = 0, looks: int = 1) -> float:
+def eliminated_z(n_A: int, n: int, K_A: int, alpha: float, M: int = 0, exact: int = 0, looks: int = 1,
+                 p_level: Optional[float] = None) -> float:
     """PhiInv(p_A_lower) of the eliminated certificate (radius / sigma; -inf when it abstains); equal bit for bit
-    to ``eliminated_p_lower`` (with M = 0 through the memoised bounds)."""
+    to ``eliminated_p_lower`` (with M = 0 through the memoised bounds).  ``p_level``: the p_A bound's level if not
+    alpha / 2 (sequential CERTIFY's stopping look)."""
     if M != 0:
-        return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact, looks)[2])
+        return _z(eliminated_p_lower(n_A, n, K_A, M, alpha, exact, looks, alpha_2=p_level)[2])
     p_m_upper = clean_upper_bound(K_A, alpha / 2 / looks)
     n_a_e = int(exact) + int(math.floor((n_A - exact) * (1.0 - p_m_upper)))
-    return count_z(n_a_e, n, alpha / 2)
+    return count_z(n_a_e, n, alpha / 2 if p_level is None else p_level)
 
 
 def pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int,
-                 z_goal: Optional[float] = None, exact: int = 0, looks: int = 1) -> Optional[int]:
+                 z_goal: Optional[float] = None, exact: int = 0, looks: int = 1,
+                 p_level: Optional[float] = None) -> Optional[int]:
     """Fewest pairs K_A with which, if none is misaligned, the eliminated certificate comes within ``slack``
     (units of sigma) of the SRS counts' own radius at level alpha (or of ``z_goal``).
 
     ``cap``: most pairs allowed (at most n_A - ``exact`` usable); ``exact``: samples of A re-solved by the
-    standard model; ``looks``: planned looks at the misalignment bound.  Returns 0 when the SRS counts abstain,
+    standard model; ``looks``: planned looks at the misalignment bound; ``p_level``: the p_A bound's level if not
+    alpha / 2 (sequential CERTIFY's stopping look).  Returns 0 when the SRS counts abstain,
     K_A in [1, min(cap, n_A)], or None when even that falls short.  A pure function of its arguments (memoised).
     """
-    return _pairs_needed(n_A, n, alpha, slack, cap, z_goal, exact, looks)
+    return _pairs_needed(n_A, n, alpha, slack, cap, z_goal, exact, looks, p_level)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal: Optional[float], exact: int,
-                  looks: int) -> Optional[int]:
+                  looks: int, p_level: Optional[float] = None) -> Optional[int]:
     """:func:`pairs_needed` with positional arguments (the memo key): a bisection on K_A."""
-    z_target = count_z(n_A, n, alpha) if z_goal is None else z_goal
+    z_target = count_z(n_A, n, alpha if p_level is None else p_level) if z_goal is None else z_goal
     if z_target == -math.inf:
         return 0
     z_target = max(z_target - slack, 0.0)     # at least certify radius 0 (not abstain)
@@ -132,7 +136,7 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
     hi = min(cap, n_A - exact)
 
     def z_of(K: int) -> float:
-        return eliminated_z(n_A, n, K, alpha, 0, exact, looks)
+        return eliminated_z(n_A, n, K, alpha, 0, exact, looks, p_level)
     if hi < 1 or z_of(hi) < z_target:
         return None
     lo = 1                                     # eliminated_z is non-decreasing in K_A (M = 0)
@@ -147,7 +151,8 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
 
 def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Optional[float]:
     """radius / sigma of the largest table radius (``radii``, in units of sigma) at or below the radius the
-    SRS counts alone give; 0 (certify, do not abstain) when none is; None when the counts abstain."""
+    SRS counts alone give at level ``alpha``; 0 (certify, do not abstain) when none is; None when the counts
+    abstain."""
     z = count_z(n_A, n, alpha)
     if z == -math.inf:
         return None
@@ -155,38 +160,39 @@ def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Option
 
 
 def radii_pair_count(n_A: int, n: int, alpha: float, radii: Sequence[float], cap: int, exact: int = 0,
-                     descend: bool = True, looks: int = 1) -> Optional[int]:
+                     descend: bool = True, looks: int = 1, p_level: Optional[float] = None) -> Optional[int]:
     """K_A aimed at the table ``radii`` (units of sigma): the fewest pairs with which, none misaligned, the
     certificate reaches :func:`radii_goal`; where the cap prevents it, the next table radius down (to 0) with
-    ``descend``, else None.  0 when the counts abstain.  A function of n_A, ``exact`` and the fixed radii, so
-    the pairing argument holds."""
-    goal = radii_goal(n_A, n, alpha, radii)
+    ``descend``, else None.  0 when the counts abstain.  ``p_level``: the p_A bound's level if not alpha / 2
+    (sequential CERTIFY: the goal is then the counts' row at that level too).  A function of n_A, ``exact`` and
+    the fixed radii and levels, so the pairing argument holds."""
+    goal = radii_goal(n_A, n, alpha if p_level is None else p_level, radii)
     if goal is None:
         return 0
     for target in sorted({r for r in radii if r <= goal} | {goal, 0.0}, reverse=True):
-        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=target, exact=exact, looks=looks)
+        need = pairs_needed(n_A, n, alpha, 0.0, cap, z_goal=target, exact=exact, looks=looks, p_level=p_level)
         if need is not None or not descend:
             return need
     return 0
 
 
 def adaptive_pair_count(n_A: int, n: int, alpha: float, slack: Optional[float], cap: int, exact: int = 0,
-                        radii: Optional[Sequence[float]] = None, looks: int = 1) -> int:
+                        radii: Optional[Sequence[float]] = None, looks: int = 1, p_level: Optional[float] = None) -> int:
     """K_A of adaptive pairing: :func:`radii_pair_count` with table ``radii``; else :func:`pairs_needed` within
     ``slack``, or within ``slack`` of what the cap itself gives when the target is unreachable.  A function of
-    n_A and ``exact`` (the pairing argument holds)."""
+    n_A and ``exact`` (the pairing argument holds).  ``p_level``: see :func:`radii_pair_count`."""
     if radii:
-        return radii_pair_count(n_A, n, alpha, radii, cap, exact, looks=looks)
-    need = pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks)
+        return radii_pair_count(n_A, n, alpha, radii, cap, exact, looks=looks, p_level=p_level)
+    need = pairs_needed(n_A, n, alpha, slack, cap, exact=exact, looks=looks, p_level=p_level)
     if need is not None:
         return need
     top = min(cap, n_A - exact)
     if top < 1:
         return 0
-    z_top = eliminated_z(n_A, n, top, alpha, 0, exact, looks)
+    z_top = eliminated_z(n_A, n, top, alpha, 0, exact, looks, p_level)
     if z_top == -math.inf:
         return 0                               # abstains even with every pair allowed
-    return pairs_needed(n_A, n, alpha, slack, cap, z_goal=z_top, exact=exact, looks=looks) or top
+    return pairs_needed(n_A, n, alpha, slack, cap, z_goal=z_top, exact=exact, looks=looks, p_level=p_level) or top
 
 
 @dataclass
@@ -336,14 +342,15 @@ def radii_z(cfg: SRSConfig, sigma: Optional[float]) -> Optional[Tuple[float, ...
 
 def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int, alpha: float,
                generator: torch.Generator, cap: int, exact: Optional[torch.Tensor] = None,
-               sigma: Optional[float] = None) -> PairPlan:
+               sigma: Optional[float] = None, p_level: Optional[float] = None) -> PairPlan:
     """The paired positions of a phase whose SRS predictions are ``preds`` (A = those predicting ``c_hat``,
     minus ``exact`` positions, which are counted, never paired): the uniform order is drawn from ``generator``
     after the pass; fixed K (``cfg.conf_drop``) or adaptive K_A from n_A alone, at most ``cap``.
 
     With ``cfg.second_look`` G > 1 (adaptive), the first look's bound is at alpha_1 / 2 and a second look of up
     to ceil(G K_first) pairs in all is planned with it, both sizes fixed before any pair is solved; the caller
-    solves it only when the first look finds a misaligned pair.  Returns a :class:`PairPlan`.
+    solves it only when the first look finds a misaligned pair.  ``p_level``: the p_A bound's level if not
+    alpha / 2 (sequential CERTIFY's stopping look).  Returns a :class:`PairPlan`.
     """
     in_A = (preds == c_hat).cpu()
     n_exact = 0
@@ -354,7 +361,8 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
     if not cfg.adaptive:
         plan = fixed_pairs(perm, in_A, cfg.conf_drop)
     else:
-        first = adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap, n_exact, radii_z(cfg, sigma), cfg.looks)
+        first = adaptive_pair_count(n_A, n, alpha, cfg.radius_slack, cap, n_exact, radii_z(cfg, sigma), cfg.looks,
+                                    p_level)
         total = min(int(math.ceil(cfg.second_look * first)), cap, int(in_A.sum())) if cfg.looks == 2 else first
         plan = two_looks(perm, in_A, first, total) if total > first else first_in_A(perm, in_A, first)
     plan.exact = n_exact

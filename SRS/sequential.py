@@ -6,8 +6,9 @@ no table threshold lies strictly between them (``SRS.bounds.row_decided``) or at
 look's lower bound.  Guarantee: each k_j is Binomial(n_j, p_A) given c_A, so by the union bound all lower
 bounds hold at once w.p. >= 1 - alpha, hence at any stopping look; upper bounds only steer stopping (spend no
 alpha).  The label never enters the rule.  Sequential SRS adds the pairing argument at alpha_1 = alpha / 2 and
-the looks at alpha_2 = alpha / 2 (needs the 'eliminated' certificate, no ``refine_margin``).  Full argument
-and the price against fixed N: docs/guarantees.md, "Sequential CERTIFY".
+the looks at alpha_2 = alpha / 2 (needs the 'eliminated' certificate, no ``refine_margin``); it stops before N
+only where the pairs it would plan can carry the eliminated bound to the decided row (``row_reachable``).
+Full argument and the price against fixed N: docs/guarantees.md, "Sequential CERTIFY".
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from .bounds import confidence_interval, row_decided, sequential_levels, sequential_looks, table_thresholds
 from .certificates import Certificate, bound_eliminated, bound_standard, decide, record_cost
-from .pairing import pair_cap, plan_pairs
+from .pairing import pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z
 from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator
 
 STOP_DECIDED = "decided"      # no table threshold between the bounds at a look before N
@@ -96,7 +97,9 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
         if bad:
             stop = STOP_NONFINITE
             break
-        if n_j < N and row_decided(*confidence_interval(int(counts[c_hat]), drawn, level), thresholds):
+        if n_j < N and row_decided(*confidence_interval(int(counts[c_hat]), drawn, level), thresholds) and (
+                not on_srs or row_reachable(srs, smooth.standard, int(counts[c_hat]), drawn, alpha, level,
+                                            warm[drawn], smooth.sigma)):
             stop = STOP_DECIDED
             break
     cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=drawn, counts=counts, route=route,
@@ -111,15 +114,31 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     return record_cost(cert, stats)
 
 
+def row_reachable(srs, standard, n_A: int, n: int, alpha: float, level: float, warm_rows: int,
+                  sigma: float) -> bool:
+    """Sequential SRS's extra stopping condition: whether the pairs the stop would plan (at most the image's pair
+    cap, none misaligned) let the eliminated certificate, at the look's level ``level``, reach the row the SRS
+    counts decided.  Without it the stop comes exactly where the raw counts clear a threshold, and the correction
+    (p_m_upper > 0 even with no misaligned pair) always costs that row.  A function of the SRS counts and fixed
+    settings only, so the stopping time stays one of the SRS counts (module docstring)."""
+    cap = pair_cap(srs, standard, n, warm_rows)
+    radii = radii_z(srs, sigma)
+    if radii:
+        need = radii_pair_count(n_A, n, alpha, radii, cap, descend=False, looks=srs.looks, p_level=level)
+    else:
+        need = pairs_needed(n_A, n, alpha, srs.radius_slack, min(cap, n_A), looks=srs.looks, p_level=level)
+    return need is not None
+
+
 def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alpha: float, level: float,
                     batch_size: int, generator: torch.Generator, stats: SampleStats, warm_rows: int) -> None:
     """The correlation-eliminated certificate over the cert.n samples drawn: pairs planned and solved as
-    in CERTIFY (a uniform subsample of A sized from n_A), misalignment at alpha / 2, and the p_A bound at
-    the stopping look's share ``level`` of alpha / 2."""
+    in CERTIFY (a uniform subsample of A sized from n_A, aimed at the row at the stopping look's level),
+    misalignment at alpha / 2, and the p_A bound at the stopping look's share ``level`` of alpha / 2."""
     srs, n = smooth.srs, cert.n
     with stats.planning():
         plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
-                          pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma)
+                          pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma, p_level=level)
     M = smooth._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
     K, K_A = plan.K, plan.K_A
     if plan.more is not None and M > 0:
@@ -128,4 +147,4 @@ def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alp
     bound_eliminated(cert, K, K_A, M, alpha, "eliminated", plan.exact, plan.looks, alpha_2=level)
 
 
-__all__ = ["certify_sequential", "check_sequential_srs", "STOP_DECIDED", "STOP_N", "STOP_NONFINITE", "STOP_REASONS"]
+__all__ = ["certify_sequential", "check_sequential_srs", "row_reachable", "STOP_DECIDED", "STOP_N", "STOP_NONFINITE", "STOP_REASONS"]

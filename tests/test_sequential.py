@@ -132,6 +132,31 @@ def test_sequential_srs_sound_on_a_misaligned_chain(pairing, reps):
     assert rate <= binomial_slack(ALPHA, reps)
 
 
+def test_sequential_srs_keeps_the_row_it_stopped_on():
+    """An aligned chain (a = 0.5, steps run to the fixed point, so no pair is misaligned): wherever sequential SRS
+    stops before N, the eliminated certificate reaches the row the SRS counts decided (its pairs are sized at
+    the stopping look's level, and it only stops where they can be); the stops still come early.  Sizing the
+    pairs at CERTIFY's level and stopping where the raw counts clear a threshold lost that row."""
+    model, x, r, c = _deq_setup(a=0.5)
+    cfg = SRSConfig(step=DEQSolve("naive", 60, 0.0), warmup=DEQSolve("naive", 60, 0.0))
+    smooth = Smooth(model, 2, SIGMA, standard=DEQSolve("naive", 100, 1e-12), srs=cfg)
+    radii, N, batch, alpha = [0.0, 0.1, 0.2], 3200, 100, 0.05
+    looks = sequential_looks(N, batch)
+    level = sequential_levels(alpha / 2, len(looks))[0]
+    thresholds = table_thresholds(radii, SIGMA)
+    early = 0
+    for seed in range(12):
+        cert = smooth.certify_sequential(x, 20, N, alpha, batch, radii, generator=torch.Generator().manual_seed(seed))
+        assert cert.M == 0
+        lower = lower_confidence_bound(cert.n_A, cert.n, level)
+        if cert.stop != "decided" or cert.route != "srs" or lower < 0.5:
+            continue
+        early += 1
+        row = max(t for t in thresholds if t <= lower)
+        assert cert.prediction == c and cert.p_A_lower >= row
+    assert early >= 3
+
+
 def test_sequential_srs_refuses_what_it_cannot_certify():
     model, x, _, _ = _deq_setup()
     for cfg in (SRSConfig(**MISALIGNED, conf_drop=20, certificate="reference"),
