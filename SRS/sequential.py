@@ -20,7 +20,7 @@ import torch
 
 from .bounds import confidence_interval, row_decided, sequential_levels, sequential_looks, table_thresholds
 from .certificates import Certificate, bound_eliminated, bound_standard, decide, record_cost
-from .pairing import pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z
+from .pairing import pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z, route_costs
 from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator
 
 STOP_DECIDED = "decided"      # no table threshold between the bounds at a look before N
@@ -116,12 +116,15 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
 
 def row_reachable(srs, standard, n_A: int, n: int, alpha: float, level: float, warm_rows: int,
                   sigma: float) -> bool:
-    """Sequential SRS's extra stopping condition: whether the pairs the stop would plan (at most the image's pair
-    cap, none misaligned) let the eliminated certificate, at the look's level ``level``, reach the row the SRS
-    counts decided.  Without it the stop comes exactly where the raw counts clear a threshold, and the correction
-    (p_m_upper > 0 even with no misaligned pair) always costs that row.  A function of the SRS counts and fixed
-    settings only, so the stopping time stays one of the SRS counts (module docstring)."""
-    cap = pair_cap(srs, standard, n, warm_rows)
+    """Sequential SRS's extra stopping condition before N: whether the pairs the stop would plan, none misaligned,
+    let the eliminated certificate at the look's level ``level`` reach the row the SRS counts decided, within
+    the image's pair cap and within what the chain has spent so far (pairs costing at most the n SRS samples'
+    evaluations: where more are needed, sampling on widens the margin more cheaply, and a misaligned pair
+    would cost the row).  Without it the stop comes exactly where the raw counts clear a threshold, and the
+    correction (p_m_upper > 0 even with no misaligned pair) always costs that row.  A function of the SRS
+    counts and fixed settings only, so the stopping time stays one of the SRS counts (module docstring)."""
+    costs = route_costs(srs, standard)
+    cap = min(pair_cap(srs, standard, n, warm_rows), max(int(n * costs.srs // costs.standard), 1))
     radii = radii_z(srs, sigma)
     if radii:
         need = radii_pair_count(n_A, n, alpha, radii, cap, descend=False, looks=srs.looks, p_level=level)
