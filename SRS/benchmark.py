@@ -221,6 +221,18 @@ def table_goal(radius: float, correct: bool, radii: Sequence[float]) -> Optional
     return max(below) if below else None
 
 
+def cheapest_sound_cost(n_A: int, n: int, alpha: float, goal_z: Optional[float], pass_cost: float,
+                        pair_cost: float, alone: float) -> float:
+    """The cheapest sound certificate of one image at its table row: the SRS pass alone where no table radius is
+    certified (``goal_z`` None), else the pass plus the fewest clean pairs (``pairs_needed``) that carry the
+    eliminated bound to ``goal_z`` (radius / sigma), each costing ``pair_cost``; never more than the certified
+    model alone (``alone``, the fallback)."""
+    if goal_z is None:
+        return min(pass_cost, alone)
+    K = pairs_needed(n_A, n, alpha, 0.0, n_A, z_goal=goal_z)
+    return alone if K is None else min(pass_cost + K * pair_cost, alone)
+
+
 def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[float],
                       sigma: float) -> Tuple[float, float]:
     """Return ``(limit, SRS pass seconds per sample)``: the speed limit of sound SRS at equal certified
@@ -240,12 +252,8 @@ def sound_speed_limit(base, run, samples: int, alpha: float, radii: Sequence[flo
     pass_cost, cheapest = samples * pass_per_sample, []
     for i in range(len(base)):
         goal = table_goal(float(base["radius"].iloc[i]), bool(base["correct"].iloc[i]), radii)
-        if goal is None:
-            cheapest.append(min(pass_cost, t_std[i]))
-            continue
-        n_A, n = int(base["n_A"].iloc[i]), int(base["n"].iloc[i])
-        K = pairs_needed(n_A, n, alpha, 0.0, n_A, z_goal=goal / sigma)
-        cheapest.append(t_std[i] if K is None else min(pass_cost + K * per_sample[i], t_std[i]))
+        cheapest.append(cheapest_sound_cost(int(base["n_A"].iloc[i]), int(base["n"].iloc[i]), alpha,
+                                            None if goal is None else goal / sigma, pass_cost, per_sample[i], t_std[i]))
     return float(t_std.sum() / sum(cheapest)), pass_per_sample
 
 
@@ -268,13 +276,9 @@ def limit_evaluations(rows: "pd.DataFrame", n: int, samples: int, alpha: float, 
             n_A, N = int(round(n_A * project_N / n)), project_N
             z = count_z(n_A, N, alpha)
             radius = sigma * z if z > -math.inf else -1.0
-        alone = samples * model_cost
         goal = table_goal(radius, bool(r["correct"]), radii)
-        if goal is None:
-            out.append(min(samples * step, alone))  # nothing to certify: the chain only has to find that out
-            continue
-        K = pairs_needed(n_A, N, alpha, 0.0, n_A, z_goal=goal / sigma)
-        out.append(alone if K is None else min(samples * step + K * model_cost, alone))
+        out.append(cheapest_sound_cost(n_A, N, alpha, None if goal is None else goal / sigma, samples * step,
+                                       model_cost, samples * model_cost))
     return np.asarray(out, dtype=float)
 
 
@@ -470,7 +474,8 @@ def random_init_timing(cfg_path: str, n_images: int, N0: int, N: int, batch: int
     df["speedup"] = df["s/image"].iloc[0] / df["s/image"]
     return df
 
-__all__ = ["Method", "standard", "srs", "sequential", "standard_label", "evaluations_per_image", "limit_evaluations", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
+__all__ = ["Method", "standard", "srs", "sequential", "standard_label", "evaluations_per_image", "cheapest_sound_cost",
+           "limit_evaluations", "paper_methods", "run_resuming", "run_methods", "image_count", "run_attacks",
            "comparison", "max_gap", "mean_column", "to_markdown", "sound_speed_limit", "method_summary",
            "EqualAccuracy", "equal_accuracy_baseline", "add_equal_accuracy", "summary_markdown", "ladder_markdown",
            "Honest", "honest_comparison", "RANDOM_INIT_METHODS", "random_init_timing"]

@@ -86,6 +86,15 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     else:
         def classify(noisy):
             return smooth._standard(noisy, stats)
+    def decided(n_A: int, n: int, level: float) -> bool:
+        """No table threshold between the bounds; on the SRS route also within reach of the correction."""
+        if not row_decided(*confidence_interval(n_A, n, level), thresholds):
+            return False
+        if not on_srs:
+            return True
+        with stats.planning():
+            return row_reachable(srs, smooth.standard, n_A, n, alpha, level, warm[n], smooth.sigma)
+
     counts = np.zeros(smooth.num_classes, dtype=np.int64)
     drawn, stop, level = 0, STOP_N, levels[-1]
     for n_j, level in zip(looks, levels):
@@ -97,9 +106,7 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
         if bad:
             stop = STOP_NONFINITE
             break
-        if n_j < N and row_decided(*confidence_interval(int(counts[c_hat]), drawn, level), thresholds) and (
-                not on_srs or row_reachable(srs, smooth.standard, int(counts[c_hat]), drawn, alpha, level,
-                                            warm[drawn], smooth.sigma)):
+        if n_j < N and decided(int(counts[c_hat]), drawn, level):
             stop = STOP_DECIDED
             break
     cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=drawn, counts=counts, route=route,
@@ -129,7 +136,7 @@ def row_reachable(srs, standard, n_A: int, n: int, alpha: float, level: float, w
     if radii:
         need = radii_pair_count(n_A, n, alpha, radii, cap, descend=False, looks=srs.looks, p_level=level)
     else:
-        need = pairs_needed(n_A, n, alpha, srs.radius_slack, min(cap, n_A), looks=srs.looks, p_level=level)
+        need = pairs_needed(n_A, n, alpha, srs.radius_slack, cap, looks=srs.looks, p_level=level)
     return need is not None
 
 

@@ -61,7 +61,7 @@ def main():
     import torch
     torch.set_num_threads(max(args.threads, 1))
     from SRS.benchmark import (RANDOM_INIT_METHODS, comparison, honest_comparison, ladder_markdown, random_init_timing,
-                               sequential, srs, standard, standard_label, summary_markdown, to_markdown)
+                               sequential, srs, standard, summary_markdown, to_markdown)
     if args.random_init:
         unknown = set(args.methods or ()) - set(RANDOM_INIT_METHODS)
         if unknown:
@@ -105,7 +105,7 @@ def main():
         methods += chains(warm_start="mean")
     radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
     if args.methods:
-        methods = chosen_methods(methods, args.methods, args.sequential, radii, standard, standard_label, sequential)
+        methods = chosen_methods(methods, args.methods, args.sequential, radii)
     elif args.sequential:
         methods += [sequential(m, radii) for m in methods]
     out = args.out or f"output/bench_certify/sigma{args.sigma:g}"
@@ -124,9 +124,10 @@ def main():
     print(summary_markdown(honest.summary))
 
 
-def chosen_methods(methods, labels, with_twins, radii, standard, standard_label, sequential):
+def chosen_methods(methods, labels, with_twins, radii):
     """The rows --methods names: MDEQ-30A always, the listed labels, any standard model 'MDEQ-kA', and with
     --sequential the listed '<label> seq' twins (every kept method's twin when no twin is listed)."""
+    from SRS.benchmark import sequential, standard, standard_label
     bases = {label[:-len(" seq")] if label.endswith(" seq") else label for label in labels}
     candidates = methods + [standard(*standard_label(label)) for label in sorted(bases)
                             if label not in {m.label for m in methods} and standard_label(label)]
@@ -137,8 +138,9 @@ def chosen_methods(methods, labels, with_twins, radii, standard, standard_label,
                         f"standard model MDEQ-kA" + ("" if with_twins else ", or '<label> seq' with --sequential"))
     kept = [m for m in candidates if m.label in labels or m.label == "MDEQ-30A"]
     listed = [t for t in twins if t.label in labels]
-    if with_twins and not listed:
-        listed = [sequential(m, radii) for m in kept]
+    if not listed:
+        kept_labels = {m.label for m in kept}
+        listed = [t for t, m in zip(twins, candidates) if m.label in kept_labels]
     return kept + listed
 
 

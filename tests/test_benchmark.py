@@ -218,20 +218,19 @@ def test_bench_certify_methods_choose_rows_standard_models_and_twins():
     """--methods keeps MDEQ-30A and the listed rows, adds any standard model 'MDEQ-kA', and with --sequential
     the listed twins only (every kept row's twin when none is listed); an unknown label is one error."""
     from DEQ.errors import UserError
-    from SRS.benchmark import sequential, standard_label
     pick = _script("bench_certify").chosen_methods
     rows = [standard(30, rungs=(1, 5)), srs(1), srs(3)]
     radii = (0.0, 0.25)
     labels = lambda ms: [m.label for m in ms]
-    assert labels(pick(rows, ["SRS-MDEQ-3A", "MDEQ-5A"], False, radii, standard, standard_label, sequential)) == \
+    assert labels(pick(rows, ["SRS-MDEQ-3A", "MDEQ-5A"], False, radii)) == \
         ["MDEQ-30A", "SRS-MDEQ-3A", "MDEQ-5A"]
-    both = pick(rows, ["SRS-MDEQ-3A"], True, radii, standard, standard_label, sequential)
+    both = pick(rows, ["SRS-MDEQ-3A"], True, radii)
     assert labels(both) == ["MDEQ-30A", "SRS-MDEQ-3A", "MDEQ-30A seq", "SRS-MDEQ-3A seq"]
     assert both[-1].radii == radii and not both[-2].rungs
-    only = pick(rows, ["MDEQ-30A seq", "MDEQ-5A seq"], True, radii, standard, standard_label, sequential)
+    only = pick(rows, ["MDEQ-30A seq", "MDEQ-5A seq"], True, radii)
     assert labels(only) == ["MDEQ-30A", "MDEQ-30A seq", "MDEQ-5A seq"]
     with pytest.raises(UserError, match="unknown --methods"):
-        pick(rows, ["SRS-MDEQ-3A seq"], False, radii, standard, standard_label, sequential)
+        pick(rows, ["SRS-MDEQ-3A seq"], False, radii)
 
 
 def test_speed_limit_script_reads_a_committed_ladder_and_refuses_a_missing_one():
