@@ -78,6 +78,7 @@ def main():
                   f"{r['std calls/image']:.1f} |")
         return
     from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
+    from SRS.settings import default_radii
     template = RunSpec(data=DataSpec(args.dataset, skip=args.skip, max=args.max), checkpoint=args.ckpt, outfile="",
                        sampling=Sampling(args.sigma, args.N, args.alpha, args.batch, args.N0),
                        smoothing=SmoothingSpec(tol=0.0), device=args.device, threads=max(args.threads, 1),
@@ -103,7 +104,7 @@ def main():
         methods += chains(radius_slack=args.radius_slack)
     if args.mean_start:
         methods += chains(warm_start="mean")
-    radii = args.radii or [round(args.sigma * k / 2, 4) for k in range(7)]
+    radii = args.radii or list(default_radii(args.sigma))
     if args.methods:
         methods = chosen_methods(methods, args.methods, args.sequential, radii)
     elif args.sequential:

@@ -29,9 +29,10 @@ def main():
     from SRS.analysis import read_results
     from SRS.benchmark import limit_evaluations
     from SRS.ladder import certified_counts, equal_accuracy_rung, rung_frames
+    from SRS.settings import default_radii
     meta = read_results(args.ladder).attrs["meta"]
     sigma, N0, N, alpha = float(meta["sigma"]), int(meta["N0"]), int(meta["N"]), float(meta["alpha"])
-    radii = args.radii or [round(sigma * k / 2, 4) for k in range(7)]
+    radii = args.radii or list(default_radii(sigma))
     frames = rung_frames(args.ladder)
     if args.certified not in frames:
         raise UserError(f"--certified {args.certified} is not a rung of {args.ladder} (rungs {sorted(frames)})")
