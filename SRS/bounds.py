@@ -80,34 +80,58 @@ def eliminated_p_lower(n_A: int, n: int, K_A: int, M: int, alpha: float, exact: 
 
 
 # ----------------------------------------------------------------------------- sequential certification
+LAST_LOOK_SHARE = 0.8   # share of alpha spent at N (the rest is shared by the earlier looks)
+EVEN_LOOKS = 10         # looks every ceil(N / 10) samples (whole mini-batches) once past the doubling
+FUTILITY_LEVEL = 0.01   # level of the upper bound that stops an image for futility (steers stopping only)
+
+
 def sequential_looks(N: int, batch: int) -> Tuple[int, ...]:
     """The estimation sample counts at which sequential CERTIFY looks, fixed before any sample is drawn.
 
-    Doubling from one mini-batch, each a whole number of mini-batches: batch, 2 batch, 4 batch, ...,
-    and N itself last (N < batch: just N).  L = 1 + ceil(log2(N / batch)) looks for N > batch (five
-    for N = 10000, batch = 1000; six for batch 400)."""
+    Each a whole number of mini-batches: doubling from one mini-batch (batch, 2 batch, 4 batch, ...) while
+    below the step s = batch ceil(N / (10 batch)), then every s, and N itself last (N < batch: just N).  So at
+    most about ten evenly spaced looks, plus the doubling ones where a mini-batch is smaller than s: ten for
+    N = 10000, batch = 1000 (every 1000); eleven for batch 400 (400, 800, then every 1200)."""
+    step = batch * math.ceil(N / (batch * EVEN_LOOKS))
     looks, n = [], batch
-    while n < N:
+    while n < min(step, N):
         looks.append(n)
         n *= 2
+    n = step
+    while n < N:
+        looks.append(n)
+        n += step
     return tuple(looks) + (N,)
 
 
 def sequential_levels(alpha: float, looks: int) -> Tuple[float, ...]:
     """How a failure probability ``alpha`` is split over ``looks`` looks (the union bound: they sum to alpha).
 
-    Half of alpha goes to the last look (at N) and the other half is shared equally by the earlier
-    ones: (alpha / (2 (L - 1)), ..., alpha / (2 (L - 1)), alpha / 2); one look keeps all of alpha (the
-    fixed-N certificate).  So the bound at N costs the same whatever L: level alpha / 2 instead of
-    alpha, e.g. for k = N: p_A_lower = (alpha / 2)^(1/N) instead of alpha^(1/N)."""
+    ``LAST_LOOK_SHARE`` (0.8) of alpha goes to the last look (at N) and the rest is shared equally by the
+    earlier ones: (0.2 alpha / (L - 1), ..., 0.2 alpha / (L - 1), 0.8 alpha); one look keeps all of alpha (the
+    fixed-N certificate).  So the bound at N costs the same whatever L: level 0.8 alpha instead of alpha, e.g.
+    for k = N: p_A_lower = (0.8 alpha)^(1/N) instead of alpha^(1/N)."""
     if looks <= 1:
         return (alpha,)
-    return (alpha / (2 * (looks - 1)),) * (looks - 1) + (alpha / 2,)
+    last = alpha * LAST_LOOK_SHARE
+    return ((alpha - last) / (looks - 1),) * (looks - 1) + (last,)
 
 
-def confidence_interval(k: float, n: float, level: float) -> Tuple[float, float]:
-    """(one-sided (1 - level) Clopper-Pearson lower bound, one-sided (1 - level) upper bound) of k / n."""
-    return lower_confidence_bound(k, n, level), upper_confidence_bound(k, n, level)
+def futility_targets(thresholds: Sequence[float], N: int, level: float) -> Tuple[float, ...]:
+    """Per table threshold t, the least proportion k / N whose (1 - level) lower bound at N reaches t (the
+    count an image needs to certify t if it runs to N); 2.0 (unreachable) where even k = N falls short."""
+    def least(t: float) -> float:
+        if lower_confidence_bound(N, N, level) < t:
+            return 2.0
+        lo, hi = 0, N                     # lower bound(hi) >= t > lower bound(lo - 1): bisect on k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if lower_confidence_bound(mid, N, level) >= t:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo / N
+    return tuple(least(t) for t in thresholds)
 
 
 def table_thresholds(radii: Sequence[float], sigma: float) -> Tuple[float, ...]:
@@ -116,14 +140,17 @@ def table_thresholds(radii: Sequence[float], sigma: float) -> Tuple[float, ...]:
     return tuple(sorted({0.5} | {float(norm.cdf(r / sigma)) for r in radii}))
 
 
-def row_decided(lower: float, upper: float, thresholds: Sequence[float]) -> bool:
-    """Whether no threshold lies strictly between ``lower`` and ``upper``: every threshold is then either
-    at most the lower bound (its radius is certified from ``lower``) or at least the upper bound (more
-    samples could not be expected to certify it)."""
-    return not any(lower < t < upper for t in thresholds)
+def row_decided(lower: float, upper: float, thresholds: Sequence[float],
+                targets: Optional[Sequence[float]] = None) -> bool:
+    """Whether every threshold t is settled: either t <= ``lower`` (its radius is certified from ``lower``) or
+    ``upper`` < its target (more samples could not be expected to certify it).  ``targets``: per threshold,
+    the proportion the bound at N would need (``futility_targets``); None: the thresholds themselves, i.e. no
+    threshold strictly between ``lower`` and ``upper``."""
+    targets = thresholds if targets is None else targets
+    return not any(lower < t and upper >= target for t, target in zip(thresholds, targets))
 
 
 __all__ = ["lower_confidence_bound", "upper_confidence_bound", "lower_confidence_bounds", "upper_confidence_bounds",
            "radius_from_p", "eliminated_count",
-           "eliminated_p_lower", "sequential_looks", "sequential_levels", "confidence_interval", "table_thresholds",
-           "row_decided"]
+           "eliminated_p_lower", "sequential_looks", "sequential_levels", "futility_targets", "table_thresholds",
+           "row_decided", "FUTILITY_LEVEL", "LAST_LOOK_SHARE"]

@@ -114,8 +114,8 @@ def certify_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--sequential", action="store_true",
                    help="sequential CERTIFY for the table at --radii: each image stops sampling at the first look "
-                        "(batch, 2 batch, 4 batch, ..., N) where its table row is decided; same guarantee (level "
-                        "alpha), the bound at N taken at alpha / 2")
+                        "(fixed in advance, whole batches, about ten up to N) where its table row is decided; same "
+                        "guarantee (level alpha), the bound at N taken at 0.8 alpha")
     return p
 
 

@@ -17,7 +17,7 @@ from DEQ.errors import UserError
 from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
 from .sampling import derived_seed
-from .bounds import sequential_looks
+from .bounds import FUTILITY_LEVEL, LAST_LOOK_SHARE, sequential_looks
 from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PLANNER, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
 from .settings import check_radii
 from .smooth import Smooth
@@ -97,8 +97,9 @@ class SequentialMode:
 
     def header(self) -> Dict[str, object]:
         looks = sequential_looks(self.N, self.batch)
+        levels = f"{LAST_LOOK_SHARE:g} alpha at N, {1 - LAST_LOOK_SHARE:g} alpha/(L-1) at each earlier look"
         return {"sequential": True, "radii": list(self.radii), "looks": list(looks),
-                "look_levels": "alpha/2 at N, alpha/(2(L-1)) at each earlier look" if len(looks) > 1 else "alpha"}
+                "look_levels": levels if len(looks) > 1 else "alpha", "futility_level": FUTILITY_LEVEL}
 
     def work(self, smooth: Smooth, x: torch.Tensor, label: int, idx: int, generator: torch.Generator):
         c = smooth.certify_sequential(x, self.N0, self.N, self.alpha, self.batch, self.radii, generator=generator)

@@ -1,14 +1,17 @@
 """Sequential CERTIFY for a certified-accuracy table: each image stops sampling once its row is decided.
 
-Looks at sample counts fixed before sampling (``SRS.bounds.sequential_looks``), Clopper-Pearson bounds of
-k_j / n_j at each look's level alpha_j (alpha / 2 at N, the other half shared by the earlier looks); stop when
-no table threshold lies strictly between them (``SRS.bounds.row_decided``) or at N; certify with the stopping
-look's lower bound.  Guarantee: each k_j is Binomial(n_j, p_A) given c_A, so by the union bound all lower
-bounds hold at once w.p. >= 1 - alpha, hence at any stopping look; upper bounds only steer stopping (spend no
-alpha).  The label never enters the rule.  Sequential SRS adds the pairing argument at alpha_1 = alpha / 2 and
-the looks at alpha_2 = alpha / 2 (needs the 'eliminated' certificate, no ``refine_margin``); it stops before N
-only where the pairs it would plan can carry the eliminated bound to the decided row (``row_reachable``).
-Full argument and the price against fixed N: docs/guarantees.md, "Sequential CERTIFY".
+Looks at sample counts fixed before sampling (``SRS.bounds.sequential_looks``), a Clopper-Pearson lower bound of
+k_j / n_j at each look's level alpha_j (``SRS.bounds.sequential_levels``: 0.8 alpha at N, the rest shared by the
+earlier looks); stop when every table threshold is settled (``SRS.bounds.row_decided``): certified by the lower
+bound, or futile, the (1 - ``FUTILITY_LEVEL``) upper bound lying below the proportion the bound at N would need
+(``SRS.bounds.futility_targets``); or at N.  Certify with the stopping look's lower bound.  Guarantee: each k_j
+is Binomial(n_j, p_A) given c_A, so by the union bound all lower bounds hold at once w.p. >= 1 - alpha, hence at
+any stopping look; the upper bounds only steer stopping (spend no alpha: a wrong one stops an image early, with a
+smaller radius, never a larger one).  The label never enters the rule.  Sequential SRS adds the pairing argument
+at alpha_1 = alpha / 2 and the looks at alpha_2 = alpha / 2 (needs the 'eliminated' certificate, no
+``refine_margin``); it stops before N only where the pairs it would plan can carry the eliminated bound to the
+decided row (``row_reachable``).  Full argument and the price against fixed N: docs/guarantees.md, "Sequential
+CERTIFY".
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .bounds import confidence_interval, row_decided, sequential_levels, sequential_looks, table_thresholds
+from .bounds import (FUTILITY_LEVEL, futility_targets, lower_confidence_bound, row_decided, sequential_levels,
+                     sequential_looks, table_thresholds, upper_confidence_bound)
 from .certificates import Certificate, bound_eliminated, bound_standard, decide, record_cost
 from .pairing import pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z, route_costs
 from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator
@@ -79,6 +83,7 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     on_srs = route == "srs"
     levels = sequential_levels(alpha / 2 if on_srs else alpha, len(looks))
     thresholds = table_thresholds(radii, smooth.sigma)
+    targets = futility_targets(thresholds, N, levels[-1])
     log = PhaseLog() if on_srs else None
     if on_srs:
         def classify(noisy):
@@ -87,8 +92,10 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
         def classify(noisy):
             return smooth._standard(noisy, stats)
     def decided(n_A: int, n: int, level: float) -> bool:
-        """No table threshold between the bounds; on the SRS route also within reach of the correction."""
-        if not row_decided(*confidence_interval(n_A, n, level), thresholds):
+        """Every table threshold certified at ``level`` or futile; on the SRS route also within reach of the
+        correction."""
+        lower, upper = lower_confidence_bound(n_A, n, level), upper_confidence_bound(n_A, n, FUTILITY_LEVEL)
+        if not row_decided(lower, upper, thresholds, targets):
             return False
         if not on_srs:
             return True

@@ -1,4 +1,5 @@
 """The comparison suite and the reproduction script's guard rails."""
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from conftest import ROOT
 import pandas as pd
 import pytest
 
-from SRS.benchmark import (comparison, max_gap, method_summary, paper_methods, run_methods, sound_speed_limit, srs,
+from SRS.benchmark import (comparison, max_gap, method_summary, paper_methods, run_methods, srs,
                            standard, summary_markdown)
 from SRS.runner import DataSpec, RunSpec, Sampling, SmoothingSpec
 
@@ -47,13 +48,14 @@ def test_paper_setting_without_cifar_stops_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "reports")
 
 
-def test_sound_speed_limit_at_the_table_radii():
-    """Three images, standard 10 s each over 1000 samples (10 ms/sample); SRS pass 1 ms/sample;
-    sigma 0.5, table radii 0, 0.125, ..., 1.5.  Image 0 (n_A 900 of 1000, radius 0.58) counts at 0.5:
-    the fewest pairs whose eliminated radius (no misaligned pair) reaches 0.5 cost K * 10 ms on top
-    of the 1 s pass.  Image 1 sits at the cap (n_A = n = 1000, radius 1.23, counted at 1.125): no
-    pairing of its 1000 samples reaches 1.125, so the standard run's 10 s.  Image 2 is wrong: the
-    pass alone."""
+def test_speed_limit_in_the_summary_counts_evaluations_at_the_table_radii():
+    """Three images of a 30-evaluation standard model over 1000 samples; SRS-MDEQ-1A (1 evaluation per sample);
+    sigma 0.5, table radii 0, 0.125, ..., 1.5.  Image 0 (n_A 900 of 1000, radius 0.58) counts at 0.5: the
+    pass plus the fewest pairs whose eliminated radius (no misaligned pair) reaches 0.5, 30 evaluations each.
+    Image 1 sits at the cap (n_A = n = 1000, radius 1.23, counted at 1.125): no pairing of its 1000 samples
+    reaches 1.125, so the model alone.  Image 2 is wrong: the pass alone.  The share of the limit is the
+    f-evaluation speedup over it; a label that names no SRS step, or a sequential row, has no limit."""
+    from SRS.benchmark import speed_limit
     from SRS.bounds import lower_confidence_bound
     from SRS.pairing import eliminated_z
     from scipy.stats import norm
@@ -61,15 +63,19 @@ def test_sound_speed_limit_at_the_table_radii():
     r0 = sigma * norm.ppf(lower_confidence_bound(900, 1000, alpha))
     r1 = sigma * norm.ppf(lower_confidence_bound(1000, 1000, alpha))
     base = pd.DataFrame({"idx": [0, 1, 2], "time": [10.0] * 3, "n_A": [900, 1000, 990], "n": [1000] * 3,
-                         "radius": [r0, r1, 0.9], "correct": [1, 1, 0]})
-    run = pd.DataFrame({"idx": [0, 1, 2], "time": [1.0 + 0.5, 10.2, 1.0], "route": ["srs", "fallback", "srs"],
-                        "std_rows": [50, 1000, 0]})
+                         "radius": [r0, r1, 0.9], "correct": [1, 1, 0], "nfe": [30.0] * 3})
     assert 0.5 < r0 < 0.625 and 1.125 < r1 < 1.25
     K = next(k for k in range(1, 901) if eliminated_z(900, 1000, k, alpha) >= 0.5 / sigma)
     assert max(eliminated_z(1000, 1000, k, alpha) for k in (1, 500, 1000)) < 1.125 / sigma
-    limit, pass_per_sample = sound_speed_limit(base, run, 1000, alpha, radii, sigma)
-    assert pass_per_sample == pytest.approx(0.001)
-    assert limit == pytest.approx(30.0 / ((1.0 + K * 0.01) + 10.0 + 1.0))
+    limit = 90000 / ((1000 + 30 * K) + 30000 + 1000)
+    assert speed_limit(base, "SRS-MDEQ-1A", 1000, alpha, radii, sigma) == pytest.approx(limit)
+    run = base.assign(nfe=[3.0, 30.0, 1.0], time=[1.0, 10.0, 1.0])
+    runs = {"MDEQ-30A": base, "SRS-MDEQ-1A": run, "SRS-MDEQ-1A seq": run.assign(samples=[500, 1000, 200])}
+    summary = method_summary(runs, "MDEQ-30A", radii, 1000, alpha, sigma).set_index("method")
+    assert summary.loc["SRS-MDEQ-1A", "speed limit"] == pytest.approx(limit)
+    assert summary.loc["SRS-MDEQ-1A", "of limit"] == pytest.approx(90000 / 34000 / limit)
+    assert math.isnan(summary.loc["MDEQ-30A", "speed limit"])              # no SRS step
+    assert math.isnan(summary.loc["SRS-MDEQ-1A seq", "speed limit"])       # the bound is for fixed N
 
 
 def test_summary_refuses_different_images():

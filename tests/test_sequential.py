@@ -16,8 +16,8 @@ from scipy.stats import norm
 import SRS.runner as srs_runner
 import SRS.sequential as sequential
 from SRS.analysis import certified_accuracy
-from SRS.bounds import (confidence_interval, lower_confidence_bound, row_decided, sequential_levels,
-                        sequential_looks, table_thresholds)
+from SRS.bounds import (futility_targets, lower_confidence_bound, row_decided, sequential_levels, sequential_looks,
+                        table_thresholds)
 from SRS.results import CERTIFY_COLUMNS, SEQUENTIAL_COLUMNS, read_results, read_rows
 from SRS.settings import DEQSolve, SRSConfig
 from SRS.smooth import ABSTAIN, Smooth
@@ -50,29 +50,33 @@ def sequential_violations(smooth, x, true_r, true_c, reps, radii, n0=20, N=1600,
 
 
 # ------------------------------------------------------------------ the pure parts
-def test_looks_double_from_one_batch_to_N():
-    assert sequential_looks(10000, 1000) == (1000, 2000, 4000, 8000, 10000)
-    assert sequential_looks(10000, 400) == (400, 800, 1600, 3200, 6400, 10000)
-    assert sequential_looks(400, 50) == (50, 100, 200, 400)
+def test_looks_double_from_one_batch_then_come_evenly_to_N():
+    assert sequential_looks(10000, 1000) == tuple(range(1000, 10001, 1000))
+    assert sequential_looks(10000, 400) == (400, 800) + tuple(range(1200, 9601, 1200)) + (10000,)
+    assert sequential_looks(100000, 1000) == (1000, 2000, 4000, 8000) + tuple(range(10000, 100001, 10000))
+    assert sequential_looks(400, 50) == tuple(range(50, 401, 50))
     assert sequential_looks(30, 50) == (30,) and sequential_looks(100, 100) == (100,)
+    for N, batch in [(10000, 1000), (10000, 400), (100000, 1000), (777, 64)]:
+        looks = sequential_looks(N, batch)
+        assert all(n % batch == 0 for n in looks[:-1]) and list(looks) == sorted(set(looks)) and looks[-1] == N
 
 
-@pytest.mark.parametrize("looks", [1, 2, 5, 9])
-def test_levels_sum_to_alpha_with_half_at_N(looks):
+@pytest.mark.parametrize("looks", [1, 2, 5, 10])
+def test_levels_sum_to_alpha_with_most_at_N(looks):
     levels = sequential_levels(0.001, looks)
     assert len(levels) == looks and sum(levels) == pytest.approx(0.001)
-    assert levels[-1] == (0.001 if looks == 1 else 0.0005)
+    assert levels[-1] == pytest.approx(0.001 if looks == 1 else 0.0008)
     assert len(set(levels[:-1])) <= 1
 
 
-def test_price_at_N_is_the_bound_at_half_alpha():
+def test_price_at_N_is_the_bound_at_four_fifths_of_alpha():
     """The figures docs/guarantees.md ("Sequential CERTIFY") states: N = 10000, alpha = 0.001."""
     N, alpha = 10000, 0.001
-    fixed, seq = lower_confidence_bound(N, N, alpha), lower_confidence_bound(N, N, alpha / 2)
-    assert fixed == pytest.approx(alpha ** (1 / N)) and seq == pytest.approx((alpha / 2) ** (1 / N))
-    assert round(seq, 6) == 0.999240 and round(fixed, 6) == 0.999309
-    assert round(norm.ppf(seq), 3) == 3.171 and round(norm.ppf(fixed), 3) == 3.199
-    assert round(norm.ppf(lower_confidence_bound(9000, N, alpha / 2)), 4) == 1.2253
+    fixed, seq = lower_confidence_bound(N, N, alpha), lower_confidence_bound(N, N, 0.8 * alpha)
+    assert fixed == pytest.approx(alpha ** (1 / N)) and seq == pytest.approx((0.8 * alpha) ** (1 / N))
+    assert round(seq, 6) == 0.999287 and round(fixed, 6) == 0.999309
+    assert round(norm.ppf(seq), 3) == 3.189 and round(norm.ppf(fixed), 3) == 3.199
+    assert round(norm.ppf(lower_confidence_bound(9000, N, 0.8 * alpha)), 4) == 1.2276
     assert round(norm.ppf(lower_confidence_bound(9000, N, alpha)), 4) == 1.2287
 
 
@@ -82,8 +86,33 @@ def test_thresholds_and_the_decision():
     assert table_thresholds([1.0], 0.5)[0] == 0.5                      # abstain threshold always there
     assert row_decided(0.70, 0.83, t) and row_decided(0.2, 0.45, t)   # between two thresholds; below 1/2
     assert not row_decided(0.45, 0.55, t) and not row_decided(0.80, 0.90, t)
-    lo, hi = confidence_interval(30, 100, 0.01)
-    assert lo == lower_confidence_bound(30, 100, 0.01) and lo < 0.3 < hi
+    # futility: an upper bound above t = Phi(2) but below what the bound at N needs settles t
+    targets = (0.5, 0.7, 0.87)
+    assert row_decided(0.80, 0.86, t, targets) and not row_decided(0.80, 0.87, t, targets)
+
+
+def test_futility_targets_are_the_least_count_whose_bound_at_N_reaches_the_threshold():
+    N, level = 2000, 0.0008
+    t = table_thresholds([0.0, 0.25, 0.5, 1.5], SIGMA)
+    targets = futility_targets(t, N, level)
+    for threshold, target in zip(t[:-1], targets[:-1]):
+        k = round(target * N)
+        assert lower_confidence_bound(k, N, level) >= threshold > lower_confidence_bound(k - 1, N, level)
+    assert lower_confidence_bound(N, N, level) < t[-1] and targets[-1] > 1   # 3 sigma is out of reach at N 2000
+
+
+def test_futility_stops_early_where_N_would_not_certify_and_keeps_the_rows_N_would():
+    """p = Phi(0.2 / 0.5) sits below the target of the table radius 0.25, so fixed N rarely certifies 0.25: the
+    futility bound settles it early.  p = Phi(0.35 / 0.5) clears the target, so the row radius 0.25 stays."""
+    N, batch, radii = 1600, 100, [0.0, 0.25, 0.5]
+    smooth, x = linear_point(0.2)
+    stops = [smooth.certify_sequential(x, 20, N, ALPHA, batch, radii, generator=torch.Generator().manual_seed(s))
+             for s in range(40)]
+    assert sum(c.n < N for c in stops) >= 36 and all(c.radius < 0.25 for c in stops)
+    smooth, x = linear_point(0.35)
+    rows = [smooth.certify_sequential(x, 20, N, ALPHA, batch, radii, generator=torch.Generator().manual_seed(s))
+            for s in range(40)]
+    assert sum(c.prediction == 1 and c.radius >= 0.25 for c in rows) >= 38
 
 
 # ------------------------------------------------------------------ soundness (standard model)
@@ -185,13 +214,15 @@ def test_fixed_N_certify_is_unchanged():
                                                                              60, 46, 8)
 
 
-def test_an_image_that_runs_to_N_is_fixed_N_certify_at_half_alpha():
-    """Same noise (the looks are whole mini-batches), bound at N at alpha / 2."""
+def test_an_image_that_runs_to_N_is_fixed_N_certify_at_four_fifths_of_alpha():
+    """Same noise (the looks are whole mini-batches), bound at N at 0.8 alpha.  A table with a radius every
+    0.005 keeps a threshold between the bounds at every look, so the image runs to N."""
     x, std, _ = _baseline_models()
-    seq = std.certify_sequential(x, 20, 3200, 0.01, 50, [0.0, 0.1, 0.2, 0.3], generator=torch.Generator().manual_seed(4))
+    radii = [0.005 * i for i in range(100)]
+    seq = std.certify_sequential(x, 20, 3200, 0.01, 50, radii, generator=torch.Generator().manual_seed(4))
     fixed = std.certify(x, 20, 3200, 0.01, 50, generator=torch.Generator().manual_seed(4))
     assert seq.stop == "N" and seq.n == 3200 and seq.samples == 3220
-    assert seq.n_A == fixed.n_A and seq.p_A_lower == lower_confidence_bound(fixed.n_A, 3200, 0.005)
+    assert seq.n_A == fixed.n_A and seq.p_A_lower == lower_confidence_bound(fixed.n_A, 3200, 0.008)
     assert seq.radius == pytest.approx(0.5 * norm.ppf(seq.p_A_lower)) and 0 < seq.radius < fixed.radius
 
 
@@ -199,7 +230,8 @@ def test_a_clear_image_stops_at_the_first_look():
     smooth, x = linear_point(2.0)                      # p_A = Phi(4): every sample votes class 1
     c = smooth.certify_sequential(x, 20, 10000, 0.001, 500, [0.0, 0.25, 0.5], generator=torch.Generator().manual_seed(0))
     assert c.stop == "decided" and c.n == 500 and c.samples == 520 and c.prediction == 1
-    assert c.radius >= 0.5 and c.p_A_lower == lower_confidence_bound(500, 500, 0.001 / 2 / 5)
+    level = sequential_levels(0.001, len(sequential_looks(10000, 500)))[0]
+    assert c.radius >= 0.5 and c.p_A_lower == lower_confidence_bound(500, 500, level)
 
 
 # ------------------------------------------------------------------ certify.py
@@ -213,7 +245,8 @@ def test_certify_py_sequential_smoke_and_analysis(tiny_checkpoint, tmp_path):
     meta, columns, rows, _ = read_rows(out)
     assert tuple(columns) == SEQUENTIAL_COLUMNS and columns[:len(CERTIFY_COLUMNS)] == list(CERTIFY_COLUMNS)
     assert meta["mode"] == "certify_sequential" and meta["radii"] == "[0.0, 0.25, 0.5]"
-    assert meta["looks"] == "[50, 100, 200, 400]" and meta["sequential"] == "true"
+    assert meta["looks"] == "[50, 100, 150, 200, 250, 300, 350, 400]" and meta["sequential"] == "true"
+    assert meta["futility_level"] == "0.01"
     assert len(rows) == 3
     for r in rows:
         assert r["stop"] in sequential.STOP_REASONS and int(r["samples"]) == 20 + int(r["n"])
