@@ -6,6 +6,7 @@ read and tested without a model.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -117,9 +118,14 @@ def sequential_levels(alpha: float, looks: int) -> Tuple[float, ...]:
     return ((alpha - last) / (looks - 1),) * (looks - 1) + (last,)
 
 
-def futility_targets(thresholds: Sequence[float], N: int, level: float) -> Tuple[float, ...]:
+@lru_cache(maxsize=64)
+def futility_targets(thresholds: Tuple[float, ...], N: int, level: float) -> Tuple[float, ...]:
     """Per table threshold t, the least proportion k / N whose (1 - level) lower bound at N reaches t (the
-    count an image needs to certify t if it runs to N); 2.0 (unreachable) where even k = N falls short."""
+    count an image needs to certify t if it runs to N); 2.0 (unreachable) where even k = N falls short.
+
+    Bisection on ``lower_confidence_bound`` itself, so the target agrees exactly with the bound the certificate
+    uses.  Cached: every image of a run asks for the same targets (``thresholds`` must be a tuple, as
+    ``table_thresholds`` returns)."""
     def least(t: float) -> float:
         if lower_confidence_bound(N, N, level) < t:
             return 2.0
