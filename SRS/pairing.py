@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.stats import beta, nbinom, norm
 
 from .bounds import (eliminated_p_lower, lower_confidence_bound, lower_confidence_bounds, upper_confidence_bound,
                      upper_confidence_bounds)
@@ -243,6 +243,51 @@ def two_looks(perm: torch.Tensor, in_A: torch.Tensor, K_first: int, K_total: int
     return PairPlan(first, K, int(first.numel()), looks=2, more=more, K_more=int(order[-1]) + 1)
 
 
+def table_row(z: float, radii: Optional[Sequence[float]]) -> float:
+    """The largest of ``radii`` (units of sigma) at or below z; -1 where z abstains (-inf) or none is; z itself
+    without ``radii``."""
+    if radii is None:
+        return z
+    if z == -math.inf:
+        return -1.0
+    return max([r for r in radii if r <= z + 1e-9], default=-1.0)
+
+
+SECOND_LOOK_CHANCE = 0.05   # the second look is skipped where it raises the row with a smaller chance than this
+
+
+def second_look_pays(plan: PairPlan, M: int, n_A: int, n: int, alpha: float, radii: Optional[Sequence[float]],
+                     p_level: Optional[float] = None) -> bool:
+    """Whether to solve ``plan``'s second look after its first found M misaligned pairs: only when M > 0 and
+    the second look raises the certificate's table row (:func:`table_row`; its radius without ``radii``) above
+    the first look's own with a chance of at least ``SECOND_LOOK_CHANCE``.  The chance is that the second
+    look's m pairs hold at most the misaligned count that still raises the row, under the first look's rate:
+    a Poisson count with Jeffreys' Gamma(M + 1/2, K_A) rate, i.e. negative binomial.  Where the first look's
+    misaligned pairs already cost the row (say 5 of 3544, while one more in the next 5010 loses it), the
+    second look would solve up to (G - 1) K_A pairs for almost nothing.
+
+    Soundness: each look's misalignment bound is at alpha_1 / 2 (union bound over the two planned looks), so
+    stopping after either on any function of the first look's pairs keeps the level (docs/guarantees.md)."""
+    if M <= 0 or plan.more is None or plan.more.numel() == 0:
+        return False
+    more = int(plan.more.numel())
+    total = plan.K_A + more
+    row = table_row(eliminated_z(n_A, n, plan.K_A, alpha, M, plan.exact, plan.looks, p_level), radii)
+
+    def raises(extra: int) -> bool:
+        z = eliminated_z(n_A, n, total, alpha, M + extra, plan.exact, plan.looks, p_level)
+        return table_row(z, radii) > row
+    if not raises(0):
+        return False
+    if raises(more):
+        return True
+    lo, hi = 0, more                  # the most extra misaligned pairs that still raise the row: in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if raises(mid) else (lo, mid)
+    return float(nbinom.cdf(lo, M + 0.5, plan.K_A / total)) >= SECOND_LOOK_CHANCE
+
+
 @dataclass(frozen=True)
 class RouteCosts:
     """Cost model in evaluations of f per noisy sample (standard D, SRS S, warm-up W), each plus the
@@ -264,8 +309,9 @@ class RouteCosts:
 
 
 ROUTE_LEVEL = 0.1
-GRID_ROUTE_LEVEL = 0.25   # table radii: the route checks the central half of the prediction of n_A ...
-GRID_ROUTE_POINTS = 24    # ... at this many points (and the point estimate)
+ROUTE_POINTS = 40    # table radii: the route reads the prediction of n_A at this many quantiles ...
+ROUTE_LOSS = 0.2     # ... and takes SRS only where at most this share of them leave the table row out of reach;
+ROUTE_LOSS_BEFORE_PILOT = 0.05   # the selection samples alone, where a route pilot can still refine the decision
 
 
 def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
@@ -274,25 +320,53 @@ def predicted_n_A(k0: int, n0: int, n: int, level: float = ROUTE_LEVEL) -> int:
     return int(math.floor(n * count_bound(k0, n0, level, upper=True)))
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def predicted_counts(k0: int, n0: int, n: int, points: int = ROUTE_POINTS) -> Tuple[int, ...]:
+    """n_A at the ``points`` mid-quantiles (i + 1/2) / points of its prediction from the selection count k0 of
+    n0: n times a Beta law of the share, Jeffreys' posterior of k0 / n0 widened by moment matching to the
+    spread of n fresh samples too (effective size n0 n / (n0 + n), the mean kept).  An approximation that only
+    steers the route (which any function of the selection counts may do); memoised."""
+    w = n0 * n / (n0 + n)
+    a, b = (k0 + 0.5) * w / n0, (n0 - k0 + 0.5) * w / n0
+    shares = beta.ppf((np.arange(points) + 0.5) / points, a, b)
+    return tuple(int(v) for v in np.floor(n * shares))
+
+
+def table_route_outlook(k0: int, n0: int, n: int, alpha: float, radii: Sequence[float], costs: RouteCosts,
+                        warm_rows: int, max_pairs: int, looks: int = 1) -> Tuple[float, float]:
+    """(expected evaluations of the SRS route, share of the prediction where the table row is out of reach)
+    for pairs aimed at table ``radii``, over :func:`predicted_counts`: at each predicted n_A the pairs the
+    estimation planner would plan under the same cap (``max_pairs`` and the pair budget of ``costs``); out
+    of reach where even that cap cannot carry the eliminated bound to the counts' own table row, so the
+    planner would descend one row (the standard model keeps it)."""
+    budget = max(costs.pair_budget(n, warm_rows), 1)
+    lost, total = 0, 0.0
+    points = predicted_counts(k0, n0, n)
+    for m in points:
+        cap = min(max_pairs, budget, m)
+        need = radii_pair_count(m, n, alpha, radii, cap, descend=False, looks=looks)
+        if need is None:
+            lost += 1
+            need = radii_pair_count(m, n, alpha, radii, cap, descend=True, looks=looks)
+        total += costs.srs_route(n, warm_rows, need)
+    return total / len(points), lost / len(points)
+
+
 def choose_route(k0: int, n0: int, n: int, alpha: float, slack: Optional[float], costs: RouteCosts, warm_rows: int,
-                 max_pairs: int, radii: Optional[Sequence[float]] = None, looks: int = 1) -> str:
+                 max_pairs: int, radii: Optional[Sequence[float]] = None, looks: int = 1,
+                 loss: float = ROUTE_LOSS) -> str:
     """'srs' or 'standard', from the selection count alone (which keeps the level; docs/guarantees.md).
 
-    SRS when the SRS pass plus the predicted pairs costs less than n standard samples and the pairs fit
-    ``max_pairs``; with table ``radii`` the pairs are the largest :func:`radii_pair_count` (no descent) over
-    n_A spread across the central half of the prediction, since they are not monotone in n_A.
+    With table ``radii``: SRS when its expected cost over the prediction of n_A is below n standard samples
+    and at most ``loss`` of the prediction leaves the table row out of the pairs' reach
+    (:func:`table_route_outlook`).  Otherwise (``slack``): SRS when the pass plus the pairs at the cautious
+    :func:`predicted_n_A` cost less than n standard samples and fit ``max_pairs``.
     """
     if radii:
-        low = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL)))
-        high = int(math.floor(n * count_bound(k0, n0, GRID_ROUTE_LEVEL, upper=True)))
-        spread = {int(round(low + (high - low) * t / GRID_ROUTE_POINTS)) for t in range(GRID_ROUTE_POINTS + 1)}
-        spread.add(int(math.floor(n * k0 / n0)))
-        needs = [radii_pair_count(m, n, alpha, radii, min(max_pairs, m), descend=False, looks=looks)
-                 for m in sorted(spread)]
-        need = None if None in needs else max(needs)
-    else:
-        n_A = predicted_n_A(k0, n0, n)
-        need = pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A), looks=looks)
+        cost, lost = table_route_outlook(k0, n0, n, alpha, radii, costs, warm_rows, max_pairs, looks)
+        return "srs" if lost <= loss and cost < costs.standard_route(n) else "standard"
+    n_A = predicted_n_A(k0, n0, n)
+    need = pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A), looks=looks)
     if need is None:
         return "standard"
     return "srs" if costs.srs_route(n, warm_rows, need) < costs.standard_route(n) else "standard"
@@ -308,13 +382,16 @@ def route_costs(cfg: SRSConfig, standard: DEQSolve, refine_rate: float = 0.0) ->
 
 
 def image_route(cfg: SRSConfig, standard: DEQSolve, k0: int, n0: int, n: int, alpha: float, warm_rows: int,
-                refine_rate: float = 0.0, sigma: Optional[float] = None) -> str:
+                refine_rate: float = 0.0, sigma: Optional[float] = None, final: bool = True) -> str:
     """'srs', or 'fallback' when adaptive pairing with the fallback on predicts from the selection samples
-    alone (count k0 of c_A, re-solved fraction ``refine_rate``) that SRS would cost more."""
+    alone (count k0 of c_A, re-solved fraction ``refine_rate``) that SRS would cost more or could not keep the
+    table row (:func:`choose_route`).  ``final`` False: a route pilot refines a 'fallback', so SRS is taken
+    only where at most ``ROUTE_LOSS_BEFORE_PILOT`` of the prediction is out of reach."""
     if not (cfg.adaptive and cfg.fallback and cfg.pairs):
         return "srs"
     route = choose_route(k0, n0, n, alpha, cfg.radius_slack, route_costs(cfg, standard, refine_rate), warm_rows,
-                         cfg.max_pairs or n, radii_z(cfg, sigma), cfg.looks)
+                         cfg.max_pairs or n, radii_z(cfg, sigma), cfg.looks,
+                         ROUTE_LOSS if final else ROUTE_LOSS_BEFORE_PILOT)
     return "srs" if route == "srs" else "fallback"
 
 
@@ -371,5 +448,5 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
 
 __all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed",
            "radii_goal", "radii_pair_count", "radii_z",
-           "adaptive_pair_count", "two_looks", "PairPlan", "fixed_pairs", "first_in_A",
-           "RouteCosts", "predicted_n_A", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]
+           "adaptive_pair_count", "two_looks", "PairPlan", "table_row", "second_look_pays", "fixed_pairs", "first_in_A",
+           "RouteCosts", "predicted_n_A", "predicted_counts", "table_route_outlook", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

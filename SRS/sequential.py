@@ -156,11 +156,7 @@ def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alp
     with stats.planning():
         plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
                           pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma, p_level=level)
-    M = smooth._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
-    K, K_A = plan.K, plan.K_A
-    if plan.more is not None and M > 0:
-        M += smooth._misaligned(x, log, plan.more, c_hat, batch_size, stats)
-        K, K_A = plan.with_second_look()
+    K, K_A, M = smooth._pairs(x, log, plan, c_hat, cert.n_A, n, alpha, batch_size, stats, p_level=level)
     bound_eliminated(cert, K, K_A, M, alpha, "eliminated", plan.exact, plan.looks, alpha_2=level)
 
 

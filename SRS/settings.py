@@ -247,15 +247,16 @@ class SRSOptions:
         header="srs:fallback", header_when=_route, needs=NEEDS_ROUTE, const=False,
         default_text="the fallback is on", label=" nofallback")
     route_pilot: float = option(
-        0.5, "--route_pilot", "adaptive pairing: where the N0 selection samples send an image to the standard "
-        "model, this fraction of N further SRS samples (own noise stream, in no certificate) refine that "
-        "decision; 0 turns it off",
+        0.5, "--route_pilot", "adaptive pairing: where the N0 selection samples do not clearly send an image "
+        "to SRS, this fraction of N further SRS samples (own noise stream, in no certificate) refine the "
+        "route; 0 turns it off",
         header="srs:route_pilot", header_when=lambda c, routes: _route(c, routes) and c.fallback,
         needs=NEEDS_ROUTE, type=float, check=_number("--route_pilot", hint=" (a fraction of N; 0 turns the pilot off)"),
         label=" pilot{:g}")
     second_look: float = option(
         3.0, "--second_look", "adaptive pairing: G > 1 plans a second look of up to G times the first look's "
-        "pairs, solved only when the first finds a misaligned pair (each look's bound at half the level); 0 off",
+        "pairs, solved only when the first finds a misaligned pair and the second can still raise the table "
+        "row (each look's bound at half the level); 0 off",
         header="srs:second_look", header_when=lambda c, routes: _route(c, routes) and c.looks == 2,
         needs=NEEDS_ADAPTIVE, type=float, check=_second_look, label=" look{:g}")
     warm_start: str = option(

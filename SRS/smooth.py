@@ -15,7 +15,7 @@ import torch
 
 from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
                            eliminate_top_count, record_cost)
-from .pairing import image_route, pair_cap, plan_pairs
+from .pairing import PairPlan, image_route, pair_cap, plan_pairs, radii_z, second_look_pays
 from DEQ.interface import is_deq
 
 from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, derived_seed, draw_counts,
@@ -115,11 +115,7 @@ class Smooth:
             with stats.planning():
                 plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
                                   pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact, self.sigma)
-            M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
-            K, K_A = plan.K, plan.K_A
-            if plan.more is not None and M > 0:     # second look: only when the first found a misaligned pair
-                M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
-                K, K_A = plan.with_second_look()
+            K, K_A, M = self._pairs(x, log, plan, c_hat, cert.n_A, n, alpha, batch_size, stats)
             bound_eliminated(cert, K, K_A, M, alpha, srs.certificate, plan.exact, plan.looks)
         else:
             bound_standard(cert, alpha)
@@ -214,8 +210,9 @@ class Smooth:
                generator: torch.Generator, stats: SampleStats, chain: SRSChain, warm: int) -> Tuple[str, float]:
         """('srs' or 'fallback', the refined fraction of the samples the decision saw).
 
-        The selection samples decide (``SRS.pairing.image_route``); where they send the image to the standard
-        model and ``route_pilot`` > 0, ceil(route_pilot * n) further SRS samples on a stream of their own
+        The selection samples decide (``SRS.pairing.image_route``); where ``route_pilot`` > 0 and they do not
+        clearly send the image to SRS (``final=False``: at most ``ROUTE_LOSS_BEFORE_PILOT`` of the prediction
+        out of the pairs' reach), ceil(route_pilot * n) further SRS samples on a stream of their own
         (``derived_seed(seed, 'route_pilot')``) refine the decision.  Pilot samples enter no certificate.
         Soundness: the decision is a function of selection and pilot noise only, independent of the samples
         either branch certifies with, so each branch fails w.p. <= alpha given it (docs/guarantees.md); a pilot
@@ -223,9 +220,9 @@ class Smooth:
         """
         srs = self.srs
         k, seen, rate = int(sel[c_hat]), n0, (stats.refined / n0 if n0 else 0.0)
-        with stats.planning():
-            route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma)
         size = math.ceil(srs.route_pilot * n)
+        with stats.planning():
+            route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma, final=size <= 0)
         if route == "srs" or size <= 0:
             return route, rate
         pilot_gen = torch.Generator(device=generator.device).manual_seed(
@@ -264,6 +261,20 @@ class Smooth:
         stats.refined += int(positions.numel())
         counts.replace(old, new)
         log.replace(positions, new)
+
+    def _pairs(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, n_A: int, n: int, alpha: float, batch_size: int,
+               stats: SampleStats, p_level: Optional[float] = None) -> Tuple[int, int, int]:
+        """(K, K_A, M) of ``plan``'s pairs: the first look solved, its second look too where the first found a
+        misaligned pair and the second can still raise the table row (``SRS.pairing.second_look_pays``)."""
+        M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
+        K, K_A = plan.K, plan.K_A
+        if plan.more is not None and M > 0:
+            with stats.planning():
+                more = second_look_pays(plan, M, n_A, n, alpha, radii_z(self.srs, self.sigma), p_level)
+            if more:
+                M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
+                K, K_A = plan.with_second_look()
+        return K, K_A, M
 
     def _misaligned(self, x, log: PhaseLog, positions: torch.Tensor, c_hat: int, batch_size: int,
                     stats: SampleStats) -> int:

@@ -287,8 +287,9 @@ def main():
                "certificate cannot exceed p_A_lower = (alpha/2)^(1/K_A), i.e. radius sigma * PhiInv(that): "
                "see docs/results-digits.md for the speed limit this implies. The adaptive rows use the defaults of "
                "certify.py --srs: their pairs aim at the table's radii (--radii), a second look at up to 3 times the "
-               "pairs is solved only when the first finds a misaligned pair (--second_look 3), and 0.5 N further SRS "
-               "samples refine the route to the standard model (--route_pilot 0.5); rows marked pilot0.1 refine3 keep "
+               "pairs is solved only when the first finds a misaligned pair and the second can still raise the row "
+               "(--second_look 3), and 0.5 N further SRS samples refine the route to the standard model where the "
+               "selection samples alone send the image there (--route_pilot 0.5); rows marked pilot0.1 refine3 keep "
                "a 0.1 N pilot and re-solve with the standard model the rows whose logit margin is below 3 "
                "(--refine_margin 3); each is still a sound certificate of MDEQ-30A.", ""]
     for sigma, (h, baseline) in headlines.items():

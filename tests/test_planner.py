@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from scipy.stats import norm
 
@@ -83,17 +84,22 @@ def _ref_adaptive_pair_count(n_A, n, alpha, slack, cap, exact=0, looks=1):
 
 def _ref_choose_route(k0, n0, n, alpha, slack, costs, warm_rows, max_pairs, grid=None, looks=1):
     if grid:
-        low = int(math.floor(n * lower_confidence_bound(k0, n0, pairing.GRID_ROUTE_LEVEL)))
-        high = int(math.floor(n * upper_confidence_bound(k0, n0, pairing.GRID_ROUTE_LEVEL)))
-        points = pairing.GRID_ROUTE_POINTS
-        spread = {int(round(low + (high - low) * t / points)) for t in range(points + 1)}
-        spread.add(int(math.floor(n * k0 / n0)))
-        needs = [_ref_grid_pair_count(m, n, alpha, grid, min(max_pairs, m), descend=False, looks=looks)
-                 for m in sorted(spread)]
-        need = None if None in needs else max(needs)
-    else:
-        n_A = int(math.floor(n * upper_confidence_bound(k0, n0, pairing.ROUTE_LEVEL)))
-        need = _ref_pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A), looks=looks)
+        w = n0 * n / (n0 + n)
+        shares = [scipy.stats.beta.ppf((i + 0.5) / pairing.ROUTE_POINTS, (k0 + 0.5) * w / n0, (n0 - k0 + 0.5) * w / n0)
+                  for i in range(pairing.ROUTE_POINTS)]
+        budget = max(int(math.floor((n * costs.standard - costs.srs_route(n, warm_rows, 0)) / costs.standard)), 1)
+        lost, cost = 0, 0.0
+        for m in (int(math.floor(n * p)) for p in shares):
+            cap = min(max_pairs, budget, m)
+            need = _ref_grid_pair_count(m, n, alpha, grid, cap, descend=False, looks=looks)
+            if need is None:
+                lost += 1
+                need = _ref_grid_pair_count(m, n, alpha, grid, cap, descend=True, looks=looks)
+            cost += costs.srs_route(n, warm_rows, need) / pairing.ROUTE_POINTS
+        ok = lost <= pairing.ROUTE_LOSS * pairing.ROUTE_POINTS and cost < costs.standard_route(n)
+        return "srs" if ok else "standard"
+    n_A = int(math.floor(n * upper_confidence_bound(k0, n0, pairing.ROUTE_LEVEL)))
+    need = _ref_pairs_needed(n_A, n, alpha, slack, min(max_pairs, n_A), looks=looks)
     if need is None:
         return "standard"
     return "srs" if costs.srs_route(n, warm_rows, need) < costs.standard_route(n) else "standard"
@@ -160,9 +166,8 @@ def _grid(g):
 
 
 def test_grid_counts_and_routes_equal_the_reference():
-    """The pair counts aimed at table radii on a grid (with and without descent) and the route (slack rule
-    and table radii), whose predicted n_A values spread over the selection count's interval, equal the
-    reference."""
+    """The pair counts aimed at table radii on a grid (with and without descent) and the route (slack rule,
+    and table radii over the quantiles of the prediction of n_A) equal the reference."""
     costs = RouteCosts(standard=31, srs=4, warmup=11)
     for n_A, n, alpha, _, cap, exact, looks in _grid_of_inputs(40, seed=1):
         for grid in (0.25, 0.5):
