@@ -149,6 +149,16 @@ def _pairs_needed(n_A: int, n: int, alpha: float, slack: float, cap: int, z_goal
     return lo
 
 
+def table_row(z: float, radii: Optional[Sequence[float]]) -> float:
+    """The largest of ``radii`` (units of sigma) at or below z; -1 where z abstains (-inf) or none is; z itself
+    without ``radii``."""
+    if radii is None:
+        return z
+    if z == -math.inf:
+        return -1.0
+    return max([r for r in radii if r <= z + 1e-9], default=-1.0)
+
+
 def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Optional[float]:
     """radius / sigma of the largest table radius (``radii``, in units of sigma) at or below the radius the
     SRS counts alone give at level ``alpha``; 0 (certify, do not abstain) when none is; None when the counts
@@ -156,7 +166,7 @@ def radii_goal(n_A: int, n: int, alpha: float, radii: Sequence[float]) -> Option
     z = count_z(n_A, n, alpha)
     if z == -math.inf:
         return None
-    return max([r for r in radii if r <= z + 1e-9], default=0.0)
+    return max(table_row(z, radii), 0.0)
 
 
 def radii_pair_count(n_A: int, n: int, alpha: float, radii: Sequence[float], cap: int, exact: int = 0,
@@ -241,16 +251,6 @@ def two_looks(perm: torch.Tensor, in_A: torch.Tensor, K_first: int, K_total: int
     first, more = perm[order[:K_first]].sort().values, perm[order[K_first:]].sort().values
     K = int(order[K_first - 1]) + 1 if K_first > 0 else 0
     return PairPlan(first, K, int(first.numel()), looks=2, more=more, K_more=int(order[-1]) + 1)
-
-
-def table_row(z: float, radii: Optional[Sequence[float]]) -> float:
-    """The largest of ``radii`` (units of sigma) at or below z; -1 where z abstains (-inf) or none is; z itself
-    without ``radii``."""
-    if radii is None:
-        return z
-    if z == -math.inf:
-        return -1.0
-    return max([r for r in radii if r <= z + 1e-9], default=-1.0)
 
 
 SECOND_LOOK_CHANCE = 0.05   # the second look is skipped where it raises the row with a smaller chance than this
