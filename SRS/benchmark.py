@@ -207,6 +207,11 @@ def _col(df, column: str, default: float = 0.0) -> np.ndarray:
     return df[column].astype(float).to_numpy() if column in df.columns else np.full(len(df), default)
 
 
+def _routes(df, route: str) -> int:
+    """Images of ``df`` on ``route`` (``fallback``: standard model outright; ``escape``: after the first look)."""
+    return int((df["route"].astype(str) == route).sum()) if "route" in df.columns else 0
+
+
 def evaluations_per_image(df, samples: int) -> np.ndarray:
     """Evaluations of f spent on each image: ``nfe`` (per drawn sample, pairs included) times the samples drawn
     (the ``samples`` column of a sequential run, else ``samples`` = N0 + N)."""
@@ -281,9 +286,9 @@ def speed_limit(base: "pd.DataFrame", label: str, samples: int, alpha: float, ra
 def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequence[float], samples: int,
                    alpha: float, sigma: float) -> "pd.DataFrame":
     """Per method: s/image, speedups over ``baseline`` (wall clock, f evaluations), largest accuracy gap
-    over the radii, mean K / K_A, misalignment rate, standard calls per image, fallbacks, and the sound speed limit
-    in evaluations (``speed_limit``) with the share of it the f-evaluation speedup reaches (fixed-N rows only: the
-    bound counts all N0 + N samples, which a sequential row need not draw)."""
+    over the radii, mean K / K_A, misalignment rate, standard calls per image, fallbacks and escapes (``route``), and
+    the sound speed limit in evaluations (``speed_limit``) with the share of it the f-evaluation speedup reaches
+    (fixed-N rows only: the bound counts all N0 + N samples, which a sequential row need not draw)."""
     base = runs[baseline].sort_values("idx").reset_index(drop=True)
     rows = []
     for label, df in runs.items():
@@ -301,7 +306,7 @@ def method_summary(runs: Dict[str, "pd.DataFrame"], baseline: str, radii: Sequen
                      "largest gap (points)": gap, "at radius": at, "mean K": _col(df, "K").mean(),
                      "mean K_A": K_A.mean(), "misaligned": _col(df, "M").sum() / K_A.sum() if K_A.sum() else float("nan"),
                      "std calls/image": _col(df, "std_calls", float("nan")).mean(),
-                     "fallbacks": int((df["route"].astype(str) == "fallback").sum()) if "route" in df.columns else 0,
+                     "fallbacks": _routes(df, "fallback"), "escapes": _routes(df, "escape"),
                      "speed limit": limit, "of limit": evals / limit})
     return pd.DataFrame(rows)
 
@@ -354,14 +359,14 @@ def summary_markdown(table: "pd.DataFrame") -> str:
     fmt = {"s/image": "{:.2f}", "evals/image": "{:,.0f}", "speedup": "{:.2f}x", "f-eval speedup": "{:.2f}x", "f-eval vs equal-acc.": "{:.2f}x",
            "wall vs equal-acc.": "{:.2f}x", "f-eval vs 30A": "{:.2f}x", "wall vs 30A": "{:.2f}x", "largest gap (points)": "{:.1f}", "at radius": "{:g}",
            "planner s/image": "{:.4f}", "mean K": "{:.0f}", "mean K_A": "{:.0f}", "misaligned": "{:.2%}", "std calls/image": "{:.1f}",
-           "fallbacks": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
+           "fallbacks": "{:d}", "escapes": "{:d}", "speed limit": "{:.2f}x", "of limit": "{:.0%}"}
     head = "| " + " | ".join(table.columns) + " |\n|" + "|".join(["---"] + ["---:"] * (len(table.columns) - 1)) + "|"
     lines = [head]
     for _, r in table.iterrows():
         cells = [str(r["method"])]
         for c in table.columns[1:]:
             v = r[c]
-            cells.append("-" if isinstance(v, float) and v != v else fmt[c].format(int(v) if c == "fallbacks" else v))
+            cells.append("-" if isinstance(v, float) and v != v else fmt[c].format(int(v) if c in ("fallbacks", "escapes") else v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -37,7 +37,7 @@ class Certificate:
     nfe: float = 0.0                 # evaluations of f per noisy sample (all phases, pairs included)
     residual: float = float("nan")   # mean final solver residual
     status: str = "ok"
-    route: str = "standard"          # standard | srs | fallback (SRS selection, standard estimation)
+    route: str = "standard"          # standard | srs | fallback (SRS selection, standard estimation) | escape
     std_calls: int = 0               # solver calls of the standard model (pairs, fallback, standard mode)
     std_rows: int = 0                # samples solved by the standard model (pairs, refinement, fallback)
     refined: int = 0                 # SRS samples re-solved by the standard model (low margin, refine_margin)

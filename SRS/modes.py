@@ -16,7 +16,7 @@ from DEQ.errors import UserError
 
 from .certificates import Certificate, Prediction
 from .qcrs import QCRS, QCRSSettings
-from .sampling import derived_seed
+from .sampling import side_stream
 from .bounds import FUTILITY_LEVEL, LAST_LOOK_SHARE, sequential_looks
 from .results import ATTACK_COLUMNS, CERTIFY_COLUMNS, PLANNER, PREDICT_COLUMNS, QCRS_COLUMNS, SEQUENTIAL_COLUMNS
 from .settings import check_radii
@@ -222,7 +222,7 @@ def attack_generator(image: torch.Generator) -> torch.Generator:
     """The attack's own stream for an image (random starts, Smooth-PGD's noise), derived from the image
     generator's seed (``SRS.sampling.derived_seed``) without advancing it: independent of the PREDICT
     noise, so the prediction's guarantee is untouched."""
-    return torch.Generator(device=image.device).manual_seed(derived_seed(image.initial_seed(), "attack"))
+    return side_stream(image, "attack")
 
 
 @dataclass

@@ -288,6 +288,42 @@ def second_look_pays(plan: PairPlan, M: int, n_A: int, n: int, alpha: float, rad
     return float(nbinom.cdf(lo, M + 0.5, plan.K_A / total)) >= SECOND_LOOK_CHANCE
 
 
+ESCAPE_SHARE = 0.1   # of alpha: the escape's level on an SRS-route image (its SRS certificate takes the rest)
+ESCAPE_Z = 0.5       # units of sigma: escape only where misalignment costs at least this much radius (a table step)
+
+
+def escape_alpha(cfg: SRSConfig, alpha: float) -> float:
+    """The level of the escape (:func:`escape_pays`) of an SRS-route image: ``ESCAPE_SHARE`` alpha with adaptive
+    pairing, the fallback and the eliminated certificate (the SRS certificate then runs at the rest), else 0."""
+    on = cfg.adaptive and cfg.fallback and cfg.pairs and cfg.certificate == "eliminated"
+    return ESCAPE_SHARE * alpha if on else 0.0
+
+
+def escape_pays(plan: PairPlan, M: int, n_A: int, n: int, alpha: float, escape_level: float,
+                radii: Optional[Sequence[float]], p_level: Optional[float] = None) -> bool:
+    """Whether an SRS-route image escapes to ordinary CERTIFY on fresh noise after its first look found M
+    misaligned pairs: the SRS outlook (the first look's certificate, or the second look's at the first look's
+    rate, whichever is higher) falls at least ``ESCAPE_Z`` sigma and one table row (:func:`table_row`) below the
+    radius the counts n_A give at the escape's level ``escape_level``.  ``alpha``: the SRS certificate's level;
+    ``p_level``: its p_A bound's level if not alpha / 2 (sequential CERTIFY's stopping look).
+
+    A chain that misaligns by a few percent costs the eliminated bound far more than its counts lose, and no
+    number of pairs recovers it; one that misaligns rarely costs at most an edge row, not worth a standard pass.
+
+    Soundness: the SRS certificate runs at alpha = (1 - ESCAPE_SHARE) alpha_0, the escape's fresh-noise
+    certificate at escape_level = ESCAPE_SHARE alpha_0; whatever decides between them, the reported one fails
+    with probability at most their sum, alpha_0 (docs/guarantees.md)."""
+    if M <= 0 or escape_level <= 0:
+        return False
+    z_srs = eliminated_z(n_A, n, plan.K_A, alpha, M, plan.exact, plan.looks, p_level)
+    if plan.more is not None and plan.more.numel() > 0:
+        more = int(plan.more.numel())
+        extra = int(round(M * more / plan.K_A))
+        z_srs = max(z_srs, eliminated_z(n_A, n, plan.K_A + more, alpha, M + extra, plan.exact, plan.looks, p_level))
+    z_counts = count_z(n_A, n, escape_level)
+    return table_row(z_counts, radii) > table_row(z_srs, radii) and z_counts - z_srs >= ESCAPE_Z
+
+
 @dataclass(frozen=True)
 class RouteCosts:
     """Cost model in evaluations of f per noisy sample (standard D, SRS S, warm-up W), each plus the
@@ -448,5 +484,6 @@ def plan_pairs(cfg: SRSConfig, preds: torch.Tensor, c_hat: int, n: int, n_A: int
 
 __all__ = ["pair_permutation", "count_bound", "count_z", "clean_upper_bound", "eliminated_z", "pairs_needed",
            "radii_goal", "radii_pair_count", "radii_z",
-           "adaptive_pair_count", "two_looks", "PairPlan", "table_row", "second_look_pays", "fixed_pairs", "first_in_A",
+           "adaptive_pair_count", "two_looks", "PairPlan", "table_row", "second_look_pays", "escape_alpha",
+           "escape_pays", "fixed_pairs", "first_in_A",
            "RouteCosts", "predicted_n_A", "predicted_counts", "table_route_outlook", "choose_route", "route_costs", "image_route", "pair_cap", "plan_pairs"]

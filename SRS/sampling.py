@@ -53,6 +53,13 @@ class SampleStats:
             self._res_sum = s if self._res_sum is None else self._res_sum + s
             self._res_n = n if self._res_n is None else self._res_n + n
 
+    def add_cost(self, other: "SampleStats") -> None:
+        """Add what a side phase cost (``other``: evaluations, standard calls and rows), not its samples: the
+        route pilot's and the escape's samples are in no N0 + N of the certificate, their evaluations are."""
+        self.nfe += other.nfe
+        self.std_calls += other.std_calls
+        self.std_rows += other.std_rows
+
     @contextlib.contextmanager
     def planning(self):
         """Add the time spent inside the ``with`` block (the pairing planner of ``SRS.pairing``) to
@@ -275,6 +282,12 @@ def derived_seed(seed: int, tag: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:8], "big") & (2 ** 63 - 1)
 
 
+def side_stream(generator: torch.Generator, tag: str) -> torch.Generator:
+    """The generator of stream ``tag`` (:func:`derived_seed`) of the image whose noise stream is ``generator``,
+    on the same device: samples that steer or replace a certificate without reusing its noise."""
+    return torch.Generator(device=generator.device).manual_seed(derived_seed(generator.initial_seed(), tag))
+
+
 def noisy_batch(x: torch.Tensor, rows: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
     noisy = x.repeat(rows, 1, 1, 1)
     return noisy + torch.randn(noisy.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma
@@ -317,4 +330,4 @@ def safe_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["ABSTAIN", "SampleStats", "Counts", "PhaseLog", "StandardSolver", "SRSChain", "draw_counts",
-           "small_margin", "ensure_generator", "derived_seed", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax"]
+           "small_margin", "ensure_generator", "derived_seed", "side_stream", "noisy_batch", "regenerate", "mark_diverged", "safe_argmax"]

@@ -10,8 +10,10 @@ any stopping look; the upper bounds only steer stopping (spend no alpha: a wrong
 smaller radius, never a larger one).  The label never enters the rule.  Sequential SRS adds the pairing argument
 at alpha_1 = alpha / 2 and the looks at alpha_2 = alpha / 2 (needs the 'eliminated' certificate, no
 ``refine_margin``); it stops before N only where the pairs it would plan can carry the eliminated bound to the
-decided row (``row_reachable``).  Full argument and the price against fixed N: docs/guarantees.md, "Sequential
-CERTIFY".
+decided row (``row_reachable``).  With the escape (``SRS.pairing.escape_alpha``) the SRS route runs at
+(1 - ESCAPE_SHARE) alpha and an image that escapes after its first look of pairs gets sequential CERTIFY of the
+standard model at ESCAPE_SHARE alpha on noise of its own.  Full argument and the price against fixed N:
+docs/guarantees.md, "Sequential CERTIFY".
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import torch
 from .bounds import (FUTILITY_LEVEL, futility_targets, lower_confidence_bound, row_decided, sequential_levels,
                      sequential_looks, table_thresholds, upper_confidence_bound)
 from .certificates import Certificate, bound_eliminated, bound_standard, decide, record_cost
-from .pairing import pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z, route_costs
-from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator
+from .pairing import escape_alpha, pair_cap, pairs_needed, plan_pairs, radii_pair_count, radii_z, route_costs
+from .sampling import ABSTAIN, PhaseLog, SampleStats, SRSChain, draw_counts, ensure_generator, side_stream
 
 STOP_DECIDED = "decided"      # no table threshold between the bounds at a look before N
 STOP_N = "N"                  # reached N (the last look)
@@ -72,18 +74,19 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     chain = SRSChain(smooth.base_classifier, srs) if srs is not None else None
     sel, bad = smooth._phase(x, n0, batch_size, generator, stats, chain).numpy()
     c_hat = int(sel.argmax())
-    route = "standard"
+    route, escape = "standard", 0.0
     looks = sequential_looks(N, batch_size)
     warm = {}
     if srs is not None:
+        escape = escape_alpha(srs, alpha)
         estimation_chain = chain if srs.chain_across_phases else chain.restart()
         warm = {n_j: estimation_chain.warmup_rows(n_j, batch_size) for n_j in looks}
-        route, _ = smooth._route(x, sel, c_hat, n0, N, alpha, batch_size, generator, stats, chain, warm[N])
+        route, _ = smooth._route(x, sel, c_hat, n0, N, alpha - escape, batch_size, generator, stats, chain, warm[N])
         chain = estimation_chain
     on_srs = route == "srs"
-    levels = sequential_levels(alpha / 2 if on_srs else alpha, len(looks))
-    thresholds = table_thresholds(radii, smooth.sigma)
-    targets = futility_targets(thresholds, N, levels[-1])
+    level_srs = alpha - escape
+    levels = sequential_levels(level_srs / 2 if on_srs else alpha, len(looks))
+    settled = _table_rule(radii, smooth.sigma, N, levels)
     log = PhaseLog() if on_srs else None
     if on_srs:
         def classify(noisy):
@@ -91,17 +94,50 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
     else:
         def classify(noisy):
             return smooth._standard(noisy, stats)
+
     def decided(n_A: int, n: int, level: float) -> bool:
         """Every table threshold certified at ``level`` or futile; on the SRS route also within reach of the
         correction."""
-        lower, upper = lower_confidence_bound(n_A, n, level), upper_confidence_bound(n_A, n, FUTILITY_LEVEL)
-        if not row_decided(lower, upper, thresholds, targets):
+        if not settled(n_A, n, level):
             return False
         if not on_srs:
             return True
         with stats.planning():
-            return row_reachable(srs, smooth.standard, n_A, n, alpha, level, warm[n], smooth.sigma)
+            return row_reachable(srs, smooth.standard, n_A, n, level_srs, level, warm[n], smooth.sigma)
 
+    counts, drawn, stop, level, bad = _draw_until_decided(smooth, x, c_hat, N, batch_size, generator, classify,
+                                                          looks, levels, decided, log, bad)
+    cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=drawn, counts=counts, route=route,
+                       samples=n0 + drawn, stop=stop)
+    if bad:
+        cert.status = f"nonfinite_logits({bad})"
+    elif on_srs:
+        cert = _pair_and_bound(smooth, x, cert, log, c_hat, level_srs, level, batch_size, generator, stats,
+                               warm[drawn], escape, radii, N)
+    else:
+        bound_standard(cert, level)
+    decide(cert, c_hat, smooth.sigma)
+    return record_cost(cert, stats)
+
+
+def _table_rule(radii: Sequence[float], sigma: float, N: int, levels: Sequence[float]):
+    """``settled(k, n, level)``: whether every threshold of the table at ``radii`` is settled at a look with count
+    k of n at ``level`` (certified by the lower bound, or futile against the bound at N at ``levels[-1]``)."""
+    thresholds = table_thresholds(radii, sigma)
+    targets = futility_targets(thresholds, N, levels[-1])
+
+    def settled(n_A: int, n: int, level: float) -> bool:
+        return row_decided(lower_confidence_bound(n_A, n, level), upper_confidence_bound(n_A, n, FUTILITY_LEVEL),
+                           thresholds, targets)
+    return settled
+
+
+def _draw_until_decided(smooth, x, c_hat: int, N: int, batch_size: int, generator: torch.Generator, classify,
+                        looks: Sequence[int], levels: Sequence[float], decided, log: Optional[PhaseLog] = None,
+                        bad: int = 0):
+    """Estimation samples through ``classify`` up to each look in turn, until ``decided(k, n_j, level_j)`` at a
+    look before N, a non-finite sample (``bad``: those already seen, e.g. in the selection), or N.  Returns
+    (counts, drawn, stop, the stopping look's level, samples with non-finite logits, ``bad`` included)."""
     counts = np.zeros(smooth.num_classes, dtype=np.int64)
     drawn, stop, level = 0, STOP_N, levels[-1]
     for n_j, level in zip(looks, levels):
@@ -116,16 +152,7 @@ def certify_sequential(smooth, x: torch.Tensor, n0: int, N: int, alpha: float, b
         if n_j < N and decided(int(counts[c_hat]), drawn, level):
             stop = STOP_DECIDED
             break
-    cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=drawn, counts=counts, route=route,
-                       samples=n0 + drawn, stop=stop)
-    if bad:
-        cert.status = f"nonfinite_logits({bad})"
-    elif on_srs:
-        _pair_and_bound(smooth, x, cert, log, c_hat, alpha, level, batch_size, generator, stats, warm[drawn])
-    else:
-        bound_standard(cert, level)
-    decide(cert, c_hat, smooth.sigma)
-    return record_cost(cert, stats)
+    return counts, drawn, stop, level, bad
 
 
 def row_reachable(srs, standard, n_A: int, n: int, alpha: float, level: float, warm_rows: int,
@@ -148,16 +175,48 @@ def row_reachable(srs, standard, n_A: int, n: int, alpha: float, level: float, w
 
 
 def _pair_and_bound(smooth, x, cert: Certificate, log: PhaseLog, c_hat: int, alpha: float, level: float,
-                    batch_size: int, generator: torch.Generator, stats: SampleStats, warm_rows: int) -> None:
+                    batch_size: int, generator: torch.Generator, stats: SampleStats, warm_rows: int,
+                    escape: float = 0.0, radii: Sequence[float] = (), N: int = 0) -> Certificate:
     """The correlation-eliminated certificate over the cert.n samples drawn: pairs planned and solved as
     in CERTIFY (a uniform subsample of A sized from n_A, aimed at the row at the stopping look's level),
-    misalignment at alpha / 2, and the p_A bound at the stopping look's share ``level`` of alpha / 2."""
+    misalignment at alpha / 2, and the p_A bound at the stopping look's share ``level`` of alpha / 2.  With
+    ``escape`` > 0 the image escapes after the first look as CERTIFY's does (``SRS.pairing.escape_pays``):
+    sequential CERTIFY of the standard model for the ``radii`` table at level ``escape``, on at most N samples of
+    a noise stream of its own (:func:`_escape`).  Returns the certificate (``cert``, or the escape's)."""
     srs, n = smooth.srs, cert.n
     with stats.planning():
         plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
                           pair_cap(srs, smooth.standard, n, warm_rows), None, smooth.sigma, p_level=level)
-    K, K_A, M = smooth._pairs(x, log, plan, c_hat, cert.n_A, n, alpha, batch_size, stats, p_level=level)
+    K, K_A, M, escaped = smooth._pairs(x, log, plan, c_hat, cert.n_A, n, alpha, batch_size, stats, p_level=level,
+                                       escape_level=escape)
+    if escaped:
+        out = _escape(smooth, x, c_hat, N, escape, batch_size, generator, stats, radii)
+        out.K, out.K_A, out.M, out.samples = K, K_A, M, cert.samples
+        return out
     bound_eliminated(cert, K, K_A, M, alpha, "eliminated", plan.exact, plan.looks, alpha_2=level)
+    return cert
+
+
+def _escape(smooth, x, c_hat: int, N: int, alpha: float, batch_size: int, generator: torch.Generator,
+            stats: SampleStats, radii: Sequence[float]) -> Certificate:
+    """Sequential CERTIFY of the standard model for c_hat at level ``alpha``, on at most N samples from a stream of
+    their own (``derived_seed(seed, 'escape')``), for an SRS image that escapes.  Their evaluations count toward
+    the image's cost as the route pilot's do; the certificate's ``samples`` stay the SRS branch's.  Soundness: the
+    noise is independent of everything that decided the escape (docs/guarantees.md)."""
+    own = SampleStats()
+    looks = sequential_looks(N, batch_size)
+    levels = sequential_levels(alpha, len(looks))
+    counts, drawn, stop, level, bad = _draw_until_decided(smooth, x, c_hat, N, batch_size,
+                                                          side_stream(generator, "escape"),
+                                                          lambda noisy: smooth._standard(noisy, own), looks, levels,
+                                                          _table_rule(radii, smooth.sigma, N, levels))
+    stats.add_cost(own)
+    cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=drawn, counts=counts, route="escape", stop=stop)
+    if bad:
+        cert.status = f"nonfinite_logits({bad})"
+    else:
+        bound_standard(cert, level)
+    return cert
 
 
 __all__ = ["certify_sequential", "check_sequential_srs", "row_reachable", "STOP_DECIDED", "STOP_N", "STOP_NONFINITE", "STOP_REASONS"]

@@ -243,7 +243,8 @@ class SRSOptions:
         label=" maxpairs{}")
     fallback: bool = option(
         True, "--no_fallback", "adaptive pairing: never certify an image with the standard model outright, even "
-        "where SRS plus its pairs would cost more",
+        "where SRS plus its pairs would cost more, nor after a first look of pairs that shows a misaligned chain "
+        "(the escape; with it on, an SRS image's certificate runs at 0.9 alpha, an escape at 0.1 alpha)",
         header="srs:fallback", header_when=_route, needs=NEEDS_ROUTE, const=False,
         default_text="the fallback is on", label=" nofallback")
     route_pilot: float = option(

@@ -15,11 +15,12 @@ import torch
 
 from .certificates import (Certificate, Prediction, binomial_decision, bound_eliminated, bound_standard, decide,
                            eliminate_top_count, record_cost)
-from .pairing import PairPlan, image_route, pair_cap, plan_pairs, radii_z, second_look_pays
+from .pairing import (PairPlan, escape_alpha, escape_pays, image_route, pair_cap, plan_pairs, radii_z,
+                      second_look_pays)
 from DEQ.interface import is_deq
 
-from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, derived_seed, draw_counts,
-                       ensure_generator, regenerate, safe_argmax)
+from .sampling import (ABSTAIN, PhaseLog, SampleStats, SRSChain, StandardSolver, draw_counts, ensure_generator,
+                       regenerate, safe_argmax, side_stream)
 from .settings import DEQSolve, SRSConfig
 
 
@@ -81,8 +82,11 @@ class Smooth:
         Standard mode: p_A_lower = Clopper-Pearson lower bound of n_A / n at level alpha.  SRS mode: the
         correlation-eliminated certificate (N_A_E = floor(N_A (1 - p_m_upper)), p_m_upper at alpha / 2 from K_A
         uniform pairs, p_A_lower of N_A_E / n at alpha / 2; union bound: level alpha), or with ``fallback``
-        ordinary CERTIFY on fresh noise (``route='fallback'``); argument: docs/guarantees.md.  Abstains
-        (ABSTAIN, 0.0) when p_A_lower < 1/2 or a solve diverged or gave non-finite logits.
+        ordinary CERTIFY on fresh noise, decided before the estimation samples (``route='fallback'``, level
+        alpha) or after the first look of pairs (``route='escape'``: the SRS certificate then runs at
+        (1 - ESCAPE_SHARE) alpha and the escape at ESCAPE_SHARE alpha, ``SRS.pairing.escape_pays``); argument:
+        docs/guarantees.md.  Abstains (ABSTAIN, 0.0) when p_A_lower < 1/2 or a solve diverged or gave
+        non-finite logits.
 
         Args:
             x: (C, H, W) or (1, C, H, W); n0, n: selection and estimation samples; alpha: failure probability.
@@ -98,11 +102,13 @@ class Smooth:
         chain = SRSChain(self.base_classifier, srs) if srs is not None else None
         sel, bad0 = self._phase(x, n0, batch_size, generator, stats, chain).numpy()
         c_hat = int(sel.argmax())
-        route, warm, log = "standard", 0, None
+        route, warm, log, escape = "standard", 0, None, 0.0
         if srs is not None:
+            escape = escape_alpha(srs, alpha)
             estimation_chain = chain if srs.chain_across_phases else chain.restart()
             warm = estimation_chain.warmup_rows(n, batch_size)
-            route, rate = self._route(x, sel, c_hat, n0, n, alpha, batch_size, generator, stats, chain, warm)
+            route, rate = self._route(x, sel, c_hat, n0, n, alpha - escape, batch_size, generator, stats, chain,
+                                      warm)
             chain = estimation_chain
             log = PhaseLog() if route == "srs" and srs.corrected else None
         counts, bad1 = self._phase(x, n, batch_size, generator, stats, chain if route == "srs" else None,
@@ -111,12 +117,18 @@ class Smooth:
         if bad0 or bad1:
             cert.status = f"nonfinite_logits({bad0 + bad1})"
         elif log is not None:
+            level = alpha - escape
             exact = exact_mask(log, srs)
             with stats.planning():
-                plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, alpha, generator,
+                plan = plan_pairs(srs, log.preds(), c_hat, n, cert.n_A, level, generator,
                                   pair_cap(srs, self.standard, n, warm, refine_rate=rate), exact, self.sigma)
-            K, K_A, M = self._pairs(x, log, plan, c_hat, cert.n_A, n, alpha, batch_size, stats)
-            bound_eliminated(cert, K, K_A, M, alpha, srs.certificate, plan.exact, plan.looks)
+            K, K_A, M, escaped = self._pairs(x, log, plan, c_hat, cert.n_A, n, level, batch_size, stats,
+                                             escape_level=escape)
+            if escaped:
+                cert = self._escape(x, c_hat, n, escape, batch_size, generator, stats)
+                cert.K, cert.K_A, cert.M = K, K_A, M
+            else:
+                bound_eliminated(cert, K, K_A, M, level, srs.certificate, plan.exact, plan.looks)
         else:
             bound_standard(cert, alpha)
         decide(cert, c_hat, self.sigma)
@@ -225,14 +237,13 @@ class Smooth:
             route = image_route(srs, self.standard, k, seen, n, alpha, warm, rate, self.sigma, final=size <= 0)
         if route == "srs" or size <= 0:
             return route, rate
-        pilot_gen = torch.Generator(device=generator.device).manual_seed(
-            derived_seed(generator.initial_seed(), "route_pilot"))
+        pilot_gen = side_stream(generator, "route_pilot")
         margin = srs.refine_margin
         log = PhaseLog() if margin > 0 else None
         pilot_stats = SampleStats()
         pilot = draw_counts(x, size, batch_size, self.sigma, pilot_gen,
                             lambda noisy: chain(noisy, pilot_stats), self.num_classes, log, margin).numpy()[0]
-        stats.nfe += pilot_stats.nfe
+        stats.add_cost(pilot_stats)
         stats.pilot += size
         flagged = int(log.flagged().numel()) if log is not None else 0
         k, seen = k + int(pilot[c_hat]), n0 + size
@@ -263,18 +274,43 @@ class Smooth:
         log.replace(positions, new)
 
     def _pairs(self, x, log: PhaseLog, plan: PairPlan, c_hat: int, n_A: int, n: int, alpha: float, batch_size: int,
-               stats: SampleStats, p_level: Optional[float] = None) -> Tuple[int, int, int]:
-        """(K, K_A, M) of ``plan``'s pairs: the first look solved, its second look too where the first found a
-        misaligned pair and the second can still raise the table row (``SRS.pairing.second_look_pays``)."""
+               stats: SampleStats, p_level: Optional[float] = None,
+               escape_level: float = 0.0) -> Tuple[int, int, int, bool]:
+        """(K, K_A, M, escaped) of ``plan``'s pairs: the first look solved, its second look too where the first
+        found a misaligned pair and the second can still raise the table row (``SRS.pairing.second_look_pays``).
+        With ``escape_level`` > 0, escaped is True (and no second look solved) where the first look's
+        misalignment makes the escape to ordinary CERTIFY pay (``SRS.pairing.escape_pays``)."""
         M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
         K, K_A = plan.K, plan.K_A
+        if escape_level > 0 and M > 0:
+            with stats.planning():
+                escaped = escape_pays(plan, M, n_A, n, alpha, escape_level, radii_z(self.srs, self.sigma), p_level)
+            if escaped:
+                return K, K_A, M, True
         if plan.more is not None and M > 0:
             with stats.planning():
                 more = second_look_pays(plan, M, n_A, n, alpha, radii_z(self.srs, self.sigma), p_level)
             if more:
                 M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
                 K, K_A = plan.with_second_look()
-        return K, K_A, M
+        return K, K_A, M, False
+
+    def _escape(self, x, c_hat: int, n: int, level: float, batch_size: int, generator: torch.Generator,
+                stats: SampleStats) -> Certificate:
+        """Ordinary CERTIFY's estimation for an SRS-route image that escapes (``SRS.pairing.escape_pays``): n
+        standard samples on a stream of their own (``derived_seed(seed, 'escape')``), bounded at ``level``.
+        Their evaluations count toward the image's cost like the pilot's, not as samples of the certificate's
+        N0 + N.  Soundness: the noise is independent of everything that decided the escape (docs/guarantees.md)."""
+        own = SampleStats()
+        counts, bad = draw_counts(x, n, batch_size, self.sigma, side_stream(generator, "escape"),
+                                  lambda noisy: self._standard(noisy, own), self.num_classes).numpy()
+        stats.add_cost(own)
+        cert = Certificate(ABSTAIN, 0.0, n_A=int(counts[c_hat]), n=n, counts=counts, route="escape")
+        if bad:
+            cert.status = f"nonfinite_logits({bad})"
+        else:
+            bound_standard(cert, level)
+        return cert
 
     def _misaligned(self, x, log: PhaseLog, positions: torch.Tensor, c_hat: int, batch_size: int,
                     stats: SampleStats) -> int:

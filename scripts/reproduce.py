@@ -93,7 +93,8 @@ def section(sigma, honest, radii, out_dir, train_secs, ckpt, samples, alpha=0.00
              f"of f per sample (which no machine load changes) and in wall clock, all methods run interleaved "
              f"image by image.{timed} Then the largest certified-accuracy gap to {top}, pairing (mean K, mean K_A "
              f"paired standard solves, misaligned fraction), standard-solver calls per image, images certified by "
-             f"the standard model outright (fallbacks), and the sound speed limit over {top} at equal accuracy "
+             f"the standard model outright (fallbacks) or after a first look of pairs that showed a misaligned "
+             f"chain (escapes), and the sound speed limit over {top} at equal accuracy "
              f"(docs) with the fraction of it reached. For refine rows the re-solved samples count as standard "
              f"solves, so their limit is that of the plain chain.", "",
              summary_markdown(honest.summary), "",

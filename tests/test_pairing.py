@@ -21,6 +21,7 @@ from SRS.smooth import ABSTAIN, Smooth
 from SRS.pairing import (ROUTE_LOSS, ROUTE_LOSS_BEFORE_PILOT, ROUTE_POINTS, SECOND_LOOK_CHANCE, PairPlan, RouteCosts, route_costs, adaptive_pair_count, choose_route,
                          eliminated_z, first_in_A, image_route, fixed_pairs, pair_permutation, predicted_counts, radii_goal,
                          radii_pair_count, radii_z, pairs_needed, predicted_n_A, second_look_pays, table_route_outlook,
+                         escape_pays,
                          two_looks)
 from test_smoothing import _deq_setup, binomial_slack, violation_rate
 
@@ -264,6 +265,68 @@ def test_second_look_only_where_it_can_raise_the_row():
     assert not second_look_pays(PairPlan(torch.arange(672), 700, 672), 4, 8640, n, alpha, None)   # none planned
 
 
+def test_escape_only_where_misalignment_costs_a_table_step():
+    """The paper's table, the SRS certificate at 0.9 alpha and the escape at 0.1 alpha (alpha 0.001).  n 1000,
+    n_A 1000, a first look of 201 of 603 planned pairs with 8 misaligned: the SRS outlook (the second look at the
+    first look's rate) reaches z 1.24, the counts 2.36 at the escape's level: escape.  n_A 942, 124 of 372: 10
+    misaligned escape (0.72 against 1.34); 3 do not (1.005, the counts' own row 1).  n 10000, n_A 8554, 3778 of
+    8483: 5 misaligned cost row 1 by 0.006 sigma, not worth a standard pass.  Nothing misaligned, or no escape
+    level (the escape off): never."""
+    alpha, share = 0.001, pairing.ESCAPE_SHARE
+    a_srs, a_esc = alpha * (1 - share), alpha * share
+
+    def plan(first, total):
+        return PairPlan(torch.arange(first), first, first, looks=2, more=torch.arange(total - first), K_more=total)
+    assert share == 0.1 and pairing.ESCAPE_Z == 0.5
+    assert escape_pays(plan(201, 603), 8, 1000, 1000, a_srs, a_esc, DEFAULT_TABLE_Z)
+    assert abs(eliminated_z(1000, 1000, 603, a_srs, 8 + 16, 0, 2) - 1.239) < 0.001
+    assert abs(pairing.count_z(1000, 1000, a_esc) - 2.359) < 0.001
+    assert escape_pays(plan(124, 372), 10, 942, 1000, a_srs, a_esc, DEFAULT_TABLE_Z)
+    assert not escape_pays(plan(124, 372), 3, 942, 1000, a_srs, a_esc, DEFAULT_TABLE_Z)
+    assert eliminated_z(942, 1000, 372, a_srs, 3 + 6, 0, 2) >= 1.0 > pairing.count_z(942, 1000, a_esc) - 0.5
+    assert not escape_pays(plan(3778, 8483), 5, 8554, 10000, a_srs, a_esc, DEFAULT_TABLE_Z)
+    assert 0 < pairing.count_z(8554, 10000, a_esc) - eliminated_z(8554, 10000, 8483, a_srs, 5 + 6, 0, 2) < 0.01
+    assert not escape_pays(plan(201, 603), 0, 1000, 1000, a_srs, a_esc, DEFAULT_TABLE_Z)
+    assert not escape_pays(plan(201, 603), 8, 1000, 1000, alpha, 0.0, DEFAULT_TABLE_Z)
+    assert escape_pays(PairPlan(torch.arange(201), 201, 201), 8, 1000, 1000, a_srs, a_esc, None)   # one look, no table
+    assert pairing.escape_alpha(SRSConfig(), alpha) == a_esc
+    assert pairing.escape_alpha(SRSConfig(fallback=False), alpha) == 0.0
+    assert pairing.escape_alpha(SRSConfig(conf_drop=400), alpha) == 0.0
+
+
+def test_escape_is_sound_on_a_misaligned_chain(monkeypatch):
+    """The default recipe on the deliberately misaligned chain (a = 0.95, one naive step): most images escape
+    after their first look.  The SRS certificates are bounded at (1 - ESCAPE_SHARE) alpha, the escapes' at
+    ESCAPE_SHARE alpha on n standard samples of their own (solved on top of the first look's pairs), a fallback
+    decided before the estimation samples at alpha; violations over all routes stay at or below alpha."""
+    model, x, r, c = _deq_setup(a=0.95)
+    recipe = SRSConfig(step=DEQSolve("naive", 1, 0.0), warmup=DEQSolve("naive", 2, 0.0))
+    s = Smooth(model, 2, 0.5, standard=DEQSolve("anderson", 50, 1e-10), srs=recipe)
+    levels = []
+    standard_bound, eliminated_bound = smooth_module.bound_standard, smooth_module.bound_eliminated
+
+    def bound_standard(cert, level):
+        levels.append((cert.route, level))
+        standard_bound(cert, level)
+
+    def bound_eliminated(cert, K, K_A, M, level, *args, **kw):
+        levels.append(("srs", level))
+        eliminated_bound(cert, K, K_A, M, level, *args, **kw)
+    monkeypatch.setattr(smooth_module, "bound_standard", bound_standard)
+    monkeypatch.setattr(smooth_module, "bound_eliminated", bound_eliminated)
+    reps, alpha, n, bad, routes = 60, 0.05, 400, 0, []
+    for rep in range(reps):
+        cert = s.certify(x, 20, n, alpha, 40, generator=torch.Generator().manual_seed(10_000 + rep))
+        routes.append(cert.route)
+        bad += cert.prediction != ABSTAIN and (cert.prediction != c or cert.radius > r)
+        if cert.route == "escape":
+            assert cert.M > 0 and cert.std_rows == cert.K_A + n and cert.n == n
+    assert routes.count("escape") >= reps // 2
+    assert bad / reps <= binomial_slack(alpha, reps)
+    expected = {"escape": pairing.ESCAPE_SHARE * alpha, "srs": (1 - pairing.ESCAPE_SHARE) * alpha, "fallback": alpha}
+    assert levels and all(level == pytest.approx(expected[route]) for route, level in levels)
+
+
 def test_two_looks_are_prefixes_of_one_uniform_order():
     perm = pair_permutation(1000, torch.Generator().manual_seed(5))
     in_A = torch.rand(1000, generator=torch.Generator().manual_seed(6)) < 0.7
@@ -494,7 +557,7 @@ def test_route_pilot_moves_images_to_srs_and_stays_sound(a):
             assert cert.pilot in ((0,) if pilot == 0 else (0, math.ceil(pilot * n)))
             bad += cert.prediction != ABSTAIN and (cert.prediction != c or cert.radius > r)
         assert bad / reps <= binomial_slack(alpha, reps), (pilot, bad)
-        on_srs[pilot] = routes.count("srs")
+        on_srs[pilot] = routes.count("srs") + routes.count("escape")   # escape: SRS route, left after its first look
     if a == 0.5:
         assert on_srs[0.5] > on_srs[0.0], on_srs
 
