@@ -196,10 +196,12 @@ class SRSOptions:
     Soundness notes: ``certificate`` 'eliminated' is the sound certificate, 'reference' the reference code's
     weaker variant, 'none' NO guarantee (ablations only).  ``conf_drop`` None (adaptive) and ``radii`` /
     ``radius_slack`` size K_A from the SRS counts alone (``SRS.pairing``).  ``route_pilot`` samples come from a
-    stream of their own and enter no certificate.  ``second_look`` G > 1 fixes both looks' sizes before any pair
-    is solved and takes each look's bound at alpha_1 / 2 (union bound).  With either ``warm_start`` the chain's
-    predictions are a function of the image's noise alone (all the pairing argument needs).  ``refine_margin``
-    re-solves low-margin samples with the standard model: exact, never misaligned, never paired.
+    stream of their own and enter no certificate.  ``fallback`` also lets an SRS-route image escape after its
+    first look of pairs to the standard model on noise of its own (the level split: ``SRS.pairing.escape_alpha``).
+    ``second_look`` G > 1 fixes both looks' sizes before any pair is solved and takes each look's bound at
+    alpha_1 / 2 (union bound).  With either ``warm_start`` the chain's predictions are a function of the image's
+    noise alone (all the pairing argument needs).  ``refine_margin`` re-solves low-margin samples with the
+    standard model: exact, never misaligned, never paired.
     """
     warmup_interval: int = option(
         0, "--warmup_interval", "with --srs: every k-th batch is a warm-up from zeros (0: only the first)",
