@@ -282,18 +282,16 @@ class Smooth:
         misalignment makes the escape to ordinary CERTIFY pay (``SRS.pairing.escape_pays``)."""
         M = self._misaligned(x, log, plan.positions, c_hat, batch_size, stats)
         K, K_A = plan.K, plan.K_A
-        if escape_level > 0 and M > 0:
-            with stats.planning():
-                escaped = escape_pays(plan, M, n_A, n, alpha, escape_level, radii_z(self.srs, self.sigma), p_level)
-            if escaped:
-                return K, K_A, M, True
-        if plan.more is not None and M > 0:
-            with stats.planning():
-                more = second_look_pays(plan, M, n_A, n, alpha, radii_z(self.srs, self.sigma), p_level)
-            if more:
-                M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
-                K, K_A = plan.with_second_look()
-        return K, K_A, M, False
+        if M == 0:
+            return K, K_A, M, False
+        radii = radii_z(self.srs, self.sigma)
+        with stats.planning():
+            escaped = escape_pays(plan, M, n_A, n, alpha, escape_level, radii, p_level)
+            more = not escaped and second_look_pays(plan, M, n_A, n, alpha, radii, p_level)
+        if more:
+            M += self._misaligned(x, log, plan.more, c_hat, batch_size, stats)
+            K, K_A = plan.with_second_look()
+        return K, K_A, M, escaped
 
     def _escape(self, x, c_hat: int, n: int, level: float, batch_size: int, generator: torch.Generator,
                 stats: SampleStats) -> Certificate:
